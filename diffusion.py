@@ -153,7 +153,7 @@ def sample_uncond_span(span_is_model: torch.Tensor, generator: torch.Generator |
     by train.py; sample.py's unconditional branch uses the same prefix). Dropping instruction, plan
     and input audio together gives one unconditional p(audio) for every task (UALM's _apply_cfg keeps
     one audio segment and zeros the rest; lucidrains drops all text). Keeping the input audio would
-    make guidance push away from a copy of the input rather than towards the instruction.
+    guide the instruction alone (InstructPix2Pix style) and need an unconditional prefix per task.
     """
     model_spans = span_is_model.nonzero().flatten()
     if torch.rand((), generator=generator).item() >= cfg_dropout or model_spans.numel() == 0:
