@@ -16,9 +16,11 @@ from 0, as in the dataset):
                                          k >= 1: the edit asked by turn k, given the REFERENCE conversation
                                          up to turn k-1 (its instructions, plans and rendered audio).
     OUT/<conversation id>/turn<k>.json   {"seconds": wall-clock seconds to produce turn<k>.wav,
-                                          "plan": the scene JSON object the model wrote, or null}
+                                          "plan": the scene JSON object the model wrote}
     OUT/<conversation id>/caption.json   {"seconds": ..., "scene": the scene JSON object the model wrote
-                                          when asked to describe the reference turn-0 audio, or null}
+                                          when asked to describe the reference turn-0 audio}
+                                         A scene is null where the model wrote none that copilot.parse_scene
+                                         and validate_scene accept.
 What each table measures (the reference plans supply the captions, so systems without a plan compare):
     storytelling   KAD of system vs reference turn-0 audio, multiFLAM of the reference plan's sounds in
                    the system audio, mean latency of turn 0
@@ -218,7 +220,8 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_ma
 class SmallFLAM(nn.Module):
     """Log-mel conv encoder (frames at 10 Hz) + byte transformer text encoder, scored as FLAM does:
     p = sigmoid(alpha(t) cos(a, t) + beta(t)) with per-text learned scale and bias, trained with a
-    frame-wise binary cross-entropy; at inference the unbiased frame map s = p / (p + sigmoid(beta(t)))."""
+    frame-wise binary cross-entropy; at inference the unbiased frame map s = p / (p + sigmoid(beta(t))),
+    which removes the caption's prior: s >= 0.5 exactly where cos(a, t) >= 0."""
 
     def __init__(self, config: FLAMConfig):
         super().__init__()
@@ -278,6 +281,8 @@ class SmallFLAM(nn.Module):
     def logits(self, audio: torch.Tensor, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, 2, S], K captions per clip -> (logits alpha cos + beta [B, K, F], beta [B, K])."""
         B, K = len(captions), len(captions[0])
+        if any(len(cs) != K for cs in captions):
+            raise ValueError(f"every clip needs the same number of captions, got {[len(cs) for cs in captions]}")
         a = F.normalize(self.embed_audio(audio), dim=-1)                        # [B, F, D]
         t, alpha, beta = self.embed_text([c for cs in captions for c in cs])
         t = F.normalize(t, dim=-1).view(B, K, -1)
@@ -368,6 +373,7 @@ def flam_batch(clips: list[LabelledClip], pool: list[str], k: int, rng: random.R
 
     The captions of a clip are its own sounds (at most k, sampled) and negatives drawn from the pool
     of all training captions that are absent from the clip; padded frames are silent negatives.
+    hop_samples is the model's samples per frame (FLAMConfig.hop_samples).
     """
     audio = [_audio(c.audio) for c in clips]
     S = max(a.shape[-1] for a in audio)

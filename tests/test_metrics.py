@@ -133,7 +133,9 @@ def test_kad_against_the_definition():
     x, y = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
     d = [(x[i] - x[j]).norm() for i in range(4) for j in range(i + 1, 4)]
     h = sorted(d)[(len(d) - 1) // 2]                                 # lower median, as torch.median
-    k = lambda a, b: math.exp(-float((a - b).pow(2).sum()) / (2 * float(h) ** 2))  # noqa: E731
+
+    def k(a, b):
+        return math.exp(-float((a - b).pow(2).sum()) / (2 * float(h) ** 2))
     xx = sum(k(x[i], x[j]) for i in range(4) for j in range(4) if i != j) / 12
     yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
     xy = sum(k(a, b) for a in x for b in y) / 20
