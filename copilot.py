@@ -79,8 +79,8 @@ class Sound:
     emotion: str | None = None  # tts only: e.g. "happy", "sad", "angry" (sets pitch and rate)
 
     def __post_init__(self):
-        self.loudness, self.panning = round(self.loudness, 1), round(self.panning, 2)
-        self.start_time, self.duration = round(self.start_time, 2), round(self.duration, 2)
+        self.loudness, self.panning = float(round(self.loudness, 1)), float(round(self.panning, 2))
+        self.start_time, self.duration = float(round(self.start_time, 2)), float(round(self.duration, 2))
 
     @property
     def end(self) -> float:
@@ -471,12 +471,12 @@ class Tool(Protocol):
 
 class ProceduralSFX:
     """The built-in SFX tool: the caption picks a sound class (exact caption, else keyword overlap),
-    `rng` varies pitch (+-2 semitones), event rate (x0.8..1.25) and spectral tilt (timbre)."""
+    `rng` varies pitch (+-2 semitones), event rate (x0.8..1.25) and spectral tilt (+-0.15: timbre)."""
 
     def render(self, sound: Sound, voice, rng: random.Random) -> torch.Tensor:
         cls = SOUND_CLASSES[caption_to_class(sound.text)]
         n = round(sound.duration * SAMPLE_RATE)
-        pitch, rate, tilt, seed = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.4, 0.4), rng.getrandbits(60) * 4
+        pitch, rate, tilt, seed = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15), rng.getrandbits(60) * 4
         return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
 
 
@@ -677,9 +677,9 @@ def integrated_loudness(x: torch.Tensor) -> float:
     in 400 ms blocks with 75 % overlap, channels summed with weight 1 (L, R), absolute gate -70 LUFS,
     relative gate -10 LU. A sound shorter than 0.5 s is tiled to 0.5 s first and the result is floored at
     -70 LUFS (Scaper's rule), so every sound, however short, has a loudness."""
-    x = x.reshape(-1, x.shape[-1]).double()
     if x.shape[-1] == 0:
         return -70.0
+    x = x.reshape(-1, x.shape[-1]).double()
     if x.shape[-1] < SAMPLE_RATE // 2:
         x = x.repeat(1, -(-(SAMPLE_RATE // 2) // x.shape[-1]))
     block, step = int(0.4 * SAMPLE_RATE), int(0.1 * SAMPLE_RATE)
