@@ -46,9 +46,8 @@ from tokenizer import FRAME_RATE, HOP, SAMPLE_RATE, load_audio, resample, save_a
 
 log = logging.getLogger("copilot")
 
-# The prompt's rules (paper Fig. 8), used by the validator and by both designers.
-LOUDNESS_RANGE = (-30.0, -10.0)   # dB (integrated LUFS of the sound as it sits in the mix)
-PAN_RANGE = (-1.0, 1.0)           # -1 hard left .. 1 hard right
+# The prompt's rules (paper Fig. 8), used by the validator and by both designers; loudness is -30..-10 dB
+# (integrated LUFS of the sound in the mix) and panning -1 (hard left) .. 1 (hard right).
 MAX_START = 4.0                   # s, latest start time
 MAX_END = 8.0                     # s, start_time + duration limit
 AMBIENCE_PAN = 0.1                # an ambience is centred: |panning| <= 0.1
@@ -85,6 +84,10 @@ class Sound:
     @property
     def end(self) -> float:
         return round(self.start_time + self.duration, 2)
+
+    def mix_params(self) -> tuple:
+        """What the mixer sees; a difference here puts the id in `changed` (paper Fig. 8)."""
+        return (self.loudness, self.panning, self.start_time, self.duration)
 
     def tool_params(self) -> tuple:
         """What the tool sees (paper A.2: caption/transcript, voice, length); loudness, panning and
@@ -195,63 +198,43 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
     paper's definition). A new caption, transcript, voice or tool is a new sound: the old id goes
     to `removed` and the new sound takes a new id; keeping the id is reported as a violation.
     """
-    errors = []
-    if not scene.description.strip():
-        errors.append("scene: description is empty (describe the whole soundscape)")
-    if not 1 <= len(scene.sounds) <= MAX_SOUNDS:
-        errors.append(f"scene: {len(scene.sounds)} sounds (allowed 1 to {MAX_SOUNDS})")
+    errors = [m for bad, m in (
+        (not scene.description.strip(), "scene: description is empty (describe the whole soundscape)"),
+        (not 1 <= len(scene.sounds) <= MAX_SOUNDS, f"scene: {len(scene.sounds)} sounds (allowed 1 to {MAX_SOUNDS})"),
+        (scene.sounds and not ambience_ids(scene), "scene: no ambience (an sfx at start_time 0 with |panning| <= 0.1 "
+                                                   "lasting as long as every other sound)")) if bad]
     ids = [s.id for s in scene.sounds]
     for s in scene.sounds:
-        p = f"sound {s.id}"
-        if ids.count(s.id) > 1:
-            errors.append(f"{p}: id used by {ids.count(s.id)} sounds (ids must be unique)")
-        if s.tool not in ("sfx", "tts"):
-            errors.append(f"{p}: tool {s.tool!r} unknown (use \"sfx\" or \"tts\")")
-        if not s.text.strip():
-            errors.append(f"{p}: text is empty (give a caption or a transcript)")
-        if not LOUDNESS_RANGE[0] <= s.loudness <= LOUDNESS_RANGE[1]:
-            errors.append(f"{p}: loudness {s.loudness} dB outside [{LOUDNESS_RANGE[0]:g}, {LOUDNESS_RANGE[1]:g}]")
-        if not PAN_RANGE[0] <= s.panning <= PAN_RANGE[1]:
-            errors.append(f"{p}: panning {s.panning} outside [-1, 1]")
-        if not 0 <= s.start_time <= MAX_START:
-            errors.append(f"{p}: start_time {s.start_time} s outside [0, {MAX_START:g}]")
-        if s.duration <= 0:
-            errors.append(f"{p}: duration {s.duration} s must be positive")
-        if s.end > MAX_END:
-            errors.append(f"{p}: start_time + duration = {s.end} s exceeds {MAX_END:g} s")
-        if s.tool == "tts":
-            if not (s.speaker or "").strip() or not (s.emotion or "").strip():
-                errors.append(f"{p}: a tts sound needs a speaker and an emotion")
-            if s.gender not in ("male", "female"):
-                errors.append(f"{p}: tts gender {s.gender!r} must be \"male\" or \"female\"")
-        elif any(v is not None for v in (s.speaker, s.gender, s.emotion)):
-            errors.append(f"{p}: speaker/gender/emotion belong to tts sounds only")
-    if scene.sounds and not ambience_ids(scene):
-        errors.append("scene: no ambience (an sfx at start_time 0 with |panning| <= 0.1 lasting as long "
-                      "as every other sound)")
+        tts = s.tool == "tts"
+        errors += [f"sound {s.id}: {m}" for bad, m in (
+            (ids.count(s.id) > 1, f"id used by {ids.count(s.id)} sounds (ids must be unique)"),
+            (s.tool not in ("sfx", "tts"), f"tool {s.tool!r} unknown (use \"sfx\" or \"tts\")"),
+            (not s.text.strip(), "text is empty (give a caption or a transcript)"),
+            (not -30 <= s.loudness <= -10, f"loudness {s.loudness} dB outside [-30, -10]"),
+            (not -1 <= s.panning <= 1, f"panning {s.panning} outside [-1, 1]"),
+            (not 0 <= s.start_time <= MAX_START, f"start_time {s.start_time} s outside [0, {MAX_START:g}]"),
+            (s.duration <= 0, f"duration {s.duration} s must be positive"),
+            (s.end > MAX_END, f"start_time + duration = {s.end} s exceeds {MAX_END:g} s"),
+            (tts and not ((s.speaker or "").strip() and (s.emotion or "").strip()), "a tts sound needs a speaker and an emotion"),
+            (tts and s.gender not in ("male", "female"), f"tts gender {s.gender!r} must be \"male\" or \"female\""),
+            (not tts and (s.speaker, s.gender, s.emotion) != (None,) * 3, "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
-        for i in sorted({i for i in getattr(scene, k) if getattr(scene, k).count(i) > 1}):
-            errors.append(f"sound {i}: listed more than once in {k}")
+        listed = getattr(scene, k)
+        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed if listed.count(i) > 1})]
+        if previous is None and listed:
+            errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
-        for k in ("added", "changed", "removed"):
-            if getattr(scene, k):
-                errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {getattr(scene, k)}")
         return errors
     old, new = previous.by_id(), scene.by_id()
-    added, removed = set(new) - set(old), set(old) - set(new)
-    changed = {i for i in set(new) & set(old) if
-               (new[i].loudness, new[i].panning, new[i].start_time, new[i].duration) !=
-               (old[i].loudness, old[i].panning, old[i].start_time, old[i].duration)}
-    for i in sorted(set(new) & set(old)):
-        if new[i].tool_params()[:5] != old[i].tool_params()[:5]:
-            errors.append(f"sound {i}: tool, text or voice changed under the same id (a new sound needs a "
-                          f"new id: list {i} in removed and the new sound in added)")
-    for name, truth, listed in (("added", added, set(scene.added)), ("removed", removed, set(scene.removed)),
-                                ("changed", changed, set(scene.changed))):
-        for i in sorted(truth - listed):
-            errors.append(f"sound {i}: is {name} relative to the previous scene but not listed in {name}")
-        for i in sorted(listed - truth):
-            errors.append(f"sound {i}: listed in {name} but it was not {name}")
+    kept = sorted(set(new) & set(old))
+    errors += [f"sound {i}: tool, text or voice changed under the same id (a new sound needs a new id: list {i} in "
+               f"removed and the new sound in added)" for i in kept if new[i].tool_params()[:5] != old[i].tool_params()[:5]]
+    truth = {"added": set(new) - set(old), "removed": set(old) - set(new),
+             "changed": {i for i in kept if new[i].mix_params() != old[i].mix_params()}}
+    for k, actual in truth.items():
+        listed = set(getattr(scene, k))
+        errors += [f"sound {i}: is {k} relative to the previous scene but not listed in {k}" for i in sorted(actual - listed)]
+        errors += [f"sound {i}: listed in {k} but it was not {k}" for i in sorted(listed - actual)]
     return errors
 
 
@@ -265,17 +248,15 @@ def classify_edit(previous: Scene, scene: Scene) -> str:
     old, new = previous.by_id(), scene.by_id()
     added, removed = set(new) - set(old), set(old) - set(new)
     changed = [i for i in set(new) & set(old) if new[i] != old[i]]
-    if added and not removed and not changed:
-        return "add"
-    if removed and not added and not changed:
-        return "remove"
-    if len(added) == len(removed) == 1 and not changed:
+    if not changed and (bool(added) != bool(removed)):
+        return "add" if added else "remove"
+    if not changed and len(added) == len(removed) == 1:
         return "change"
-    if changed and not added and not removed:
-        diff = {k for i in changed for k in ("loudness", "panning", "start_time", "duration")
-                if getattr(new[i], k) != getattr(old[i], k)}
-        if len(changed) == 1 and diff in ({"loudness"}, {"panning"}):
-            return "volume" if diff == {"loudness"} else "pan"
+    if len(changed) == 1 and not added and not removed:
+        i = changed[0]
+        moved = {k for k, a, b in zip(("volume", "pan", "start", "length"), new[i].mix_params(), old[i].mix_params()) if a != b}
+        if moved in ({"volume"}, {"pan"}):
+            return moved.pop()
     return "open"
 
 
@@ -310,78 +291,79 @@ class SoundClass(NamedTuple):
     layers: tuple              # synthesis recipe
 
 
-L = Layer
-SOUND_CLASSES = {c.name: c for c in (
-    SoundClass("rain", True, -18, "rain storm wet drizzle roof umbrella puddle", ("steady rain falling", "rain pattering on a roof", "a light rain shower", "rain drumming on the pavement"),
-               (L("noise", 800, 12000, am=(-0.5, 0.2)), L("noise", 3000, 12000, rate=40, jit=1, dur=0.015, gain=0.6))),
-    SoundClass("wind", True, -18, "wind gust hill mountain cold winter snow storm", ("wind blowing through trees", "a howling wind", "gusts of wind", "a cold wind whistling"),
-               (L("noise", 150, 700, am=(-0.4, 0.9)), L("noise", 900, 1400, am=(-0.3, 1.0), gain=0.3))),
-    SoundClass("stream", True, -16, "river stream water brook creek flowing bridge", ("a babbling brook", "water flowing in a stream", "a gentle river"),
-               (L("noise", 300, 6000, am=(-6, 0.4)), L("tone", 700, 1, rate=14, jit=1, dur=0.04, glide=1.8, gain=0.5))),
-    SoundClass("fire", True, -20, "fire fireplace campfire warm burning hearth", ("a crackling fire", "logs burning in a fireplace", "a campfire crackling"),
-               (L("noise", 100, 1200, am=(-1, 0.3)), L("noise", 1500, 9000, rate=12, jit=1, dur=0.02, gain=1.0))),
-    SoundClass("waves", True, -16, "sea ocean beach waves shore harbour boat ship sail", ("ocean waves crashing on the shore", "waves lapping at a beach", "the sea rolling in"),
-               (L("noise", 100, 4000, am=(0.12, 0.95)),)),
-    SoundClass("crowd", True, -16, "crowd people market cafe party restaurant hall", ("a crowd murmuring", "distant chatter in a busy cafe", "people talking in a market"),
-               (L("noise", 250, 2500, am=(-4, 0.5)), L("tone", 170, 10, vib=(3, 0.15), am=(-3, 0.7), gain=0.5))),
-    SoundClass("crickets", True, -14, "night summer field crickets insects evening grass", ("crickets chirping at night", "insects chirping in a summer field"),
-               (L("tone", 4500, 2, rate=2.5, jit=0.2, dur=0.25, shape="g", am=(35, 1.0)),)),
-    SoundClass("traffic", True, -16, "city street traffic road cars town urban", ("distant city traffic", "a busy street", "cars passing on a road"),
-               (L("noise", 40, 1500, am=(-0.3, 0.5)), L("tone", 55, 12, am=(-0.2, 0.6), gain=0.3))),
-    SoundClass("fan", True, -16, "room office fan machine quiet indoor study", ("the hum of an electric fan", "a quiet room with a humming fan", "machine hum"),
-               (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6))),
-    SoundClass("thunder", False, -12, "thunder storm lightning dark", ("a rumble of thunder", "thunder rolling in the distance", "a thunderclap"),
-               (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)), L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
-    SoundClass("birds", False, -12, "bird birds morning garden forest spring park tree dawn", ("birds singing", "gentle birdsong", "a songbird chirping"),
-               (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),)),
-    SoundClass("dog", False, -12, "dog bark farm yard guard barking", ("a dog barking", "a dog barks twice", "a small dog yapping"),
-               (L("tone", 450, 14, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, glide=0.8), L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4))),
-    SoundClass("knocking", False, -16, "door knock knocked visitor house", ("knocking on a wooden door", "three knocks on a door", "someone knocking at the door"),
-               (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22), L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
-    SoundClass("footsteps", False, -18, "footsteps walk walked walking steps corridor path stairs", ("footsteps on a wooden floor", "someone walking slowly", "footsteps on gravel"),
-               (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),)),
-    SoundClass("clock", False, -22, "clock time tick ticking waiting hour", ("a clock ticking", "an antique clock ticking softly"),
-               (L("noise", 2000, 9000, rate=2, dur=0.04), L("tone", 1800, 1, rate=2, dur=0.1))),
-    SoundClass("bells", False, -12, "church bell bells village sunday wedding tower", ("church bells ringing", "a distant church bell tolling"),
-               (L("bell", 400, 0, rate=0.5, dur=3.0),)),
-    SoundClass("siren", False, -10, "siren police ambulance emergency fire accident", ("an ambulance siren passing", "a police siren wailing"),
-               (L("tone", 700, 4, vib=(0.3, 0.3)),)),
-    SoundClass("engine", False, -12, "car engine motor drive garage truck", ("a car engine idling", "a truck engine rumbling", "a motor running"),
-               (L("tone", 42, 20, vib=(0.2, 0.08), am=(14, 0.3)), L("noise", 50, 500, gain=0.5))),
-    SoundClass("phone", False, -12, "phone telephone call ring office", ("a telephone ringing", "an old phone ringing"),
-               (L("tone", 440, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)), L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)))),
-    SoundClass("music box", False, -14, "music melody lullaby child toy dream sleep", ("a music box playing a lullaby", "a gentle music box melody"),
-               (L("tone", 880, 3, rate=3, dur=0.6, notes=True),)),
-    SoundClass("piano", False, -12, "piano music song concert evening", ("a slow piano melody", "soft piano notes"),
-               (L("tone", 220, 8, rate=1.5, jit=0.1, dur=1.2, notes=True),)),
-    SoundClass("typing", False, -20, "typing keyboard computer office writer desk letter", ("typing on a keyboard", "fast keyboard clicks"),
-               (L("noise", 1500, 7000, rate=8, jit=0.7, dur=0.05),)),
-    SoundClass("helicopter", False, -12, "helicopter rescue sky flying", ("a helicopter flying overhead", "helicopter blades chopping"),
-               (L("noise", 60, 800, am=(12, 0.9)),)),
-    SoundClass("train horn", False, -10, "train station railway horn journey", ("a train horn blowing", "a distant train whistle"),
-               (L("tone", 311, 6, rate=0.25, dur=1.5, shape="g"), L("tone", 370, 6, rate=0.25, dur=1.5, shape="g"))),
-    SoundClass("cat", False, -12, "cat kitten meow pet", ("a cat meowing", "a kitten mewing softly"),
-               (L("tone", 500, 8, rate=0.4, jit=0.5, dur=0.7, shape="h", glide=0.7, vib=(5, 0.02)),)),
-    SoundClass("owl", False, -14, "owl night forest dark woods moon", ("an owl hooting", "an owl calling in the woods"),
-               (L("tone", 380, 2, rate=0.5, dur=0.45, shape="h", group=2, gap=0.5, glide=0.9),)),
-    SoundClass("dripping", False, -18, "drip dripping water cave leak tap sink", ("water dripping", "drops falling in a cave"),
-               (L("tone", 1200, 1, rate=2, jit=0.3, dur=0.1, glide=2.5),)),
-    SoundClass("frog", False, -16, "frog pond swamp marsh", ("frogs croaking by a pond", "a frog croaking"),
-               (L("tone", 120, 15, rate=1.2, jit=0.4, dur=0.25, shape="g", am=(25, 0.9)),)),
-    SoundClass("hammering", False, -16, "hammer workshop building construction nail wood", ("hammering a nail", "someone hammering in a workshop"),
-               (L("noise", 200, 3000, rate=2.2, jit=0.05, dur=0.2), L("tone", 1500, 1, rate=2.2, jit=0.05, dur=0.3, gain=0.7))),
-    SoundClass("applause", False, -12, "applause clapping audience theatre show stage", ("an audience applauding", "people clapping"),
-               (L("noise", 800, 8000, rate=60, jit=1, dur=0.012, am=(-1, 0.3)),)),
-    SoundClass("horse", False, -16, "horse hooves gallop riding carriage", ("a horse galloping", "hooves clopping on cobblestones"),
-               (L("noise", 80, 1500, rate=2.5, jit=0.05, dur=0.12, group=3, gap=0.09),)),
-    SoundClass("alarm", False, -12, "alarm wake morning beeping", ("an alarm clock beeping", "a digital alarm going off"),
-               (L("tone", 2000, 2, rate=2, dur=0.12, shape="g", group=2, gap=0.2),)),
-    SoundClass("glasses", False, -16, "glass glasses cheers drink bar toast", ("glasses clinking", "a toast with clinking glasses"),
-               (L("bell", 2200, 0, rate=0.8, jit=0.6, dur=0.6, group=2, gap=0.12),)),
-    SoundClass("creaking door", False, -14, "creak creaking old house haunted ghost", ("a door creaking open", "an old door creaking"),
-               (L("tone", 180, 20, rate=0.3, dur=1.2, shape="h", glide=1.6, am=(40, 0.7)),)),
-    SoundClass("guitar", False, -12, "guitar strum song campfire", ("an acoustic guitar strumming", "a guitar being plucked"),
-               (L("tone", 196, 10, rate=1.5, jit=0.1, dur=1.0, notes=True, group=3, gap=0.03),)),
+L, C = Layer, SoundClass
+SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, keywords, captions, layers
+    C("rain", True, -18, "rain storm wet drizzle roof umbrella", ("steady rain falling", "rain pattering on a roof", "a light rain shower"),
+      (L("noise", 800, 12000, am=(-0.5, 0.2)), L("noise", 3000, 12000, rate=40, jit=1, dur=0.015, gain=0.6))),
+    C("wind", True, -18, "wind gust hill mountain cold winter snow", ("wind blowing through trees", "a howling wind", "gusts of wind"),
+      (L("noise", 150, 700, am=(-0.4, 0.9)), L("noise", 900, 1400, am=(-0.3, 1.0), gain=0.3))),
+    C("stream", True, -16, "river stream water brook creek flowing", ("a babbling brook", "water flowing in a stream", "a gentle river"),
+      (L("noise", 300, 6000, am=(-6, 0.4)), L("tone", 700, 1, rate=14, jit=1, dur=0.04, glide=1.8, gain=0.5))),
+    C("fire", True, -20, "fire fireplace campfire warm burning", ("a crackling fire", "logs burning in a fireplace", "a campfire crackling"),
+      (L("noise", 100, 1200, am=(-1, 0.3)), L("noise", 1500, 9000, rate=12, jit=1, dur=0.02))),
+    C("waves", True, -16, "sea ocean beach waves shore harbour boat ship", ("ocean waves crashing on the shore", "waves lapping at a beach"),
+      (L("noise", 100, 4000, am=(0.12, 0.95)),)),
+    C("crowd", True, -16, "crowd people market cafe party restaurant", ("a crowd murmuring", "distant chatter in a busy cafe"),
+      (L("noise", 250, 2500, am=(-4, 0.5)), L("tone", 170, 10, vib=(3, 0.15), am=(-3, 0.7), gain=0.5))),
+    C("crickets", True, -14, "night summer field crickets insects evening", ("crickets chirping at night", "insects chirping in a field"),
+      (L("tone", 4500, 2, rate=2.5, jit=0.2, dur=0.25, shape="g", am=(35, 1.0)),)),
+    C("traffic", True, -16, "city street traffic road cars town urban", ("distant city traffic", "a busy street", "cars passing on a road"),
+      (L("noise", 40, 1500, am=(-0.3, 0.5)), L("tone", 55, 12, am=(-0.2, 0.6), gain=0.3))),
+    C("fan", True, -16, "room office fan machine quiet indoor study", ("the hum of an electric fan", "a quiet room with a humming fan"),
+      (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6))),
+    C("thunder", False, -12, "thunder storm lightning dark", ("a rumble of thunder", "thunder rolling in the distance", "a thunderclap"),
+      (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)), L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
+    C("birds", False, -12, "bird birds morning garden forest spring park dawn", ("birds singing", "gentle birdsong", "a songbird chirping"),
+      (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),)),
+    C("dog", False, -12, "dog bark barking farm yard", ("a dog barking", "a dog barks twice", "a small dog yapping"),
+      (L("tone", 450, 14, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, glide=0.8),
+       L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4))),
+    C("knocking", False, -16, "door knock knocked visitor", ("knocking on a wooden door", "three knocks on a door"),
+      (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22), L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
+    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs", ("footsteps on a wooden floor", "someone walking slowly"),
+      (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),)),
+    C("clock", False, -22, "clock time tick ticking waiting hour", ("a clock ticking", "an antique clock ticking softly"),
+      (L("noise", 2000, 9000, rate=2, dur=0.04), L("tone", 1800, 1, rate=2, dur=0.1))),
+    C("bells", False, -12, "church bell bells village sunday wedding tower", ("church bells ringing", "a distant church bell tolling"),
+      (L("bell", 400, 0, rate=0.5, dur=3.0),)),
+    C("siren", False, -10, "siren police ambulance emergency accident", ("an ambulance siren passing", "a police siren wailing"),
+      (L("tone", 700, 4, vib=(0.3, 0.3)),)),
+    C("engine", False, -12, "car engine motor drive garage truck", ("a car engine idling", "a truck engine rumbling", "a motor running"),
+      (L("tone", 42, 20, vib=(0.2, 0.08), am=(14, 0.3)), L("noise", 50, 500, gain=0.5))),
+    C("phone", False, -12, "phone telephone call ring office", ("a telephone ringing", "an old phone ringing"),
+      (L("tone", 440, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)), L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)))),
+    C("music box", False, -14, "music melody lullaby child toy dream sleep", ("a music box playing a lullaby", "a gentle music box melody"),
+      (L("tone", 880, 3, rate=3, dur=0.6, notes=True),)),
+    C("piano", False, -12, "piano music song concert evening", ("a slow piano melody", "soft piano notes"),
+      (L("tone", 220, 8, rate=1.5, jit=0.1, dur=1.2, notes=True),)),
+    C("typing", False, -20, "typing keyboard computer office writer desk", ("typing on a keyboard", "fast keyboard clicks"),
+      (L("noise", 1500, 7000, rate=8, jit=0.7, dur=0.05),)),
+    C("helicopter", False, -12, "helicopter rescue sky flying", ("a helicopter flying overhead", "helicopter blades chopping"),
+      (L("noise", 60, 800, am=(12, 0.9)),)),
+    C("train horn", False, -10, "train station railway horn journey", ("a train horn blowing", "a distant train whistle"),
+      (L("tone", 311, 6, rate=0.25, dur=1.5, shape="g"), L("tone", 370, 6, rate=0.25, dur=1.5, shape="g"))),
+    C("cat", False, -12, "cat kitten meow pet", ("a cat meowing", "a kitten mewing softly"),
+      (L("tone", 500, 8, rate=0.4, jit=0.5, dur=0.7, shape="h", glide=0.7, vib=(5, 0.02)),)),
+    C("owl", False, -14, "owl night forest dark woods moon", ("an owl hooting", "an owl calling in the woods"),
+      (L("tone", 380, 2, rate=0.5, dur=0.45, shape="h", group=2, gap=0.5, glide=0.9),)),
+    C("dripping", False, -18, "drip dripping water cave leak tap sink", ("water dripping", "drops falling in a cave"),
+      (L("tone", 1200, 1, rate=2, jit=0.3, dur=0.1, glide=2.5),)),
+    C("frog", False, -16, "frog frogs pond swamp marsh", ("frogs croaking by a pond", "a frog croaking"),
+      (L("tone", 120, 15, rate=1.2, jit=0.4, dur=0.25, shape="g", am=(25, 0.9)),)),
+    C("hammering", False, -16, "hammer workshop building construction nail", ("hammering a nail", "someone hammering in a workshop"),
+      (L("noise", 200, 3000, rate=2.2, jit=0.05, dur=0.2), L("tone", 1500, 1, rate=2.2, jit=0.05, dur=0.3, gain=0.7))),
+    C("applause", False, -12, "applause clapping audience theatre show stage", ("an audience applauding", "people clapping"),
+      (L("noise", 800, 8000, rate=60, jit=1, dur=0.012, am=(-1, 0.3)),)),
+    C("horse", False, -16, "horse hooves gallop riding carriage", ("a horse galloping", "hooves clopping on cobblestones"),
+      (L("noise", 80, 1500, rate=2.5, jit=0.05, dur=0.12, group=3, gap=0.09),)),
+    C("alarm", False, -12, "alarm wake morning beeping", ("an alarm clock beeping", "a digital alarm going off"),
+      (L("tone", 2000, 2, rate=2, dur=0.12, shape="g", group=2, gap=0.2),)),
+    C("glasses", False, -16, "glass glasses cheers drink bar toast", ("glasses clinking", "a toast with clinking glasses"),
+      (L("bell", 2200, 0, rate=0.8, jit=0.6, dur=0.6, group=2, gap=0.12),)),
+    C("creaking door", False, -14, "creak creaking old house haunted ghost", ("a door creaking open", "an old door creaking"),
+      (L("tone", 180, 20, rate=0.3, dur=1.2, shape="h", glide=1.6, am=(40, 0.7)),)),
+    C("guitar", False, -12, "guitar strum song campfire", ("an acoustic guitar strumming", "a guitar being plucked"),
+      (L("tone", 196, 10, rate=1.5, jit=0.1, dur=1.0, notes=True, group=3, gap=0.03),)),
 )}
 CAPTION_CLASS = {c: k.name for k in SOUND_CLASSES.values() for c in k.captions}  # caption -> class name
 _BELL = ((0.5, 0.5), (1.0, 1.0), (1.19, 0.6), (1.5, 0.4), (2.0, 0.5), (2.52, 0.3), (3.01, 0.2))  # (ratio, amplitude)
@@ -476,7 +458,8 @@ class ProceduralSFX:
     def render(self, sound: Sound, voice, rng: random.Random) -> torch.Tensor:
         cls = SOUND_CLASSES[caption_to_class(sound.text)]
         n = round(sound.duration * SAMPLE_RATE)
-        pitch, rate, tilt, seed = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15), rng.getrandbits(60) * 4
+        pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
+        seed = rng.getrandbits(60) * 4
         return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
 
 
@@ -626,12 +609,14 @@ class EspeakTTS:
 
 class Renderer:
     """Renders sounds with pluggable tools, caching by tool parameters: a sound is rendered again only
-    when its caption/transcript, voice or length changes, never for loudness, panning or start time."""
+    when its caption/transcript, voice or length changes, never for loudness, panning or start time.
+    One Renderer per conversation (its caches grow with the conversation's sounds)."""
 
     def __init__(self, tools: dict[str, Tool] | None = None, seed: int | str = 0):
         self.tools = tools if tools is not None else {"sfx": ProceduralSFX(), "tts": FormantTTS()}
         self.seed = seed               # with the tool parameters, fixes every render (deterministic data)
         self.cache: dict[tuple, torch.Tensor] = {}
+        self.levelled: dict[tuple, tuple[torch.Tensor, float]] = {}  # (tool params, loudness) -> mix_scene's faded, levelled clip
         self.renders = 0               # how many times a tool was actually called
 
     def render(self, sound: Sound) -> torch.Tensor:
@@ -765,22 +750,26 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
     Each sound is faded in and out (10 ms), brought to `loudness` LUFS (set_loudness: peak-limited at
     -1 dBFS when needed, so its label holds), panned with the constant-power law and added at
     `start_time`. Clip policy: sounds at -10..-16 dB add up past full scale, so the summed mix goes
-    through limit_peaks at 0.99 (both channels one gain): only the loudest 5 ms blocks are turned down,
-    the levels of the sounds barely move (the reduction is returned as limited_db for filtering). Activity is energy-based inside the placement interval: the 40 Hz
-    frames (1200 samples, the latent grid) where the sound's own energy is within 30 dB of its
-    loudest frame; a knock's silent gaps are inactive. These intervals are the frame-level ground truth
-    of the FLAM metrics.
+    through the peak limiter at 0.99 (both channels one gain): only the loudest 5 ms blocks are turned
+    down and the levels of the sounds barely move (the reduction is returned as limited_db for filtering).
+
+    Activity is energy-based inside the placement interval: the 40 Hz frames (1200 samples, the latent
+    grid) where the sound's own energy is within 30 dB of its loudest frame, so a knock's silent gaps are
+    inactive. These intervals are the frame-level ground truth of the FLAM metrics.
     """
     F = scene.num_frames
     out = torch.zeros(2, F * HOP)
     activity, shortfall = {}, 0.0
     for s in scene.sounds:
-        x = renderer.render(s).clone()
-        m = min(len(x), int(FADE * SAMPLE_RATE) + 1)
-        fade = 0.5 - 0.5 * torch.cos(math.pi * torch.arange(m) / m)
-        x[:m] *= fade
-        x[len(x) - m:] *= fade.flip(0)
-        x, reached = set_loudness(x, s.loudness)
+        key = (s.tool_params(), s.loudness)
+        if key not in renderer.levelled:  # a panning or start-time edit reuses the levelled clip
+            x = renderer.render(s).clone()
+            m = min(len(x), int(FADE * SAMPLE_RATE) + 1)
+            fade = 0.5 - 0.5 * torch.cos(math.pi * torch.arange(m) / m)
+            x[:m] *= fade
+            x[len(x) - m:] *= fade.flip(0)
+            renderer.levelled[key] = set_loudness(x, s.loudness)
+        x, reached = renderer.levelled[key]
         shortfall = max(shortfall, abs(reached - s.loudness))
         a = round(s.start_time * SAMPLE_RATE)
         b = min(out.shape[1], a + len(x))
@@ -797,10 +786,17 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
     return Mix((out * gain).clamp(-MIX_CEILING, MIX_CEILING), activity, limited_db, round(shortfall, 2))
 
 
-def _intervals(active: torch.Tensor) -> list[tuple[float, float]]:
-    """[F] bool frames -> [(start_s, end_s)] runs of active frames."""
+def _intervals(active: torch.Tensor, bridge: int = 4) -> list[tuple[float, float]]:
+    """[F] bool frames -> [(start_s, end_s)] runs of active frames; gaps of up to `bridge` frames (100 ms:
+    between words, between the knocks of one knock-knock-knock) are bridged."""
     edges = torch.diff(torch.cat([torch.zeros(1), active.float(), torch.zeros(1)])).nonzero().flatten().tolist()
-    return [(a / FRAME_RATE, b / FRAME_RATE) for a, b in zip(edges[::2], edges[1::2])]
+    runs = []
+    for a, b in zip(edges[::2], edges[1::2]):
+        if runs and a - runs[-1][1] <= bridge:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return [(a / FRAME_RATE, b / FRAME_RATE) for a, b in runs]
 
 
 # -----------------------------------------------------------------------------
@@ -843,28 +839,31 @@ SPEAKERS = (("Anna", "female"), ("Ben", "male"), ("Clara", "female"), ("David", 
             ("Frank", "male"), ("Grace", "female"), ("Hugo", "male"), ("the narrator", "male"), ("the old woman", "female"))
 STORY = ("Create a soundscape with {list}.", "I'd like to hear {list}.", "Make an audio scene with {list}.", "Give me {list}.",
          "Can you make a scene where there is {list}?", "Sound design for this: {list}.", "Compose a short audio story: {list}.")
-STORY_SEED = ("Create a soundscape inspired by this: \"{seed}\"", "Sound-design this moment: {seed}",
-              "Turn this line into a short audio story: {seed}", "{seed} Make it sound like that.", "Make me the sound of this scene: {seed}")
+STORY_SEED = ("Create a soundscape inspired by this: \"{seed}\"", "Sound-design this moment: {seed}", "{seed} Make it sound like that.",
+              "Turn this line into a short audio story: {seed}", "Make me the sound of this scene: {seed}")
 ADD = ("Add {x}{where}{when}.", "Can you add {x}{where}{when}?", "Put in {x}{where}{when}.", "I want to hear {x}{where}{when}.",
        "Let's also have {x}{where}{when}.", "Bring in {x}{where}{when}.", "Include {x}{where}{when}, please.")
 REMOVE = ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.", "Please delete the {x}.",
           "Lose the {x}.", "Can you drop the {x}?", "Mute the {x} completely, take it out.")
 CHANGE = ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.", "Change the {x} to {y}.",
           "Turn the {x} into {y}.", "Could the {x} be {y} instead?")
-MUCH_LOUDER = ("Make the {x} much louder.", "Turn the {x} way up.", "The {x} should be a lot louder.", "I really can't hear the {x}, crank it up.")
+MUCH_LOUDER = ("Make the {x} much louder.", "Turn the {x} way up.", "The {x} should be a lot louder.", "I can't hear the {x}, crank it up.")
 MUCH_QUIETER = ("Make the {x} much quieter.", "The {x} is far too loud.", "Turn the {x} way down.", "The {x} should be barely audible.")
 LOUDER = ("Make the {x} louder.", "Turn up the {x}.", "I can barely hear the {x}.", "Bring the {x} up a little.",
           "The {x} should be more prominent.", "Boost the {x}.", "The {x} needs to stand out more.")
 QUIETER = ("Make the {x} quieter.", "Turn down the {x}.", "The {x} is too loud.", "Lower the {x} a bit.", "Soften the {x}.",
            "Push the {x} into the background.", "Can you reduce the volume of the {x}?")
-PAN = ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?", "I want the {x} {p}.", "Shift the {x} {p}.")
+PAN = ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?", "I want the {x} {p}.",
+       "Shift the {x} {p}.")
 SIDES = (("to the left", -0.8, -0.5), ("to the right", 0.5, 0.8), ("hard left", -1.0, -1.0), ("hard right", 1.0, 1.0),
          ("to the centre", 0.0, 0.0), ("slightly to the left", -0.3, -0.2), ("slightly to the right", 0.2, 0.3))
 OPEN = {"busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.", "Make it feel more lively."),
         "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.", "Make the foreground softer."),
-        "wider": ("Make it sound wider.", "Spread the sounds out more in the stereo field.", "Give the scene more space.", "Open up the stereo image."),
-        "later": ("Let the events start a bit later.", "Give it a slower build-up.", "Delay the foreground sounds by a second.", "Wait a moment before things happen."),
-        "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.", "Keep the foreground sounds brief.", "Cut the sounds shorter.")}
+        "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.", "Open up the stereo image."),
+        "later": ("Let the events start a bit later.", "Give it a slower build-up.", "Delay the foreground sounds by a second.",
+                  "Wait a moment before things happen."),
+        "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.", "Keep the foreground sounds brief.",
+                    "Cut the sounds shorter.")}
 EMOTION_WORDS = tuple(EMOTIONS)
 
 
@@ -985,10 +984,13 @@ class OfflineCopilot:
             where, lo, hi = rng.choice(SIDES)
             where, kw["panning"] = " " + where.replace("to the ", "on the ").replace("centre", "middle"), round(rng.uniform(lo, hi), 1)
         if rng.random() < 0.4:
-            when, kw["start_time"] = rng.choice(((" at the start", 0.0), (" after one second", 1.0), (" after two seconds", 2.0), (" after three seconds", 3.0)))
+            when, kw["start_time"] = rng.choice(((" at the start", 0.0), (" after one second", 1.0), (" after two seconds", 2.0),
+                                                 (" after three seconds", 3.0)))
         if self.speech and rng.random() < 0.4:
-            kw.setdefault("start_time", 0.0)
-            s = self._speech(length - kw["start_time"])
+            s = self._speech(length - kw.get("start_time", 0.0))
+            after = round(max((t.end for t in scene.sounds if t.tool == "tts"), default=-0.3) + 0.3, 1)
+            if "start_time" not in kw and after <= MAX_START and after + s.duration <= length:  # after the last line
+                kw["start_time"] = after
             s = replace(s, **kw)
             x = f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice"
         else:
@@ -1058,9 +1060,10 @@ class OfflineCopilot:
                 for _ in range(2):
                     sounds = self._add(replace(scene, sounds=sounds))[1]
             else:
+                fits = lambda s: s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration
                 new = {"calmer": lambda s: replace(s, loudness=max(-30, s.loudness - 6)),
                        "wider": lambda s: replace(s, panning=max(-1.0, min(1.0, s.panning + (0.4 if s.panning >= 0 else -0.4)))),
-                       "later": lambda s: replace(s, start_time=s.start_time + 1) if s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration else s,
+                       "later": lambda s: replace(s, start_time=s.start_time + 1) if fits(s) else s,
                        "shorter": lambda s: replace(s, duration=max(0.5, round(s.duration * 0.6, 1)))}[op]
                 sounds = [new(s) if s.id not in amb and not (op == "shorter" and s.tool == "tts") else s for s in scene.sounds]
             if sounds != scene.sounds and not validate_scene(self._scene(sounds, scene), scene):
@@ -1152,24 +1155,26 @@ def _messages(turns: list[tuple[str, Scene]]) -> list[dict]:
 def _example(tts: bool) -> list[dict]:
     """The paper's example conversation (Figs. 9-10). Fig. 10 prints only the added sound "due to lack of
     space"; as the caption says AudioCopilot always shows all sounds, the edit turn lists all four."""
-    room = [Sound(0, "sfx", "gentle birdsong outside a window", -28, 0.1, 0, 8), Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8),
-            Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
+    room = [Sound(0, "sfx", "gentle birdsong outside a window", -28, 0.1, 0, 8),
+            Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8), Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
     first = Scene("A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong and a gentle ticking "
                   "clock create a serene atmosphere. The faint aroma of fresh flowers lingers in the air.", room)
     second = Scene("A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong, a gentle ticking clock, "
                    "refined chatter, and someone delicately handling a flower create a serene atmosphere. The faint aroma of fresh "
                    "flowers lingers in the air.", room + [Sound(3, "sfx", "delicate flower petals rustling", -22, 0, 1.2, 2.5)], added=[3])
     turns = [("Create a soundscape of a quiet, refined morning in a luxurious room.", first),
-             ("I want to emphasize the delicate nature of the flower detail mentioned. Add a sound for someone delicately handling a flower.", second)]
+             ("I want to emphasize the delicate nature of the flower detail mentioned. Add a sound for someone delicately "
+              "handling a flower.", second)]
     if tts:  # our addition for the reconstructed SFX + TTS prompt
         butler = Sound(4, "tts", "Your tea is ready, madam.", -16, 0.3, 4.0, 2.5, speaker="the butler", gender="male", emotion="calm")
-        turns.append(("Have a butler politely announce that the tea is ready.",
-                      Scene(second.description + " A butler politely announces that the tea is ready.", second.sounds + [butler], added=[4])))
+        third = Scene(second.description + " A butler politely announces that the tea is ready.", second.sounds + [butler], added=[4])
+        turns.append(("Have a butler politely announce that the tea is ready.", third))
     return _messages(turns)
 
 
-_KIND_WORDS = {"open": "an open-ended edit", "add": "adding a sound", "remove": "removing a sound", "change": "changing one sound into another",
-               "volume": "adjusting the volume of one sound", "pan": "adjusting the panning of one sound"}
+_KIND_WORDS = {"open": "an open-ended edit", "add": "adding a sound", "remove": "removing a sound",
+               "change": "changing one sound into another", "volume": "adjusting the volume of one sound",
+               "pan": "adjusting the panning of one sound"}
 
 
 def chat_completion(base_url: str, model: str, messages: list[dict], *, temperature: float = 1.0, max_tokens: int = 8192,
@@ -1205,10 +1210,12 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, temperat
         time.sleep(backoff * 2 ** attempt)
 
 
-def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
+def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None) -> tuple[list, list[str]]:
     """An LLM answer (a JSON list of up to 10 messages, user / system alternating, Figs. 9-10) ->
-    [(instruction, kind, scene)], every scene validated against the previous one. Raises SceneError
-    listing every problem, so the whole list can be fed back to the LLM."""
+    ([(instruction, kind, scene)], rule violations), each scene validated against the previous one and
+    each edit against the requested kind. An answer that cannot be read as scenes raises SceneError."""
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)          # prefer the fenced block, if any
+    text = fenced.group(1) if fenced else text
     start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
     if start < 0:
         raise SceneError("no JSON found in the answer; return one JSON list of messages")
@@ -1224,40 +1231,40 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
     turns, errors, previous = [], [], None
     for t in range(len(messages) // 2):
         user, system = messages[2 * t], messages[2 * t + 1]
-        try:
+        try:  # the structure; any problem here makes the whole answer unreadable
             if not (isinstance(user, dict) and user.get("role") == "user" and isinstance(system, dict)
                     and system.get("role") in ("system", "assistant")):
                 raise SceneError("messages must alternate role \"user\" then role \"system\"")
             content = user.get("content")
-            instruction = content if isinstance(content, str) else " ".join(
-                c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text") if isinstance(content, list) else ""
+            if isinstance(content, list):  # the paper's form: [{"type": "text", "text": ...}]
+                content = " ".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+            instruction = content if isinstance(content, str) else ""
             if not instruction.strip():
                 raise SceneError("the user message has no text")
             content = system.get("content")
             obj = content[0] if isinstance(content, list) and content else content
             scene = parse_scene(obj) if isinstance(obj, str) else _scene_from_obj(obj)
         except SceneError as e:
-            errors.append(f"turn {t + 1}: {e}")
-            break
+            raise SceneError(f"turn {t + 1}: {e}") from e
         errors += [f"turn {t + 1}: {e}" for e in validate_scene(scene, previous)]
         kind = "story" if previous is None else classify_edit(previous, scene)
         if kinds and t and kinds[t - 1] != "open" and kind != kinds[t - 1]:
             errors.append(f"turn {t + 1}: the edit should be {_KIND_WORDS[kinds[t - 1]]}, but the scene's difference is a {kind} edit")
-        turns.append((instruction.strip(), kinds[t - 1] if kinds and t else kind, scene))
+        turns.append((instruction.strip(), "open" if kinds and t and kinds[t - 1] == "open" else kind, scene))
         previous = scene
-    if errors:
-        raise SceneError("\n".join(errors))
-    return turns
+    return turns, errors
 
 
 class LLMCopilot:
     """The LLM backend: one chat completion simulates a whole conversation (paper A.2). An invalid answer
-    is sent back with its error list and the LLM is asked again, up to `attempts` answers; a conversation
-    still invalid after that raises CopilotError and is dropped (counted in `failures`, logged, never kept)."""
+    is sent back with its error list and the LLM is asked again, up to `attempts` answers. A conversation
+    still invalid after that raises CopilotError and is dropped (counted in `failures`, logged), unless
+    `keep_invalid` and its scenes can be rendered: then it is kept, and the dataset stores each turn's
+    violations, for the two-stage data of paper A.3 (all data first, then the validated subset)."""
 
-    def __init__(self, base_url: str, model: str, attempts: int = 3, **http):
-        self.base_url, self.model, self.attempts, self.http = base_url, model, attempts, http
-        self.failures = 0              # invalid answers seen (each one was retried or ended in CopilotError)
+    def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, **http):
+        self.base_url, self.model, self.attempts, self.keep_invalid, self.http = base_url, model, attempts, keep_invalid, http
+        self.failures = 0              # invalid answers seen (each one was retried, kept flagged, or dropped)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
                      speech: bool | None = None) -> list[tuple[str, str, Scene]]:
@@ -1266,17 +1273,23 @@ class LLMCopilot:
         if kinds:
             request += " After the first request, the user's edits are, in order: " + "; ".join(_KIND_WORDS[k] for k in kinds) + "."
         messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": request}]
-        problems = ""
         for attempt in range(self.attempts):
             answer = chat_completion(self.base_url, self.model, messages, seed=rng.getrandbits(31), **self.http)
             try:
-                return parse_answer(answer, n_turns, kinds)
+                turns, problems = parse_answer(answer, n_turns, kinds)
             except SceneError as e:
-                self.failures, problems = self.failures + 1, str(e)
-                log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts, problems)
-                messages += [{"role": "assistant", "content": answer},
-                             {"role": "user", "content": f"Your JSON breaks these rules:\n{problems}\nReturn the whole corrected JSON list only."}]
-        raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last problems:\n{problems}")
+                turns, problems = [], [str(e)]
+            if not problems:
+                return turns
+            self.failures += 1
+            log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts, "\n".join(problems))
+            feedback = "Your JSON breaks these rules:\n" + "\n".join(problems) + "\nReturn the whole corrected JSON list only."
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
+        if self.keep_invalid and turns and all(s.tool in ("sfx", "tts") and s.duration > 0 for *_, sc in turns for s in sc.sounds):
+            log.warning("keeping the invalid conversation for seed %r; its violations are stored with it", seed_text)
+            return turns
+        raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last problems:\n"
+                           + "\n".join(problems))
 
 
 # -----------------------------------------------------------------------------
@@ -1291,6 +1304,7 @@ class ConversationTurn:
     activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s (energy-based, 40 Hz grid)
     limited_db: float = 0.0                          # deepest gain reduction of the mix limiter, dB (0: the sum did not clip)
     level_error: float = 0.0                         # dB, largest |reached - asked| loudness of its sounds
+    violations: list[str] = field(default_factory=list)  # validate_scene against the previous turn ([] = validated, A.3)
 
 
 @dataclass
@@ -1311,7 +1325,8 @@ class DatasetConfig:
     shard_size: int = 1000         # conversations per shard directory
     base_url: str = "http://localhost:8000/v1"  # openai backend: the server's base URL
     model: str = "google/gemma-3-27b-it"        # openai backend: the served model name (paper A.1)
-    attempts: int = 3              # openai backend: answers per conversation before it is dropped
+    attempts: int = 3              # openai backend: answers per conversation before it is dropped (or kept, flagged)
+    keep_invalid: bool = False     # openai backend: keep still-invalid conversations, flagged with their violations (A.3)
     timeout: float = 300.0         # openai backend: seconds per HTTP request
 
 
@@ -1327,7 +1342,8 @@ def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+        json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
+    os.chmod(tmp, 0o644)                         # mkstemp makes it private; datasets are shared read-only
     os.replace(tmp, path)
 
 
@@ -1339,7 +1355,8 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
     rng = random.Random(f"{cfg.seed}|{split}|{i}")
     seed_text = rng.choice(EVAL_SEEDS if split == "eval" else TRAIN_SEEDS)
     offline = OfflineCopilot()
-    copilot = offline if cfg.backend == "offline" else LLMCopilot(cfg.base_url, cfg.model, cfg.attempts, timeout=cfg.timeout)
+    copilot = offline if cfg.backend == "offline" else LLMCopilot(cfg.base_url, cfg.model, cfg.attempts, cfg.keep_invalid,
+                                                                  timeout=cfg.timeout)
     try:
         if split == "eval":
             kinds = random.Random(f"{cfg.seed}|eval-block|{i // 3}").sample(EDIT_KINDS, 6)[2 * (i % 3): 2 * (i % 3) + 2]
@@ -1354,12 +1371,13 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
     tools = {"sfx": ProceduralSFX(), "tts": EspeakTTS() if cfg.tts == "espeak" else FormantTTS()}
     renderer, records = Renderer(tools, seed=f"{cfg.seed}|{split}|{i}"), []
     for t, (instruction, kind, scene) in enumerate(turns):
+        violations = validate_scene(scene, turns[t - 1][2] if t else None)
         mix = mix_scene(scene, renderer)
         audio = path.with_name(f"{path.stem}-t{t}.flac")
         save_audio(audio, mix.audio)
         records.append({"instruction": instruction, "kind": kind, "scene": scene_to_json(scene), "audio": audio.name,
                         "activity": {str(k): [list(v) for v in iv] for k, iv in mix.activity.items()},
-                        "limited_db": mix.limited_db, "level_error": mix.level_error})
+                        "limited_db": mix.limited_db, "level_error": mix.level_error, "violations": violations})
     _write_json(path, {"id": path.stem, "seed_text": seed_text, "turns": records})
     return {"id": path.stem, "kinds": [r["kind"] for r in records], "limited": sum(r["limited_db"] < 0 for r in records)}
 
@@ -1381,7 +1399,8 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
         stored = json.loads((root / "config.json").read_text())
         if stored != json.loads(json.dumps(vars(cfg))):
             diff = {k: (stored.get(k), v) for k, v in vars(cfg).items() if stored.get(k) != v}
-            raise ValueError(f"{root} was written with other settings (stored, now): {diff}; resume with the same flags or use a new --out")
+            raise ValueError(f"{root} was written with other settings (stored, now): {diff}; "
+                             f"resume with the same flags or use a new --out")
     else:
         _write_json(root / "config.json", vars(cfg))
     for tmp in root.rglob("*.tmp"):
@@ -1430,14 +1449,15 @@ def read_conversations(root: str | Path, split: str = "train") -> list[Conversat
             obj = json.loads(path.read_text())
             turns = [ConversationTurn(t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
                                       {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
-                                      float(t["limited_db"]), float(t["level_error"])) for t in obj["turns"]]
+                                      float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
             conversation = Conversation(obj["id"], obj["seed_text"], turns)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
                              f"copilot.py command that wrote {root} to regenerate it") from e
         for t in turns:
             if not t.audio.is_file():
-                raise FileNotFoundError(f"{path}: its audio {t.audio.name} is missing; delete {path.name} and rerun copilot.py to regenerate it")
+                raise FileNotFoundError(f"{path}: its audio {t.audio.name} is missing; delete {path.name} and rerun "
+                                        f"copilot.py to regenerate it")
         conversations.append(conversation)
     return conversations
 
@@ -1455,18 +1475,23 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--workers", type=int, default=1, help="parallel processes (the output does not depend on it)")
     g.add_argument("--shard-size", type=int, default=1000, help="conversations per shard directory")
     g = p.add_argument_group("simulation")
-    g.add_argument("--backend", choices=("offline", "openai"), default="offline", help="procedural designer, or an OpenAI-compatible LLM server")
+    g.add_argument("--backend", choices=("offline", "openai"), default="offline",
+                   help="procedural designer, or an OpenAI-compatible LLM server")
     g.add_argument("--t2a-frac", type=float, default=0.2, help="fraction of single-sound training conversations (offline backend)")
     g.add_argument("--max-turns", type=int, default=5, choices=range(1, 6), help="most turns per training conversation")
-    g.add_argument("--tts", choices=("builtin", "espeak"), default="builtin", help="speech tool: built-in formant synthesiser or espeak-ng")
+    g.add_argument("--tts", choices=("builtin", "espeak"), default="builtin",
+                   help="speech tool: built-in formant synthesiser or espeak-ng")
     g = p.add_argument_group("openai backend")
     g.add_argument("--base-url", default="http://localhost:8000/v1", help="server base URL (vLLM: http://HOST:8000/v1)")
     g.add_argument("--model", default="google/gemma-3-27b-it", help="served model name")
     g.add_argument("--attempts", type=int, default=3, help="answers per conversation before it is dropped (errors are fed back)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP request")
+    g.add_argument("--keep-invalid", action="store_true",
+                   help="keep conversations still invalid after --attempts, flagged with their violations (paper A.3)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = DatasetConfig(a.seed, a.backend, a.tts, a.t2a_frac, a.max_turns, a.shard_size, a.base_url, a.model, a.attempts, a.timeout)
+    cfg = DatasetConfig(a.seed, a.backend, a.tts, a.t2a_frac, a.max_turns, a.shard_size, a.base_url, a.model, a.attempts,
+                        a.keep_invalid, a.timeout)
     stats = write_dataset(a.out, a.n, a.eval_n, cfg, a.workers)
     print(json.dumps(stats))
 

@@ -428,10 +428,20 @@ def test_llm_backend_retries_http_errors_and_gives_up_on_bad_answers():
 
 
 def test_parse_answer_checks_requested_edit_kinds():
-    with pytest.raises(cp.SceneError, match="turn 2: the edit should be removing a sound, but the scene's difference is a add edit"):
-        cp.parse_answer(_paper_answer(), n_turns=2, kinds=["remove"])
+    turns, problems = cp.parse_answer(_paper_answer(), n_turns=2, kinds=["remove"])
+    assert [k for _, k, _ in turns] == ["story", "add"]
+    assert problems == ["turn 2: the edit should be removing a sound, but the scene's difference is a add edit"]
+    assert cp.parse_answer(_paper_answer(), n_turns=2, kinds=["open"])[1] == []
     with pytest.raises(cp.SceneError, match="expected exactly 3 interactions"):
         cp.parse_answer(_paper_answer(), n_turns=3)
+
+
+def test_keep_invalid_keeps_a_renderable_conversation_flagged():
+    with FakeServer([_paper_answer(loudness=-45)] * 2) as server:
+        llm = cp.LLMCopilot(server.url, "m", attempts=2, keep_invalid=True, backoff=0.0)
+        turns = llm.conversation("rain", random.Random(0), n_turns=2)
+    assert llm.failures == 2 and turns[1][2].sounds[3].loudness == -45
+    assert cp.validate_scene(turns[1][2], turns[0][2]) == ["sound 3: loudness -45.0 dB outside [-30, -10]"]
 
 
 # -----------------------------------------------------------------------------
@@ -469,6 +479,7 @@ def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
     assert audio.shape == (2, turn.scene.num_frames * 1200) and audio.abs().max() > 0.01
     assert set(turn.activity) == {s.id for s in turn.scene.sounds}
     for c in train + evaluation:
+        assert all(t.violations == [] for t in c.turns)
         for before, after in zip(c.turns, c.turns[1:]):
             assert cp.validate_scene(after.scene, before.scene) == []
 
