@@ -875,6 +875,7 @@ class OfflineCopilot:
     """Procedural user and designer. `conversation(seed_text, rng, n_turns, kinds)` returns
     [(instruction, kind, scene)]: a storytelling turn (2-6 sounds, one ambience), then edits of the six
     kinds. Seed words pick sound classes by keyword; everything else comes from `rng` (deterministic)."""
+    failures = 0   # invalid answers: the procedural designer writes valid scenes by construction (asserted)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
                      speech: bool | None = None) -> list[tuple[str, str, Scene]]:
@@ -1337,12 +1338,12 @@ def conversation_path(root: Path, split: str, i: int, shard_size: int) -> Path:
     return Path(root) / split / f"{i // shard_size:05d}" / f"{split}-{i:07d}.json"
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
     """Atomic JSON write: temporary file in the same directory, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
+        json.dump(obj, f, ensure_ascii=False, indent=indent, separators=(",", ": ") if indent else (",", ":"))
     os.chmod(tmp, 0o644)                         # mkstemp makes it private; datasets are shared read-only
     os.replace(tmp, path)
 
@@ -1364,10 +1365,9 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
         elif cfg.backend == "offline" and rng.random() < cfg.t2a_frac:
             turns = offline.t2a(rng)
         else:
-            turns = copilot.conversation(seed_text, rng, rng.choices(range(1, 6), TURN_WEIGHTS)[0] if cfg.max_turns >= 5
-                                         else rng.randint(1, cfg.max_turns))
+            turns = copilot.conversation(seed_text, rng, rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0])
     except CopilotError as e:
-        return {"id": path.stem, "failed": str(e)}
+        return {"id": path.stem, "failed": str(e), "invalid_answers": copilot.failures}
     tools = {"sfx": ProceduralSFX(), "tts": EspeakTTS() if cfg.tts == "espeak" else FormantTTS()}
     renderer, records = Renderer(tools, seed=f"{cfg.seed}|{split}|{i}"), []
     for t, (instruction, kind, scene) in enumerate(turns):
@@ -1379,7 +1379,8 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
                         "activity": {str(k): [list(v) for v in iv] for k, iv in mix.activity.items()},
                         "limited_db": mix.limited_db, "level_error": mix.level_error, "violations": violations})
     _write_json(path, {"id": path.stem, "seed_text": seed_text, "turns": records})
-    return {"id": path.stem, "kinds": [r["kind"] for r in records], "limited": sum(r["limited_db"] < 0 for r in records)}
+    return {"id": path.stem, "kinds": [r["kind"] for r in records], "limited": sum(r["limited_db"] < 0 for r in records),
+            "invalid_answers": copilot.failures}
 
 
 def _run_job(job: tuple) -> dict:
@@ -1402,12 +1403,16 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
             raise ValueError(f"{root} was written with other settings (stored, now): {diff}; "
                              f"resume with the same flags or use a new --out")
     else:
-        _write_json(root / "config.json", vars(cfg))
+        _write_json(root / "config.json", vars(cfg), indent=1)
     for tmp in root.rglob("*.tmp"):
         tmp.unlink()
+    for split, count in (("train", n), ("eval", eval_n)):
+        if count:
+            (root / split).mkdir(exist_ok=True)
     jobs = [(cfg, root, split, i) for split, count in (("train", n), ("eval", eval_n)) for i in range(count)
             if not conversation_path(root, split, i, cfg.shard_size).exists()]
-    stats, threads = {"written": 0, "skipped": n + eval_n - len(jobs), "limited": 0, "failed": 0, "kinds": {}}, torch.get_num_threads()
+    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "limited": 0, "failed": 0, "invalid_answers": 0, "kinds": {}}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tqdm(total=len(jobs), desc=f"copilot -> {root}", unit="conv") as bar:
@@ -1428,6 +1433,7 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
 
 
 def _tally(stats: dict, r: dict) -> None:
+    stats["invalid_answers"] += r["invalid_answers"]
     if "failed" in r:
         stats["failed"] += 1
         log.error("%s dropped: %s", r["id"], r["failed"])

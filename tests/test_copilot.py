@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -364,6 +365,7 @@ class FakeServer:
             def do_POST(self):
                 outer.requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
                 answer = outer.answers.pop(0)
+                answer = answer(outer.requests[-1][1]) if callable(answer) else answer
                 if isinstance(answer, int):
                     self.send_error(answer)
                     return
@@ -491,6 +493,24 @@ def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
         cp.read_conversations(tmp_path / "full", "test")
     with pytest.raises(ValueError, match="was written with other settings"):
         cp.write_dataset(tmp_path / "full", 1, 0, cp.DatasetConfig(seed=6))
+
+
+def test_llm_dataset_counts_and_drops_invalid_conversations(tmp_path):
+    def answer(body):  # the paper's example, cut to the number of interactions asked for
+        n = int(re.search(r"Simulate exactly (\d+) interactions", body["messages"][1]["content"]).group(1))
+        return json.dumps(cp._example(tts=True)[: 2 * n])
+    cfg = cp.DatasetConfig(backend="openai", attempts=2, max_turns=3)
+    with FakeServer([answer] * 2) as server:
+        stats = cp.write_dataset(tmp_path / "good", 2, 0, replace(cfg, base_url=server.url))
+    assert (stats["written"], stats["failed"], stats["invalid_answers"]) == (2, 0, 0)
+    for c in cp.read_conversations(tmp_path / "good"):
+        assert [t.kind for t in c.turns] == ["story"] + ["add"] * (len(c.turns) - 1)
+        assert c.turns[0].scene.sounds[0].text == "gentle birdsong outside a window"
+        assert all(t.violations == [] and t.audio.is_file() for t in c.turns)
+    with FakeServer([_paper_answer(loudness=-45)] * 4) as server:
+        stats = cp.write_dataset(tmp_path / "bad", 2, 0, replace(cfg, base_url=server.url, max_turns=1))
+    assert (stats["written"], stats["failed"], stats["invalid_answers"]) == (0, 2, 4)  # counted, never kept
+    assert cp.read_conversations(tmp_path / "bad") == []
 
 
 def test_parallel_workers_write_the_same_bytes(tmp_path):
