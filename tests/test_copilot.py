@@ -1,0 +1,522 @@
+"""Tests for copilot.py: the scene schema, the tools, the BS.1770 mixer, both designers and datasets."""
+import http.server
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import copilot as cp
+from tokenizer import load_audio
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Synthesis runs many small tensor ops; on a busy 2-core machine intra-op threads only contend
+    (measured 50x slower with 2 threads), so these tests run single-threaded, as dataset workers do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene(*sounds, **lists) -> cp.Scene:
+    return cp.Scene("a test scene", list(sounds), **lists)
+
+
+def sfx(i, text="steady rain falling", loud=-20, pan=0.0, start=0.0, dur=8.0):
+    return cp.Sound(i, "sfx", text, loud, pan, start, dur)
+
+
+def tts(i, **kw):
+    values = dict(loudness=-14, panning=0.3, start_time=1.0, duration=2.0, speaker="Anna", gender="female", emotion="happy") | kw
+    return cp.Sound(i, "tts", "Did you hear that?", **values)
+
+
+def sine(freq, dbfs, seconds, channels=2):
+    t = torch.arange(int(seconds * cp.SAMPLE_RATE)) / cp.SAMPLE_RATE
+    return (10 ** (dbfs / 20) * torch.sin(2 * math.pi * freq * t)).expand(channels, -1).clone()
+
+
+# -----------------------------------------------------------------------------
+# scene schema
+
+def test_scene_json_round_trip_is_canonical_and_compact():
+    s = scene(sfx(0, loud=-22.04, dur=8.0), tts(3), sfx(5, "a dog barking", -12.5, -0.333, 1.25, 2.5), added=[5], removed=[4])
+    text = cp.scene_to_json(s)
+    assert cp.parse_scene(text) == s
+    assert " " not in text.replace("a test scene", "").replace("steady rain falling", "").replace("a dog barking", "").replace("Did you hear that?", "")
+    assert text.startswith('{"description":"a test scene","added":[5],"changed":[],"removed":[4],"text":[{"tool":"sfx"')
+    assert '"loudness":-22,' in text and '"duration":8,' in text and '"panning":-0.33,' in text  # rounded, shortest spelling
+    assert '"speaker":"Anna","gender":"female","emotion":"happy","loudness":-14' in text       # paper key order
+    assert cp.parse_scene("Sure! Here is the plan:\n```json\n" + text + "\n```") == s
+
+
+@pytest.mark.parametrize("text, message", [
+    ("no json here", "no JSON object"),
+    ('{"description": "x", "added": [], ', "invalid JSON"),
+    ('{"description": "x", "added": [], "changed": [], "removed": []}', "missing ['text']"),
+    ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [], "mood": 1}', "unknown ['mood']"),
+    ('{"description": "x", "added": ["1"], "changed": [], "removed": [], "text": []}', "added must be a list of integer ids"),
+    ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [{"tool": "sfx", "text": "rain", '
+     '"loudness": "loud", "panning": 0, "start_time": 0, "duration": 8, "id": 0}]}', "loudness must be a finite number"),
+    ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [{"tool": "sfx", "text": "rain", '
+     '"panning": 0, "start_time": 0, "duration": 8, "id": 0}]}', "missing keys ['loudness']"),
+])
+def test_parse_scene_errors_name_the_problem(text, message):
+    with pytest.raises(cp.SceneError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cp.parse_scene(text)
+
+
+def test_num_frames_is_ceil_of_latest_end_times_40():
+    assert scene(sfx(0, dur=8.0)).num_frames == 320
+    assert scene(sfx(0, dur=2.35)).num_frames == 94          # 2.35 * 40 = 94.00000000000001 in floats
+    assert scene(sfx(0, dur=3.0), sfx(1, start=2.0, dur=1.01)).num_frames == 121
+
+
+def test_valid_scene_has_no_violations():
+    assert cp.validate_scene(scene(sfx(0, pan=0.1), sfx(1, "a dog barking", -12, -0.7, 1.0, 3.0), tts(2))) == []
+    assert cp.validate_scene(cp.Scene(" ", [sfx(0)])) == ["scene: description is empty (describe the whole soundscape)"]
+
+
+@pytest.mark.parametrize("sounds, lists, message", [
+    ([sfx(0, loud=-35)], {}, "sound 0: loudness -35.0 dB outside [-30, -10]"),
+    ([sfx(0, loud=-5)], {}, "sound 0: loudness -5.0 dB outside"),
+    ([sfx(0), sfx(1, pan=1.5, dur=2)], {}, "sound 1: panning 1.5 outside [-1, 1]"),
+    ([sfx(0), sfx(1, start=4.5, dur=1)], {}, "sound 1: start_time 4.5 s outside [0, 4]"),
+    ([sfx(0, dur=8.5), sfx(1, start=3.0, dur=5.5)], {}, "start_time + duration = 8.5 s exceeds 8"),
+    ([sfx(0), sfx(1, dur=0)], {}, "sound 1: duration 0.0 s must be positive"),
+    ([sfx(0), sfx(0, "a dog barking", dur=2)], {}, "sound 0: id used by 2 sounds"),
+    ([sfx(0), cp.Sound(1, "music", "a song", -20, 0, 0, 2)], {}, "sound 1: tool 'music' unknown"),
+    ([sfx(0), sfx(1, " ", dur=2)], {}, "sound 1: text is empty"),
+    ([sfx(0), tts(1, speaker=None)], {}, "sound 1: a tts sound needs a speaker and an emotion"),
+    ([sfx(0), tts(1, gender="robot")], {}, "sound 1: tts gender 'robot' must be"),
+    ([sfx(0), cp.Sound(1, "sfx", "a dog barking", -20, 0, 0, 2, speaker="Rex")], {}, "sound 1: speaker/gender/emotion belong to tts"),
+    ([sfx(0, pan=0.5)], {}, "scene: no ambience"),                                    # not centred
+    ([sfx(0, start=1.0, dur=7.0)], {}, "scene: no ambience"),                         # does not start at 0
+    ([sfx(0, dur=4.0), sfx(1, "a dog barking", -12, 0.7, 2.0, 4.0)], {}, "scene: no ambience"),  # shorter than another sound
+    ([tts(0, start_time=0.0, panning=0.0, duration=8.0)], {}, "scene: no ambience"),  # speech is not ambience
+    ([], {}, "scene: 0 sounds"),
+    ([sfx(i, dur=8) for i in range(11)], {}, "scene: 11 sounds"),
+    ([sfx(0)], {"added": [0]}, "scene: added must be empty in a first scene"),
+])
+def test_each_rule_rejects_a_crafted_scene(sounds, lists, message):
+    errors = cp.validate_scene(scene(*sounds, **lists))
+    assert errors and all(message in e for e in errors), f"expected only violations containing {message!r}, got {errors}"
+
+
+def test_edit_lists_must_match_the_difference():
+    before = scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 3.0), sfx(2, "a clock ticking", -25, 0.4, 0.0, 5.0))
+    def check(sounds, **lists):
+        return cp.validate_scene(scene(*sounds, **lists), before)
+    dog, clock = before.sounds[1], before.sounds[2]
+    assert check([sfx(0), dog, clock]) == []                                                   # nothing changed
+    assert check([sfx(0), dog, clock, sfx(7, "a cat meowing", -15, 0, 2, 1)], added=[7]) == []  # add
+    assert check([sfx(0), dog], removed=[2]) == []                                              # remove
+    for field, value in (("loudness", -18), ("panning", 0.5), ("start_time", 2.0), ("duration", 2.0)):  # the paper's "changed"
+        moved = replace(dog, **{field: value})
+        assert check([sfx(0), moved, clock], changed=[1]) == [], field
+        assert check([sfx(0), moved, clock], changed=[1, 1]) == ["sound 1: listed more than once in changed"]
+        assert "sound 1: is changed relative to the previous scene but not listed in changed" in check([sfx(0), moved, clock])
+    assert "sound 7: is added relative to the previous scene but not listed in added" in check([sfx(0), dog, clock, sfx(7, dur=2)])
+    assert "sound 2: is removed relative to the previous scene but not listed in removed" in check([sfx(0), dog])
+    assert "sound 1: listed in changed but it was not changed" in check([sfx(0), dog, clock], changed=[1])
+    assert "sound 2: listed in removed but it was not removed" in check([sfx(0), dog, clock], removed=[2])
+    assert "sound 0: listed in added but it was not added" in check([sfx(0), dog, clock], added=[0])
+    renamed = replace(dog, text="a cat meowing")                 # new caption under the same id
+    assert any(e.startswith("sound 1: tool, text or voice changed under the same id") for e in check([sfx(0), renamed, clock]))
+
+
+def test_caption_of_keeps_sounds_and_clears_edit_lists():
+    s = scene(sfx(0), sfx(4, "a dog barking", -12, -0.5, 1.0, 3.0), added=[4], removed=[2])
+    c = cp.caption_of(s)
+    assert c.sounds == s.sounds and c.description == s.description and (c.added, c.changed, c.removed) == ([], [], [])
+
+
+# -----------------------------------------------------------------------------
+# loudness (ITU-R BS.1770-4), panning, the mixer
+
+def test_meter_reads_known_sines():
+    # BS.1770: the -0.691 offset makes a 1 kHz sine read its level; a 0 dBFS sine in one channel is -3.01 LKFS.
+    assert cp.integrated_loudness(sine(1000, -20, 5)) == pytest.approx(-20.0, abs=0.05)
+    assert cp.integrated_loudness(sine(1000, 0, 5, channels=1)) == pytest.approx(-3.01, abs=0.05)
+    assert cp.integrated_loudness(sine(1000, -23, 3)) == pytest.approx(-23.0, abs=0.05)
+
+
+def test_k_weighting_equals_direct_iir_filtering():
+    signal_ = pytest.importorskip("scipy.signal")
+    x = torch.randn(2, 30_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x.numpy()
+    for b, a in cp._K_WEIGHTING:
+        y = signal_.lfilter(b, a, y)
+    assert torch.allclose(cp.k_weight(x), torch.from_numpy(y), atol=1e-9)
+
+
+def _expected_loudness(segments):
+    """BS.1770-4 integrated loudness of 1 kHz sines held at piecewise-constant levels [(seconds, dBFS per
+    channel)], computed from the standard's text: 400 ms blocks every 100 ms, block power = time-weighted
+    mean of the segment powers, gates at -70 LUFS and 10 LU below the absolutely gated mean."""
+    bounds, t = [], 0.0
+    for seconds, db in segments:
+        bounds.append((t, t + seconds, 10 ** (db / 10)))
+        t += seconds
+    powers = [sum(max(0.0, min(b, 0.1 * j + 0.4) - max(a, 0.1 * j)) * p for a, b, p in bounds) / 0.4 for j in range(round((t - 0.4) / 0.1) + 1)]
+    gated = [p for p in powers if p > 10 ** (-70 / 10)]
+    relative = sum(gated) / len(gated) / 10
+    kept = [p for p in gated if p > relative]
+    return 10 * math.log10(sum(kept) / len(kept))
+
+
+@pytest.mark.parametrize("segments", [[(4, -20), (4, -200)],      # silence: absolute gate
+                                      [(4, -20), (4, -45)],       # 25 dB quieter: relative gate
+                                      [(4, -20), (4, -26)],       # 6 dB quieter: kept
+                                      [(1, -30), (2, -18), (1.5, -24)]])
+def test_gating_follows_the_standard(segments):
+    x = torch.cat([sine(1000, db, seconds) for seconds, db in segments], 1)
+    assert cp.integrated_loudness(x) == pytest.approx(_expected_loudness(segments), abs=0.02)
+
+
+def test_short_sounds_are_tiled_and_silence_floors_at_minus_70():
+    assert cp.integrated_loudness(sine(1000, -20, 0.1)) == pytest.approx(-20, abs=0.2)
+    assert cp.integrated_loudness(torch.zeros(2, 48_000)) == -70.0
+    assert cp.integrated_loudness(torch.zeros(2, 0)) == -70.0
+
+
+@pytest.mark.parametrize("p", [-1.0, -0.5, 0.0, 0.3, 1.0])
+def test_pan_gains_follow_the_constant_power_law(p):
+    left, right = cp.pan_gains(p)
+    assert (left, right) == pytest.approx((math.cos((p + 1) * math.pi / 4), math.sin((p + 1) * math.pi / 4)))
+    assert left ** 2 + right ** 2 == pytest.approx(1.0)
+    mix = cp.mix_scene(scene(sfx(0, "a siren wailing", -20, p, 0, 3)), cp.Renderer(seed=1)).audio
+    energy = mix.pow(2).sum(1)
+    assert float(energy[1] / energy.sum()) == pytest.approx(right ** 2, abs=1e-4)
+
+
+@pytest.mark.parametrize("sound", [sfx(0, "steady rain falling", pan=0.4, start=1.0, dur=3.0), sfx(0, "a dog barking", pan=-0.8, start=0.5, dur=4.0),
+                                   sfx(0, "church bells ringing", dur=6.0), sfx(0, "knocking on a wooden door", pan=1.0, start=2.0, dur=3.0),
+                                   tts(0, start_time=1.0, duration=3.0, loudness=-20)])
+def test_a_sound_mixed_at_minus_20_lufs_measures_minus_20(sound):
+    sound = replace(sound, loudness=-20)
+    mix = cp.mix_scene(scene(sound), cp.Renderer(seed=3))
+    assert mix.audio.shape == (2, scene(sound).num_frames * 1200)
+    assert cp.integrated_loudness(mix.audio) == pytest.approx(-20, abs=0.5)
+
+
+def test_limiter_keeps_peaks_and_labels():
+    x = 0.1 * torch.randn(48_000, generator=torch.Generator().manual_seed(0))   # peaks below 0.5
+    x[1000] = 30.0                                                             # one huge spike
+    y = cp.limit_peaks(x, 0.5)
+    assert float(y.abs().max()) <= 0.5 and torch.equal(cp.limit_peaks(x * 1e-3, 0.5), x * 1e-3)  # quiet input untouched
+    assert torch.equal(y[2000:], x[2000:]) and float(y[1000]) == pytest.approx(0.5)  # only the spike's neighbourhood moves
+    knock = cp.Renderer(seed=0).render(sfx(0, "knocking on a wooden door", dur=3))
+    level, reached = cp.set_loudness(knock, -14)                               # needs limiting to get there
+    assert float(level.abs().max()) <= cp.SOUND_CEILING + 1e-6
+    assert reached == pytest.approx(-14, abs=0.1) and cp.integrated_loudness(level) == pytest.approx(reached, abs=0.01)
+
+
+def test_loud_scene_is_limited_not_clipped():
+    loud = scene(sfx(0, "a babbling brook", -10, 0, 0, 6), sfx(1, "a car engine idling", -10, 0, 0, 6), sfx(2, "a siren wailing", -10, 0, 1, 4))
+    mix = cp.mix_scene(loud, cp.Renderer(seed=0))
+    assert float(mix.audio.abs().max()) <= cp.MIX_CEILING + 1e-6 and mix.limited_db < 0
+
+
+def test_activity_is_energy_based_inside_the_placement():
+    mix = cp.mix_scene(scene(sfx(0, dur=6.0), sfx(1, "three knocks on a door", -15, 0.5, 1.0, 3.0)), cp.Renderer(seed=2))
+    assert mix.activity[0] == [(0.0, 6.0)]                                     # a bed is active throughout
+    knocks = mix.activity[1]
+    assert knocks and all(1.0 <= a < b <= 4.0 for a, b in knocks)              # inside the placement
+    assert sum(b - a for a, b in knocks) < 1.5                                 # the gaps between knocks are not active
+    for a, b in knocks:                                                        # on the 40 Hz grid
+        assert (a * 40) == pytest.approx(round(a * 40)) and (b * 40) == pytest.approx(round(b * 40))
+
+
+# -----------------------------------------------------------------------------
+# tools and the render cache
+
+def test_a_mix_only_edit_renders_nothing_again():
+    renderer = cp.Renderer(seed=0)
+    first = scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 3.0), tts(2))
+    cp.mix_scene(first, renderer)
+    assert renderer.renders == 3
+    moved = [sfx(0, loud=-26), cp.Sound(1, "sfx", "a dog barking", -18, 0.9, 2.5, 3.0), tts(2, panning=-0.9, start_time=4.0)]
+    cp.mix_scene(scene(*moved, changed=[0, 1, 2]), renderer)                   # loudness, panning, start: mix only
+    assert renderer.renders == 3, "a loudness/panning/start change must not call a tool"
+    cp.mix_scene(scene(sfx(0), sfx(3, "a cat meowing", -12, -0.5, 1.0, 3.0), tts(4, emotion="sad")), renderer)
+    assert renderer.renders == 5                                               # new caption, new emotion: new renders
+    cp.mix_scene(scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 2.0)), renderer)
+    assert renderer.renders == 6                                               # a new length is a tool parameter (paper A.2)
+
+
+def test_library_has_24_learnable_classes():
+    """Enough distinct classes, each non-silent, and separable by a nearest-centroid classifier on coarse
+    features (log band energies and envelope modulation) across seeds, so small models can learn them."""
+    assert len(cp.SOUND_CLASSES) >= 24 and sum(c.bed for c in cp.SOUND_CLASSES.values()) >= 5
+    edges = torch.logspace(math.log10(50), math.log10(16_000), 13)
+    def features(x):
+        spec = torch.stft(x, 1024, 480, window=torch.hann_window(1024), return_complex=True).abs() ** 2  # [513, T]
+        f = torch.linspace(0, 24_000, 513)
+        bands = torch.stack([spec[(f >= lo) & (f < hi)].sum(0) for lo, hi in zip(edges[:-1], edges[1:])])  # [12, T]
+        env = bands.sum(0)
+        return torch.cat([torch.log10(bands.mean(1) / bands.mean(1).sum() + 1e-9), (env.std() / env.mean()).log10()[None]])
+    feats = {n: [features(cp.ProceduralSFX().render(sfx(0, c.captions[0], dur=3.0), None, random.Random(seed))) for seed in range(4)]
+             for n, c in cp.SOUND_CLASSES.items()}
+    for n, c in cp.SOUND_CLASSES.items():
+        assert len(c.captions) >= 2 and all(cp.caption_to_class(cap) == n for cap in c.captions)
+    centroids = {n: torch.stack(v[:2]).mean(0) for n, v in feats.items()}    # "train" on seeds 0-1, test on 2-3
+    hits = sum(min(centroids, key=lambda m: float((centroids[m] - x).norm())) == n for n, v in feats.items() for x in v[2:])
+    assert hits / (2 * len(feats)) >= 0.85, f"only {hits} of {2 * len(feats)} renders classified correctly"
+
+
+def test_renders_are_seeded():
+    a = cp.Renderer(seed=7).render(sfx(0, "a dog barking", dur=3))
+    assert torch.equal(a, cp.Renderer(seed=7).render(sfx(0, "a dog barking", dur=3)))
+    assert not torch.equal(a, cp.Renderer(seed=8).render(sfx(0, "a dog barking", dur=3)))
+    assert cp.caption_to_class("a big dog barks at the postman") == "dog"      # unseen captions go by keywords
+
+
+def test_formant_tts_voices_and_emotions():
+    assert cp.voice_for("Anna", "female") == cp.voice_for(" anna ", "female")          # one voice per speaker
+    assert cp.voice_for("Anna", "female") != cp.voice_for("Anna", "male")             # a new gender: a new voice
+    assert cp.voice_for("Anna", "female").f0 > 170 > 145 > cp.voice_for("Ben", "male").f0
+    renderer = cp.Renderer(seed=0)
+    line = dict(speaker="Ben", gender="male", start_time=0.0, duration=4.0)
+    calm, sad, excited = (renderer.render(tts(0, emotion=e, **line)) for e in ("calm", "sad", "excited"))
+    assert calm.shape == (4 * 48_000,) and torch.isfinite(calm).all() and calm.abs().max() > 0.05
+    def spoken(x):  # seconds of the utterance above -40 dB of its peak frame
+        e = x[: len(x) // 1200 * 1200].view(-1, 1200).pow(2).mean(1)
+        return float((e > e.max() * 1e-4).sum()) / 40
+    assert spoken(sad) > spoken(calm) > spoken(excited)                        # emotion sets the rate
+    assert torch.equal(calm, cp.FormantTTS().render(tts(0, emotion="calm", **line), cp.voice_for("Ben", "male"),
+                                                     random.Random(f"0|{tts(0, emotion='calm', **line).tool_params()}")))
+
+
+def test_espeak_tts_when_installed():
+    if cp.shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    x = cp.Renderer({"sfx": cp.ProceduralSFX(), "tts": cp.EspeakTTS()}).render(tts(0))
+    assert x.shape == (2 * 48_000,) and x.abs().max() > 0.01
+
+
+def test_a_plugged_tool_is_called_with_sound_voice_and_rng():
+    calls = []
+    class Beep:
+        def render(self, sound, voice, rng):
+            calls.append((sound.text, voice, type(rng)))
+            return torch.ones(10)                                               # too short: padded by the renderer
+    x = cp.Renderer({"sfx": Beep(), "tts": Beep()}).render(tts(0))
+    assert calls == [("Did you hear that?", cp.voice_for("Anna", "female"), random.Random)] and x.shape == (96_000,)
+    with pytest.raises(ValueError, match="no tool 'sfx'"):
+        cp.Renderer({"tts": Beep()}).render(sfx(0))
+
+
+# -----------------------------------------------------------------------------
+# the offline designer
+
+def test_offline_conversations_are_deterministic_and_valid():
+    def run(i):
+        rng = random.Random(i)
+        return cp.OfflineCopilot().conversation(rng.choice(cp.TRAIN_SEEDS), rng, 5)
+    assert [(a, b, cp.scene_to_json(c)) for a, b, c in run(11)] == [(a, b, cp.scene_to_json(c)) for a, b, c in run(11)]
+    assert run(11) != run(12)
+    kinds, instructions, speech = {}, set(), 0
+    for i in range(300):
+        turns = run(i)
+        assert turns[0][1] == "story" and 2 <= len(turns[0][2].sounds) <= 6 and len(cp.ambience_ids(turns[0][2])) >= 1
+        for (_, _, before), (instruction, kind, after) in zip(turns, turns[1:]):
+            assert cp.validate_scene(after, before) == [], instruction
+            assert kind == "open" or cp.classify_edit(before, after) == kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+            instructions.add(instruction)
+        speech += any(s.tool == "tts" for _, _, sc in turns for s in sc.sounds)
+    assert set(kinds) == set(cp.EDIT_KINDS) and min(kinds.values()) > 100, kinds
+    assert len(instructions) > 600 and 50 < speech < 250
+
+
+def test_offline_eval_turns_follow_the_requested_kinds():
+    for i, kinds in enumerate([["remove", "change"], ["open", "add"], ["volume", "pan"], ["add", "remove"], ["pan", "volume"]]):
+        rng = random.Random(i)
+        turns = cp.OfflineCopilot().conversation(cp.EVAL_SEEDS[i], rng, 3, kinds)
+        assert [k for _, k, _ in turns] == ["story"] + kinds
+    assert not set(cp.TRAIN_SEEDS) & set(cp.EVAL_SEEDS)
+
+
+# -----------------------------------------------------------------------------
+# the LLM backend against a fake OpenAI-compatible server
+
+class FakeServer:
+    """A chat-completions server on 127.0.0.1 that answers from a script (an int answer = that HTTP status)."""
+
+    def __init__(self, answers):
+        self.answers, self.requests = list(answers), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                answer = outer.answers.pop(0)
+                answer = answer(outer.requests[-1][1]) if callable(answer) else answer
+                if isinstance(answer, int):
+                    self.send_error(answer)
+                    return
+                body = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _paper_answer(**loudness_of_sound_3):
+    messages = cp._example(tts=False)
+    for sound in messages[3]["content"][0]["text"]:
+        if sound["id"] == 3:
+            sound.update(loudness_of_sound_3)
+    return "Here is the simulation:\n```json\n" + json.dumps(messages, indent=2) + "\n```"
+
+
+def test_llm_backend_round_trip_retries_a_malformed_answer():
+    with FakeServer(["```json\n[{\"role\": \"user\", \"content\": \"oops\"", _paper_answer(loudness=-45), _paper_answer()]) as server:
+        llm = cp.LLMCopilot(server.url, "gemma-3-27b", attempts=3, backoff=0.0)
+        turns = llm.conversation("leaves rustle", random.Random(0), n_turns=2, speech=False)
+    assert [(k, len(s.sounds)) for _, k, s in turns] == [("story", 3), ("add", 4)]
+    assert turns[1][0].startswith("I want to emphasize the delicate nature")
+    assert turns[1][2].sounds[3] == cp.Sound(3, "sfx", "delicate flower petals rustling", -22, 0, 1.2, 2.5)
+    assert llm.failures == 2 and len(server.requests) == 3
+    path, first = server.requests[0]
+    assert path == "/v1/chat/completions" and first["model"] == "gemma-3-27b"
+    assert first["messages"][0]["role"] == "system" and first["messages"][0]["content"].startswith("You are an intelligent AI prompt engineer.")
+    assert "one sound effects tool" in first["messages"][0]["content"] and "leaves rustle" in first["messages"][1]["content"]
+    feedback = server.requests[2][1]["messages"]                               # the errors went back to the LLM
+    assert feedback[-2]["role"] == "assistant" and "sound 3: loudness -45.0 dB outside [-30, -10]" in feedback[-1]["content"]
+    assert "invalid JSON" not in feedback[-1]["content"] and "not valid JSON" in server.requests[1][1]["messages"][-1]["content"]
+
+
+def test_llm_backend_retries_http_errors_and_gives_up_on_bad_answers():
+    with FakeServer([503, _paper_answer()]) as server:
+        turns = cp.LLMCopilot(server.url, "m", backoff=0.0).conversation("rain", random.Random(0), n_turns=2, speech=True)
+    assert len(turns) == 2 and "two tools" in server.requests[1][1]["messages"][0]["content"]  # the SFX + TTS prompt
+    with FakeServer([_paper_answer(loudness=-45)] * 2) as server:
+        llm = cp.LLMCopilot(server.url, "m", attempts=2, backoff=0.0)
+        with pytest.raises(cp.CopilotError, match="after 2 answers"):
+            llm.conversation("rain", random.Random(0), n_turns=2)
+    assert llm.failures == 2
+    with FakeServer([404]) as server, pytest.raises(cp.CopilotError, match="HTTP 404"):
+        cp.chat_completion(server.url, "m", [], backoff=0.0)
+
+
+def test_parse_answer_checks_requested_edit_kinds():
+    turns, problems = cp.parse_answer(_paper_answer(), n_turns=2, kinds=["remove"])
+    assert [k for _, k, _ in turns] == ["story", "add"]
+    assert problems == ["turn 2: the edit should be removing a sound, but the scene's difference is a add edit"]
+    assert cp.parse_answer(_paper_answer(), n_turns=2, kinds=["open"])[1] == []
+    with pytest.raises(cp.SceneError, match="expected exactly 3 interactions"):
+        cp.parse_answer(_paper_answer(), n_turns=3)
+
+
+def test_keep_invalid_keeps_a_renderable_conversation_flagged():
+    with FakeServer([_paper_answer(loudness=-45)] * 2) as server:
+        llm = cp.LLMCopilot(server.url, "m", attempts=2, keep_invalid=True, backoff=0.0)
+        turns = llm.conversation("rain", random.Random(0), n_turns=2)
+    assert llm.failures == 2 and turns[1][2].sounds[3].loudness == -45
+    assert cp.validate_scene(turns[1][2], turns[0][2]) == ["sound 3: loudness -45.0 dB outside [-30, -10]"]
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _copilot(out: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(REPO / "copilot.py"), "--out", str(out), "--n", "4", "--eval-n", "3", "--seed", "5", *flags]
+
+
+def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    subprocess.run(_copilot(tmp_path / "full"), check=True, capture_output=True, env=env, timeout=300)
+    job = subprocess.Popen(_copilot(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "killed").rglob("*-*.json"))) < 2 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert len(list((tmp_path / "killed").rglob("*-*.json"))) < 7, "the job finished before it could be killed"
+    subprocess.run(_copilot(tmp_path / "killed"), check=True, capture_output=True, env=env, timeout=300)
+    full, resumed = _files(tmp_path / "full"), _files(tmp_path / "killed")
+    assert sorted(full) == sorted(resumed) and all(full[k] == resumed[k] for k in full), "resumed dataset differs"
+    assert not any(k.endswith(".tmp") for k in resumed)
+
+    train, evaluation = cp.read_conversations(tmp_path / "full"), cp.read_conversations(tmp_path / "full", "eval")
+    assert [c.id for c in train] == [f"train-{i:07d}" for i in range(4)] and len(evaluation) == 3
+    assert all(c.seed_text in cp.EVAL_SEEDS and [t.kind for t in c.turns][0] == "story" and len(c.turns) == 3 for c in evaluation)
+    assert sorted(t.kind for c in evaluation for t in c.turns[1:]) == sorted(cp.EDIT_KINDS)   # six kinds, evenly
+    turn = train[0].turns[-1]
+    audio = load_audio(turn.audio)
+    assert audio.shape == (2, turn.scene.num_frames * 1200) and audio.abs().max() > 0.01
+    assert set(turn.activity) == {s.id for s in turn.scene.sounds}
+    for c in train + evaluation:
+        assert all(t.violations == [] for t in c.turns)
+        for before, after in zip(c.turns, c.turns[1:]):
+            assert cp.validate_scene(after.scene, before.scene) == []
+
+    bad = next((tmp_path / "full" / "train").rglob("train-0000001.json"))
+    bad.write_text(bad.read_text()[:-20])
+    with pytest.raises(ValueError, match="train-0000001.json: malformed conversation file"):
+        cp.read_conversations(tmp_path / "full")
+    with pytest.raises(FileNotFoundError, match="no such split"):
+        cp.read_conversations(tmp_path / "full", "test")
+    with pytest.raises(ValueError, match="was written with other settings"):
+        cp.write_dataset(tmp_path / "full", 1, 0, cp.DatasetConfig(seed=6))
+
+
+def test_llm_dataset_counts_and_drops_invalid_conversations(tmp_path):
+    def answer(body):  # the paper's example, cut to the number of interactions asked for
+        n = int(re.search(r"Simulate exactly (\d+) interactions", body["messages"][1]["content"]).group(1))
+        return json.dumps(cp._example(tts=True)[: 2 * n])
+    cfg = cp.DatasetConfig(backend="openai", attempts=2, max_turns=3)
+    with FakeServer([answer] * 2) as server:
+        stats = cp.write_dataset(tmp_path / "good", 2, 0, replace(cfg, base_url=server.url))
+    assert (stats["written"], stats["failed"], stats["invalid_answers"]) == (2, 0, 0)
+    for c in cp.read_conversations(tmp_path / "good"):
+        assert [t.kind for t in c.turns] == ["story"] + ["add"] * (len(c.turns) - 1)
+        assert c.turns[0].scene.sounds[0].text == "gentle birdsong outside a window"
+        assert all(t.violations == [] and t.audio.is_file() for t in c.turns)
+    with FakeServer([_paper_answer(loudness=-45)] * 4) as server:
+        stats = cp.write_dataset(tmp_path / "bad", 2, 0, replace(cfg, base_url=server.url, max_turns=1))
+    assert (stats["written"], stats["failed"], stats["invalid_answers"]) == (0, 2, 4)  # counted, never kept
+    assert cp.read_conversations(tmp_path / "bad") == []
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    cfg = cp.DatasetConfig(seed=9, t2a_frac=0.5, max_turns=2)
+    one = cp.write_dataset(tmp_path / "one", 3, 0, cfg, workers=1)
+    two = cp.write_dataset(tmp_path / "two", 3, 0, cfg, workers=2)
+    assert one["written"] == two["written"] == 3 and _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert cp.write_dataset(tmp_path / "one", 3, 0, cfg)["skipped"] == 3                  # nothing to redo
