@@ -196,7 +196,7 @@ def attend(q, k, v, mask, scale: float, cap: float | None, impl: str) -> torch.T
     scores = (q @ k.transpose(-2, -1)) * scale                             # (B, nh, T, S)
     if cap is not None:
         scores = softcap(scores, cap)                                      # before the mask, as Gemma 2
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores.masked_fill_(~mask, float("-inf"))                              # in place: scores is a fresh tensor
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -333,15 +333,10 @@ class SCT(nn.Module):
         |                                                 | layer; gradients still reach the weight      |
         """
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight") or name.startswith("diffusion_head"):
-                p.zero_()
-            elif name.endswith("bias"):
+            if "norm" in name or name.startswith("diffusion_head") or name.endswith("bias"):
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     # ---- inputs -------------------------------------------------------------
 
@@ -417,6 +412,7 @@ class SCT(nn.Module):
 
     def _left_pad(self, ids, latents, span_ids):
         """Rows of 1-D tensors -> left-padded ids, latents (B, T, audio_dim), audio mask, span ids, doc ids."""
+        latents = latents or [torch.zeros(0, self.config.audio_dim)] * len(ids)   # None: text-only rows
         if not (len(ids) == len(latents) == len(span_ids)) or not ids:
             raise ValueError(f"need as many ids, latents and span_ids rows (>= 1), got {len(ids)}, {len(latents)}, {len(span_ids)}")
         dev, A = self.model.embed_tokens.weight.device, self.config.audio_dim
@@ -461,10 +457,13 @@ class SCT(nn.Module):
     def generate(self, ids, latents, span_ids, max_new_tokens: int, stop_ids=()) -> list[torch.Tensor]:
         """Greedy decoding over the U understanding layers; each row stops after its first stop id.
 
-        ids, span_ids: lists of (T_i,) long; latents: list of (N_i, audio_dim), the row's clean audio frames.
+        ids, span_ids: lists of (T_i,) long; latents: list of (N_i, audio_dim), the row's clean audio frames
+        (None when no row holds audio).
         Returns the new tokens of each row (stop id included when reached).
         """
         U = self.config.num_hidden_layers
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
         cache, h = self._prefill(ids, latents, span_ids, U, max_new_tokens)
         B, dev = h.shape[0], h.device
         stop, zeros = torch.tensor(list(stop_ids), dtype=torch.long, device=dev), torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -493,8 +492,9 @@ class SCT(nn.Module):
     @torch.no_grad()
     def denoise_step(self, cache: KVCache, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity (B, F, audio_dim) of the span being generated: noisy frames x (B, F, audio_dim) at time
-        t (B,) attend to each other and to the cached prefix; only these F tokens run through the K layers."""
+        t (B,) or scalar attend to each other and to the cached prefix; only these F tokens run through the K layers."""
         B, F_, _ = x.shape
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B)
         if B != cache.k.shape[1] or cache.length + F_ > cache.k.shape[3]:
             raise ValueError(f"denoise_step: x {tuple(x.shape)} does not fit a cache of {cache.k.shape[1]} rows "
                              f"with {cache.k.shape[3] - cache.length} free slots")
@@ -627,15 +627,13 @@ def count_parameters(config: SCTConfig) -> dict[str, int]:
     """Parameter counts by part, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
         model = SCT(config)
-    U, counts = config.num_hidden_layers, {}
-    for name, p in model.named_parameters():
-        part = ("text embedding (tied LM head)" if "embed_tokens" in name else
-                "understanding layers + final norm" if name.startswith("model.") and
-                ("norm" == name.split(".")[1] or int(name.split(".")[2]) < U) else
-                "generation layers" if name.startswith("model.") else "audio in/out, time embedding")
-        counts[part] = counts.get(part, 0) + p.numel()
-    counts["total"] = model.num_parameters()
-    return counts
+    gemma, U = model.model, config.num_hidden_layers
+    parts = {"text embedding (tied LM head)": [gemma.embed_tokens],
+             "understanding layers + final norm": [*gemma.layers[:U], gemma.norm],
+             "generation layers": gemma.layers[U:],
+             "audio in/out, time embedding": [model.audio_in, model.time_embed, model.audio_norm, model.diffusion_head],
+             "total": [model]}
+    return {part: sum(p.numel() for m in modules for p in m.parameters()) for part, modules in parts.items()}
 
 
 if __name__ == "__main__":
