@@ -360,24 +360,33 @@ class SCT(nn.Module):
 
     def _check(self, ids, audio, audio_mask, t, span_ids, doc_ids):
         B, T = ids.shape
-        for name, x, shape in [("audio", audio, (B, T, self.config.audio_dim)), ("audio_mask", audio_mask, (B, T)),
-                               ("t", t, (B, T)), ("span_ids", span_ids, (B, T)), ("doc_ids", doc_ids, (B, T))]:
+        if audio is not None and (audio_mask is None or t is None):
+            raise ValueError("SCT.forward: audio needs audio_mask and t (leave all three None for text-only batches)")
+        given = [("span_ids", span_ids, (B, T)), ("doc_ids", doc_ids, (B, T))]
+        if audio is not None:
+            given += [("audio", audio, (B, T, self.config.audio_dim)), ("audio_mask", audio_mask, (B, T)), ("t", t, (B, T))]
+        for name, x, shape in given:
             if x is not None and tuple(x.shape) != shape:
                 raise ValueError(f"SCT.forward: {name} has shape {tuple(x.shape)}, expected {shape} "
                                  f"(ids are {tuple(ids.shape)}, audio_dim {self.config.audio_dim})")
-        if not torch.equal(audio_mask, span_ids > 0):
+        frames = span_ids > 0
+        if audio is None and bool(frames.any()):
+            raise ValueError("SCT.forward: span_ids mark audio frames but no audio was given")
+        if audio is not None and not torch.equal(audio_mask, frames):
             raise ValueError("SCT.forward: audio_mask must be True exactly where span_ids > 0 (audio frames)")
 
     # ---- training forward ---------------------------------------------------
 
-    def forward(self, ids, audio, audio_mask, t, span_ids, doc_ids=None):
+    def forward(self, ids, audio=None, audio_mask=None, t=None, span_ids=None, doc_ids=None):
         """Training/scoring pass over whole sequences -> (h_text, h_audio), both (B, T, H).
 
         ids (B, T) long; audio (B, T, audio_dim) noisy latents at audio positions; audio_mask (B, T) bool;
         t (B, T) diffusion time (0 = clean); span_ids (B, T) (0 text, > 0 audio span, unique per document);
         doc_ids (B, T) packed documents as contiguous runs (None = one document per row).
+        A text-only batch (TextLM data) may leave audio, audio_mask, t and span_ids as None.
         h_text is layer U after the final norm (for lm_logits), h_audio layer K after its own norm (velocity).
         """
+        span_ids = torch.zeros_like(ids) if span_ids is None else span_ids
         self._check(ids, audio, audio_mask, t, span_ids, doc_ids)
         cfg = self.config
         doc = torch.zeros_like(ids) if doc_ids is None else doc_ids

@@ -61,6 +61,8 @@ def test_matches_huggingface_logits_single_and_sharded(hf_gemma):
             logits = model.lm_logits(text_forward(model, ids)[0])
         err = (logits - ref).abs().max().item()
         assert err < 1e-4, f"{sub}: max |ours - HF| = {err}"
+        with torch.no_grad():
+            assert torch.equal(model.lm_logits(model(ids)[0]), logits), "text-only forward(ids) must equal zero audio"
     # Every Gemma feature moves the logits, so the comparison above would catch its absence.
     for change in [dict(attn_logit_softcapping=None), dict(sliding_window=None), dict(query_pre_attn_scalar=16)]:
         model.config = replace(model.config, **change)
