@@ -182,11 +182,16 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)  # uncompiled flex materialises every score; compiled it is a fused kernel
 
 
+@functools.cache
+def _softcap_score_mod(cap: float):
+    return lambda score, b, h, q_idx, k_idx: softcap(score, cap)  # one function per cap: no recompiles
+
+
 def attend(q, k, v, mask, scale: float, cap: float | None, impl: str) -> torch.Tensor:
     """Grouped-query attention: q (B, nh, T, hd), k and v (B, nkv, S, hd), mask (B, 1, T, S) bool or a
     BlockMask -> (B, nh, T, hd). Query head h uses key/value head h // (nh / nkv), as HF's repeat_kv."""
     if isinstance(mask, BlockMask):
-        score_mod = None if cap is None else (lambda s, b, h, qi, ki: softcap(s, cap))
+        score_mod = None if cap is None else _softcap_score_mod(cap)
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
     if impl == "sdpa":

@@ -1,6 +1,6 @@
 """Speed of model.py against transformers' Gemma 2, the prefix cache, and the exact-vs-SDPA gap.
 
-    python bench/bench_model.py            # about 4 minutes on 2 CPU cores
+    python bench/bench_model.py            # about 6 minutes on 2 CPU cores
 
 Prints, from one run (times on a shared machine drift, ratios measured side by side hold):
   1. forward and forward+backward tokens/s of our SCT (Gemma part only) and of transformers' Gemma2ForCausalLM
