@@ -491,11 +491,8 @@ class SCT(nn.Module):
             h = self._step(cache, self.embed(token[:, None]), zeros, zeros, self.model.layers[:U])
             cache.length += 1
         tokens = torch.stack(out, 1).cpu()                                     # (B, n)
-        rows = []
-        for row in tokens:
-            hits = torch.isin(row, stop.cpu()).nonzero()
-            rows.append(row[: int(hits[0]) + 1] if len(hits) else row)
-        return rows
+        ends = [next((i + 1 for i, x in enumerate(row.tolist()) if x in stop_ids), len(row)) for row in tokens]
+        return [row[:end] for row, end in zip(tokens, ends)]
 
     @torch.no_grad()
     def prefix_cache(self, ids, latents, span_ids, num_frames: int) -> KVCache:
@@ -509,9 +506,6 @@ class SCT(nn.Module):
         t (B,) or scalar attend to each other and to the cached prefix; only these F tokens run through the K layers."""
         B, F_, _ = x.shape
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B)
-        if B != cache.k.shape[1] or cache.length + F_ > cache.k.shape[3]:
-            raise ValueError(f"denoise_step: x {tuple(x.shape)} does not fit a cache of {cache.k.shape[1]} rows "
-                             f"with {cache.k.shape[3] - cache.length} free slots")
         ones = torch.ones(B, F_, dtype=torch.bool, device=x.device)
         h = self.embed(torch.zeros(B, F_, dtype=torch.long, device=x.device), x, ones, t[:, None].expand(B, F_))
         span = (cache.span_ids[:, :cache.length].max() + 1).expand(B, F_)   # a span id no prefix token has
