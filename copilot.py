@@ -131,10 +131,11 @@ def parse_scene(text: str | dict) -> Scene:
     a decoded JSON object. Types are checked here; ranges and the prompt's rules are validate_scene's job."""
     obj = text
     if isinstance(text, str):
-        if text.find("{") < 0:
+        start = text.find("{")
+        if start < 0:
             raise SceneError(f"no JSON object found in {text[:80]!r}")
         try:
-            obj, _ = json.JSONDecoder().raw_decode(text, text.find("{"))
+            obj, _ = json.JSONDecoder().raw_decode(text, start)
         except json.JSONDecodeError as e:
             raise SceneError(f"invalid JSON at character {e.pos}: {e.msg}") from e
     if not isinstance(obj, dict):
@@ -339,16 +340,6 @@ def _band_noise(n: int, lo: float, hi: float, tilt: float, g: torch.Generator) -
     return x / x.pow(2).mean().sqrt().clamp(min=1e-12)
 
 
-def _shape(kind: str, m: int) -> torch.Tensor:
-    """[m] event envelope: d = 3 ms attack then exponential decay to -40 dB, g = flat with 10 ms ramps, h = Hann."""
-    t = torch.arange(m) / SAMPLE_RATE
-    if kind == "h":
-        return torch.sin(math.pi * torch.arange(m) / m) ** 2
-    if kind == "g":
-        return (torch.minimum(t, t.flip(0)) / 0.01).clamp(max=1)
-    return (t / 0.003).clamp(max=1) * torch.exp(-4.6 * t / (m / SAMPLE_RATE))
-
-
 def _event_times(layer: Layer, seconds: float, rate_factor: float, seed: int) -> list[float]:
     """Event onsets in seconds; identical timing fields and seed give identical onsets. The first event
     starts early enough to fit inside the sound when it can, so no sound is silent."""
@@ -368,7 +359,11 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
     env, f0 = torch.ones(n), torch.full((n,), layer.lo * pitch)
     if layer.rate:
         env, m = torch.zeros(n), int(layer.dur * SAMPLE_RATE)
-        shape, glide = _shape(layer.shape, m), layer.glide ** torch.linspace(0, 1, m)
+        u = torch.arange(m) / SAMPLE_RATE                                      # s, time inside one event
+        shape = {"d": (u / 0.003).clamp(max=1) * torch.exp(-4.6 * u / layer.dur),  # 3 ms attack, decay to -40 dB
+                 "g": (torch.minimum(u, u.flip(0)) / 0.01).clamp(max=1),          # gated, 10 ms ramps
+                 "h": torch.sin(math.pi * u / layer.dur) ** 2}[layer.shape]       # Hann swell
+        glide = layer.glide ** torch.linspace(0, 1, m)
         for t0 in _event_times(layer, n / SAMPLE_RATE, rate, seed // 2):  # seed // 2: shared by layers 2i, 2i+1
             a = int(t0 * SAMPLE_RATE)
             b = max(a, min(n, a + m))
@@ -556,7 +551,7 @@ class Renderer:
         self.tools = tools if tools is not None else {"sfx": ProceduralSFX(), "tts": FormantTTS()}
         self.seed = seed               # with the tool parameters, fixes every render (deterministic data)
         self.cache: dict[tuple, torch.Tensor] = {}   # tool params -> [S] render
-        self.levelled: dict[tuple, tuple[torch.Tensor, float]] = {}  # mix_scene's placed, levelled sounds
+        self.levelled: dict[tuple, tuple] = {}   # mix_scene's levelled sounds (offset, [S'] samples, loudness)
         self.renders = 0               # how many times a tool was actually called
 
     def render(self, sound: Sound) -> torch.Tensor:
@@ -708,9 +703,15 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
             fade = 0.5 - 0.5 * torch.cos(math.pi * torch.arange(m) / m)
             x[:m] *= fade
             x[len(x) - m:] *= fade.flip(0)
+            # Level the sound with the silence around it that BS.1770's 400 ms blocks (on a 100 ms grid) see in the
+            # mix; blocks further away are silent there and fall below the absolute gate, so they change nothing.
             a = round(s.start_time * SAMPLE_RATE)
-            renderer.levelled[key] = set_loudness(torch.nn.functional.pad(x, (a, F * HOP - a - len(x))), s.loudness)
-        placed, reached = renderer.levelled[key]
+            lo = max(0, a - 19_200) // 4800 * 4800
+            window = torch.nn.functional.pad(x, (a - lo, max(0, min(19_200, F * HOP - a - len(x)))))
+            renderer.levelled[key] = (lo, *set_loudness(window, s.loudness))
+        lo, y, reached = renderer.levelled[key]
+        placed = torch.zeros(F * HOP)
+        placed[lo:lo + len(y)] = y[:F * HOP - lo]
         shortfall = max(shortfall, abs(reached - s.loudness))
         left, right = pan_gains(s.panning)
         out += torch.stack([left * placed, right * placed])
