@@ -340,17 +340,6 @@ def _band_noise(n: int, lo: float, hi: float, tilt: float, g: torch.Generator) -
     return x / x.pow(2).mean().sqrt().clamp(min=1e-12)
 
 
-def _event_times(layer: Layer, seconds: float, rate_factor: float, seed: int) -> list[float]:
-    """Event onsets in seconds; identical timing fields and seed give identical onsets. The first event
-    starts early enough to fit inside the sound when it can, so no sound is silent."""
-    rng, period = random.Random(seed), 1 / (layer.rate * rate_factor)
-    t, times = rng.uniform(0, min(period, max(0.0, seconds - layer.dur - layer.gap * (layer.group - 1)))), []
-    while t < seconds:
-        times += [t + k * layer.gap for k in range(layer.group)]
-        t += period * ((1 - layer.jit) + layer.jit * rng.expovariate(1.0)) + layer.gap * (layer.group - 1)
-    return times
-
-
 def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, seed: int) -> torch.Tensor:
     """[n] one layer at 48 kHz, unit RMS; `pitch`, `rate` and `tilt` scale its frequencies, its event
     rate and its spectral slope (timbre)."""
@@ -358,18 +347,24 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
     t = torch.arange(n) / SAMPLE_RATE
     env, f0 = torch.ones(n), torch.full((n,), layer.lo * pitch)
     if layer.rate:
-        env, m = torch.zeros(n), int(layer.dur * SAMPLE_RATE)
+        env, m, seconds = torch.zeros(n), int(layer.dur * SAMPLE_RATE), n / SAMPLE_RATE
         u = torch.arange(m) / SAMPLE_RATE                                      # s, time inside one event
         shape = {"d": (u / 0.003).clamp(max=1) * torch.exp(-4.6 * u / layer.dur),  # 3 ms attack, decay to -40 dB
                  "g": (torch.minimum(u, u.flip(0)) / 0.01).clamp(max=1),          # gated, 10 ms ramps
                  "h": torch.sin(math.pi * u / layer.dur) ** 2}[layer.shape]       # Hann swell
         glide = layer.glide ** torch.linspace(0, 1, m)
-        for t0 in _event_times(layer, n / SAMPLE_RATE, rate, seed // 2):  # seed // 2: shared by layers 2i, 2i+1
-            a = int(t0 * SAMPLE_RATE)
-            b = max(a, min(n, a + m))
-            env[a:b] = torch.maximum(env[a:b], shape[: b - a])
-            note = 2 ** (rng.choice(_PENTATONIC) / 12) if layer.notes else 1.0
-            f0[a:b] = layer.lo * pitch * note * glide[: b - a]
+        # Event times come from seed // 2, shared by layers 2i and 2i+1: a knock's thud and its ring coincide.
+        # The first group starts early enough to fit inside the sound when it can, so no sound is silent.
+        timing, period, span = random.Random(seed // 2), 1 / (layer.rate * rate), layer.gap * (layer.group - 1)
+        t0 = timing.uniform(0, min(period, max(0.0, seconds - layer.dur - span)))
+        while t0 < seconds:
+            for k in range(layer.group):
+                a = int((t0 + k * layer.gap) * SAMPLE_RATE)
+                b = max(a, min(n, a + m))
+                env[a:b] = torch.maximum(env[a:b], shape[: b - a])
+                note = 2 ** (rng.choice(_PENTATONIC) / 12) if layer.notes else 1.0
+                f0[a:b] = layer.lo * pitch * note * glide[: b - a]
+            t0 += period * ((1 - layer.jit) + layer.jit * timing.expovariate(1.0)) + span
     if layer.vib[0]:
         f0 = f0 * (1 + layer.vib[1] * torch.sin(2 * math.pi * layer.vib[0] * t + rng.uniform(0, 6.28)))
     if layer.src == "noise":
@@ -378,8 +373,8 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
         partials = _BELL if layer.src == "bell" else [(k, 1 / k) for k in range(1, int(layer.hi) + 1)]
         phase = (2 * math.pi * torch.cumsum(f0.double(), 0) / SAMPLE_RATE).remainder(2 * math.pi).float()
         top = float(f0.max())
-        x = sum(a * (r * layer.lo * pitch / 1000) ** tilt * torch.sin(r * phase + rng.uniform(0, 6.28))
-                for r, a in partials if r * top < 18_000)  # drop partials that would alias
+        x = sum(amp * (r * layer.lo * pitch / 1000) ** tilt * torch.sin(r * phase + rng.uniform(0, 6.28))
+                for r, amp in partials if r * top < 18_000)  # drop partials that would alias
     if layer.am[0] > 0:
         env = env * (1 - layer.am[1] * (0.5 - 0.5 * torch.cos(2 * math.pi * layer.am[0] * t)))
     elif layer.am[0] < 0:
