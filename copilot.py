@@ -296,12 +296,12 @@ SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, keywords, captions, lay
       (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)), L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
     C("birds", False, -12, "bird birds morning garden forest spring park dawn", ("birds singing", "gentle birdsong", "a songbird chirping"),
       (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),)),
-    C("dog", False, -12, "dog bark barking farm yard", ("a dog barking", "a dog barks twice", "a small dog yapping"),
+    C("dog", False, -12, "dog bark barking farm yard", ("a dog barking", "a dog barking twice", "a small dog yapping"),
       (L("tone", 450, 14, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, glide=0.8),
        L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4))),
     C("knocking", False, -16, "door knock knocked visitor", ("knocking on a wooden door", "three knocks on a door"),
       (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22), L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
-    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs", ("footsteps on a wooden floor", "someone walking slowly"),
+    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs", ("footsteps on a wooden floor", "slow footsteps in a corridor"),
       (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),)),
     C("clock", False, -22, "clock time tick ticking waiting hour", ("a clock ticking", "an antique clock ticking softly"),
       (L("noise", 2000, 9000, rate=2, dur=0.04), L("tone", 1800, 1, rate=2, dur=0.1))),
@@ -860,7 +860,7 @@ class OfflineCopilot:
     def _name(self, s: Sound) -> str:
         """How the user refers to a sound: its class, its caption, or the speaker's voice."""
         if s.tool == "tts":
-            return self.rng.choice((f"{s.speaker}'s voice", f"voice of {s.speaker}", f"line from {s.speaker}"))
+            return self.rng.choice((f"voice of {s.speaker}", f"line from {s.speaker}", f"speech of {s.speaker}"))  # after "the"
         return self.rng.choice((caption_to_class(s.text), s.text.removeprefix("a ").removeprefix("an ").removeprefix("the ")))
 
     def _story(self, seed_text: str, min_sounds: int, max_sounds: int) -> tuple[str, str, Scene]:
