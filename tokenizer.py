@@ -168,16 +168,9 @@ VAE_PRESETS = {
 
 
 def WNConv1d(*args, **kwargs) -> nn.Module:
-    """A weight-normalised Conv1d (DAC), weights drawn from a truncated normal with std 0.02, bias 0."""
-    conv = nn.Conv1d(*args, **kwargs)
-    nn.init.trunc_normal_(conv.weight, std=0.02)
-    nn.init.zeros_(conv.bias)
-    return weight_norm(conv)
-
-
-def WNConvTranspose1d(*args, **kwargs) -> nn.Module:
-    """A weight-normalised ConvTranspose1d (DAC)."""
-    return weight_norm(nn.ConvTranspose1d(*args, **kwargs))
+    """A weight-normalised Conv1d (DAC). PyTorch's default init, not DAC's std 0.02: that one shrinks the
+    signal ~6x per conv, so a fresh VAE outputs -50 dB and spends its first hundreds of steps growing."""
+    return weight_norm(nn.Conv1d(*args, **kwargs))
 
 
 class Snake1d(nn.Module):
@@ -211,8 +204,8 @@ def EncoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module
 
 def DecoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module:
     """A transposed conv, then residual units: [N, dim, F] -> [N, dim / 2, F * stride] (exactly, odd strides too)."""
-    up = WNConvTranspose1d(dim, dim // 2, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
-                           output_padding=stride % 2)
+    up = weight_norm(nn.ConvTranspose1d(dim, dim // 2, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                                        output_padding=stride % 2))
     return nn.Sequential(Snake1d(dim), up, *[ResidualUnit(dim // 2, d) for d in dilations])
 
 
@@ -374,21 +367,32 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int = SAMPLE_RATE, f_mi
     return torch.minimum(up, down).clamp(min=0).float()
 
 
-def _magnitude(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """|STFT| of [..., S] with a Hann window of n_fft and hop n_fft // 4 -> [..., n_fft // 2 + 1, frames]."""
+SILENCE_DB = -80.0   # spectra are floored at the level of white noise at this RMS (dBFS): quieter counts as silence
+
+
+def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|STFT|, log10 of it floored at SILENCE_DB) of [..., S], Hann window n_fft, hop n_fft // 4 -> [..., bins, frames];
+    with a filterbank fb [bands, bins] both are taken of fb @ |STFT| instead.
+
+    Without a floor matched to the transform, digital silence (half of a sparse sound scene) would
+    demand output below -130 dB and dominate the loss; white noise at SILENCE_DB has |X_k| of about
+    10^(SILENCE_DB/20) * sqrt(sum(window^2)), and that (summed over each band) is the floor."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
-    return spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
+    mag = spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
+    floor = 10 ** (SILENCE_DB / 20) * window.pow(2).sum().sqrt() * torch.ones(mag.shape[-2], 1, dtype=x.dtype)
+    if fb is not None:
+        mag, floor = fb @ mag, (fb @ floor).clamp(min=1e-12)
+    return mag, torch.maximum(mag, floor.to(x.device)).log10()
 
 
 def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
     """Multi-resolution STFT distance of [..., S] signals: mean over FFT sizes of L1(log10 |X|, log10 |Y|)
-    (magnitudes floored at 1e-5, i.e. -100 dB) + L1(|X|, |Y|)."""
-    total = 0.0
-    ffts = list(ffts)
+    (floored at SILENCE_DB) + L1(|X|, |Y|)."""
+    total, ffts = 0.0, list(ffts)
     for n_fft in ffts:
-        mx, my = _magnitude(x, n_fft), _magnitude(y, n_fft)
-        total = total + F.l1_loss(mx.clamp(min=1e-5).log10(), my.clamp(min=1e-5).log10()) + F.l1_loss(mx, my)
+        (mx, lx), (my, ly) = _spectrum(x, n_fft), _spectrum(y, n_fft)
+        total = total + F.l1_loss(lx, ly) + F.l1_loss(mx, my)
     return total / len(ffts)
 
 
@@ -401,12 +405,11 @@ def stereo_stft_loss(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> t
 
 
 def mel_loss(x: torch.Tensor, y: torch.Tensor, windows: Iterable[int], bins: Iterable[int]) -> torch.Tensor:
-    """Multi-scale mel distance of [..., S] (DAC): sum over scales of L1(log10 mel(X), log10 mel(Y)), floor 1e-5."""
+    """Multi-scale mel distance of [..., S] (DAC): sum over scales of L1(log10 mel(X), log10 mel(Y)), floored."""
     total = 0.0
     for n_fft, n_mels in zip(windows, bins):
         fb = mel_filterbank(n_fft, n_mels).to(x)
-        mx, my = fb @ _magnitude(x, n_fft), fb @ _magnitude(y, n_fft)
-        total = total + F.l1_loss(mx.clamp(min=1e-5).log10(), my.clamp(min=1e-5).log10())
+        total = total + F.l1_loss(_spectrum(x, n_fft, fb)[1], _spectrum(y, n_fft, fb)[1])
     return total
 
 
@@ -419,20 +422,14 @@ def WNConv2d(*args, **kwargs) -> nn.Module:
     return weight_norm(nn.Conv2d(*args, **kwargs))
 
 
-class PeriodDiscriminator(nn.Module):
-    """HiFi-GAN period discriminator: [B, 2, S] folded to [B, 2, S / p, p], 2-D convs along time only."""
+class ConvStack(nn.Module):
+    """2-D convs with leaky ReLU, then a 1-channel conv; returns every activation and, last, the logits."""
 
-    def __init__(self, period: int, dim: int):
+    def __init__(self, convs: list[nn.Module], post: nn.Module):
         super().__init__()
-        self.period = period
-        chans = [2, dim, 4 * dim, 16 * dim, 32 * dim, 32 * dim]
-        self.convs = nn.ModuleList(WNConv2d(a, b, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0))
-                                   for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])))
-        self.post = WNConv2d(chans[-1], 1, (3, 1), padding=(1, 0))
+        self.convs, self.post = nn.ModuleList(convs), post
 
     def forward(self, x):
-        x = F.pad(x, (0, -x.shape[-1] % self.period), mode="reflect")
-        x = x.reshape(*x.shape[:2], -1, self.period)
         feats = []
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.1)
@@ -440,27 +437,35 @@ class PeriodDiscriminator(nn.Module):
         return feats + [self.post(x)]
 
 
-class STFTDiscriminator(nn.Module):
+class PeriodDiscriminator(ConvStack):
+    """HiFi-GAN period discriminator: [B, 2, S] folded to [B, 2, S / p, p], 2-D convs along time only."""
+
+    def __init__(self, period: int, dim: int):
+        chans = [2, dim, 4 * dim, 16 * dim, 32 * dim, 32 * dim]
+        super().__init__([WNConv2d(a, b, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0))
+                          for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))],
+                         WNConv2d(chans[-1], 1, (3, 1), padding=(1, 0)))
+        self.period = period
+
+    def forward(self, x):
+        x = F.pad(x, (0, -x.shape[-1] % self.period), mode="reflect")
+        return super().forward(x.reshape(*x.shape[:2], -1, self.period))
+
+
+class STFTDiscriminator(ConvStack):
     """EnCodec-style STFT discriminator on the complex spectrogram of both channels ([B, 4, frames, bins])."""
 
     def __init__(self, n_fft: int, dim: int):
-        super().__init__()
-        self.n_fft = n_fft
-        self.convs = nn.ModuleList([WNConv2d(4, dim, (3, 9), padding=(1, 4))] + [
+        super().__init__([WNConv2d(4, dim, (3, 9), padding=(1, 4))] + [
             WNConv2d(dim, dim, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)) for d in (1, 2, 4)] + [
-            WNConv2d(dim, dim, (3, 3), padding=(1, 1))])
-        self.post = WNConv2d(dim, 1, (3, 3), padding=(1, 1))
+            WNConv2d(dim, dim, (3, 3), padding=(1, 1))], WNConv2d(dim, 1, (3, 3), padding=(1, 1)))
+        self.n_fft = n_fft
 
     def forward(self, x):
         window = torch.hann_window(self.n_fft, device=x.device, dtype=x.dtype)
         spec = torch.stft(x.reshape(-1, x.shape[-1]), self.n_fft, self.n_fft // 4, window=window, return_complex=True)
         spec = torch.view_as_real(spec).reshape(x.shape[0], 2, *spec.shape[-2:], 2)   # [B, 2, bins, frames, re/im]
-        x = spec.permute(0, 1, 4, 3, 2).reshape(x.shape[0], 4, spec.shape[3], spec.shape[2])
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        return feats + [self.post(x)]
+        return super().forward(spec.permute(0, 1, 4, 3, 2).flatten(1, 2))              # [B, 4, frames, bins]
 
 
 class Discriminator(nn.Module):
