@@ -1,10 +1,19 @@
-"""Everything that turns raw data into model inputs and back.
+"""Everything that turns raw data into model inputs and back (paper section 4.1 and appendix B.1).
 
-Owns: audio I/O (48 kHz stereo float32, band-limited resampling, mono to stereo), the stereo VAE
-(paper section 4.1 and appendix B.1), the text tokenizer, and the chat layout that interleaves text
-tokens and audio latents.
+Top to bottom:
+  audio I/O       load_audio, save_audio, resample: float32 [2, S] at 48 kHz, Kaiser-windowed sinc resampling
+  the stereo VAE  StereoVAE: a DAC-style mono encoder/decoder shared by both channels, a Gaussian posterior
+                  at 40 Hz with latent_dim dims per channel, stacked to audio_dim = 2 * latent_dim; its
+                  losses (multi-resolution STFT on L/R and mid/side, multi-scale mel, KL, multi-period and
+                  STFT discriminators with feature matching) and latent normalisation statistics
+  text            TextTokenizer over a sentencepiece model (Gemma's tokenizer.model or a toy one made by
+                  train_text_tokenizer); audio spans are marked by "<unused0>" / "<unused1>", by name
+  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans, the LM
+                  labels of model tokens, and the span ids the diffusion loss needs
 
-Run the tests with `python -m pytest -q tests/test_tokenizer.py`.
+    python tokenizer.py --params                                        # VAE preset sizes
+    python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
+    python -m pytest -q tests/test_tokenizer.py
 """
 import argparse
 import io
@@ -167,10 +176,13 @@ VAE_PRESETS = {
 }
 
 
-def WNConv1d(*args, **kwargs) -> nn.Module:
-    """A weight-normalised Conv1d (DAC). PyTorch's default init, not DAC's std 0.02: that one shrinks the
-    signal ~6x per conv, so a fresh VAE outputs -50 dB and spends its first hundreds of steps growing."""
-    return weight_norm(nn.Conv1d(*args, **kwargs))
+def WNConv1d(*args, transpose: bool = False, **kwargs) -> nn.Module:
+    """A weight-normalised (transposed) Conv1d (DAC). Bias 0 as in DAC, so silence maps to silence and
+    the decoder has no z-independent path to settle into an average sound; weights keep PyTorch's
+    default init, not DAC's std 0.02, which shrinks the signal ~6x per conv (a fresh VAE at -50 dB)."""
+    conv = (nn.ConvTranspose1d if transpose else nn.Conv1d)(*args, **kwargs)
+    nn.init.zeros_(conv.bias)
+    return weight_norm(conv)
 
 
 class Snake1d(nn.Module):
@@ -204,8 +216,8 @@ def EncoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module
 
 def DecoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module:
     """A transposed conv, then residual units: [N, dim, F] -> [N, dim / 2, F * stride] (exactly, odd strides too)."""
-    up = weight_norm(nn.ConvTranspose1d(dim, dim // 2, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
-                                        output_padding=stride % 2))
+    up = WNConv1d(dim, dim // 2, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                  output_padding=stride % 2, transpose=True)
     return nn.Sequential(Snake1d(dim), up, *[ResidualUnit(dim // 2, d) for d in dilations])
 
 
@@ -228,6 +240,9 @@ class StereoVAE(nn.Module):
             enc.append(EncoderBlock(d, s, c.dilations))
         enc += [Snake1d(d), WNConv1d(d, 2 * c.latent_dim, 3, padding=1)]      # mean | pre-softplus scale
         self.encoder = nn.Sequential(*enc)
+        # Start the posterior near its floor (std = softplus(-10) + 1e-4 ~ 1.5e-4): at softplus(0) = 0.69
+        # the noise drowns a fresh encoder's ~0.01-scale means and the decoder learns to ignore z.
+        nn.init.constant_(self.encoder[-1].bias[c.latent_dim:], -10.0)
         d = c.decoder_dim
         dec = [WNConv1d(c.latent_dim, d, 7, padding=3)]
         for s in reversed(c.strides):
@@ -371,19 +386,20 @@ SILENCE_DB = -80.0   # spectra are floored at the level of white noise at this R
 
 
 def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|STFT|, log10 of it floored at SILENCE_DB) of [..., S], Hann window n_fft, hop n_fft // 4 -> [..., bins, frames];
+    """(|STFT|, log10(|STFT| + floor)) of [..., S], Hann window n_fft, hop n_fft // 4 -> [..., bins, frames];
     with a filterbank fb [bands, bins] both are taken of fb @ |STFT| instead.
 
-    Without a floor matched to the transform, digital silence (half of a sparse sound scene) would
-    demand output below -130 dB and dominate the loss; white noise at SILENCE_DB has |X_k| of about
-    10^(SILENCE_DB/20) * sqrt(sum(window^2)), and that (summed over each band) is the floor."""
+    The floor is what white noise at SILENCE_DB gives, 10^(SILENCE_DB/20) * sqrt(sum(window^2)) per
+    bin (summed over each band). With a fixed tiny floor (DAC clamps at 1e-5) digital silence, half of
+    a sparse sound scene, would demand output below -130 dB and dominate the loss; a soft floor
+    (added, not clamped) still gives a gradient to an output that starts below it."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
     mag = spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
     floor = 10 ** (SILENCE_DB / 20) * window.pow(2).sum().sqrt() * torch.ones(mag.shape[-2], 1, dtype=x.dtype)
     if fb is not None:
         mag, floor = fb @ mag, (fb @ floor).clamp(min=1e-12)
-    return mag, torch.maximum(mag, floor.to(x.device)).log10()
+    return mag, (mag + floor.to(x.device)).log10()
 
 
 def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
@@ -689,8 +705,8 @@ def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
             j = i + 1
             while j < len(ids) and spans[j] > 0:
                 j += 1
-            if j == len(ids) or ids[j] != tok.audio_end_id:
-                raise ValueError(f"position {i}: audio span opened by <unused0> is not closed by <unused1>")
+            if j == len(ids) or ids[j] != tok.audio_end_id or offset + j - i - 1 > len(ex.latents):
+                raise ValueError(f"position {i}: audio span not closed by <unused1> or without latents")
             parts.append(ex.latents[offset: offset + j - i - 1])
             offset, i = offset + j - i - 1, j + 1
         if text:
@@ -712,10 +728,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.params:
         for name, cfg in VAE_PRESETS.items():
-            vae, disc = StereoVAE(cfg), Discriminator(cfg)
+            vae = StereoVAE(cfg)
             count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-            print(f"{name:10s} VAE {count(vae):7.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
-                  f"{count(vae.decoder):.2f} M), discriminator {count(disc):.2f} M, audio_dim {vae.audio_dim}")
+            disc = f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
+            print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
+                  f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
     if args.reconstruct:
         if args.vae is None:
             parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt")
