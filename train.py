@@ -78,14 +78,17 @@ def read_crop(file: tuple[Path, int, int], num_samples: int, generator: torch.Ge
     return torch.nn.functional.pad(audio, (0, num_samples - audio.shape[1]))
 
 
-def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-    """[batch_size, 2, num_samples] random crops from random files; left and right swapped at random
-    so the model sees every stereo image mirrored as often as not."""
+def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.Generator,
+               gain_db: float = 0.0) -> torch.Tensor:
+    """[batch_size, 2, num_samples] random crops from random files, each scaled by a random gain uniform
+    in +-gain_db dB (the VAE must keep levels, hence the stereo image, at every level) and with left and
+    right swapped half of the time (every stereo image is seen mirrored as often as not)."""
     idx = torch.randint(len(files), (batch_size,), generator=generator).tolist()
     batch = torch.stack([read_crop(files[i], num_samples, generator) for i in idx])
+    gain = 10 ** ((torch.rand(batch_size, 1, 1, generator=generator) * 2 - 1) * gain_db / 20)
     swap = torch.rand(batch_size, generator=generator) < 0.5
     batch[swap] = batch[swap].flip(1)
-    return batch
+    return batch * gain
 
 
 # -----------------------------------------------------------------------------
@@ -96,6 +99,7 @@ class VAETrainConfig:
     steps: int = 400_000            # optimizer steps in all (DAC: 400k)
     batch_size: int = 32            # crops per step
     crop_seconds: float = 0.5       # length of each random crop, s (DAC 0.38 s)
+    gain_db: float = 10.0           # random gain per crop, uniform in +-gain_db dB
     lr: float = 1e-4                # AdamW peak learning rate, generator (DAC 1e-4)
     disc_lr: float = 1e-4           # AdamW learning rate, discriminator
     betas: tuple[float, float] = (0.8, 0.99)   # AdamW betas (DAC, Oobleck)
@@ -109,7 +113,7 @@ class VAETrainConfig:
 
 VAE_TRAIN_PRESETS = {
     # ~40 min on 2 free CPU cores at ~1 s/step (the VAE's 48 kHz convs dominate).
-    "toy": VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100,
+    "toy": VAETrainConfig(steps=2400, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100,
                           stats_crops=64),
     "audiochat": VAETrainConfig(),
 }
@@ -186,7 +190,7 @@ def train_vae(args: argparse.Namespace) -> Path:
     for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="vae", dynamic_ncols=True):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc, tc.lr)
-        audio = crop_batch(train, tc.batch_size, num_samples, gen)
+        audio = crop_batch(train, tc.batch_size, num_samples, gen, tc.gain_db)
         loss, parts, recon = vae_loss(vae, audio, disc)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,8 +8,10 @@ run: the same file band-limited by a 16 kHz round trip (resample 48 -> 16 -> 48 
 yardstick for "how much is lost". Then the stereo image: test sounds panned to p with the
 constant-power law L = cos((p+1)pi/4), R = sin((p+1)pi/4) go through encode -> decode, and their
 left/right level difference ILD = level_L - level_R (dB) must survive within 1 dB. A hard-panned
-sound has a silent channel, so each channel's level is floored at (louder input channel - 40 dB):
-p = -1 then reads +40 dB, and the decoded silent channel must stay at least 39 dB down.
+sound has a silent channel, so in each signal (input and output alike) a channel's level is floored
+at that signal's louder channel minus 40 dB: p = -1 reads +40 dB, and the decoded silent channel must
+stay at least 39 dB below the decoded loud one. The ILD is a difference, so an overall gain error
+does not count here; it shows in the level table printed after it (each sound at -20 dB RMS, mono).
 """
 import argparse
 import math
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tokenizer import SAMPLE_RATE, StereoVAE, load_audio, resample, stft_distance  # noqa: E402
 
 FFTS = (2048, 1024, 512, 256, 128)
-FLOOR_DB = 40.0          # a channel's level is floored at the louder input channel's level minus this
+FLOOR_DB = 40.0          # a channel's level is floored at its signal's louder channel's level minus this
 PANS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
 
@@ -97,19 +99,22 @@ def main() -> None:
     print(f"{'mean':28s} {mean[0]:10.3f} {mean[1]:9.2f} {mean[2]:9.2f} | {mean[3]:12.3f} {mean[4]:9.2f} {mean[5]:9.2f}")
     print(f"encode + decode speed: {seconds / elapsed:.1f}x real time")
 
-    print(f"\nstereo image: ILD = level_L - level_R in dB, levels floored at the louder input channel - {FLOOR_DB:g} dB")
+    print(f"\nstereo image: ILD = level_L - level_R in dB, levels floored at the louder channel - {FLOOR_DB:g} dB")
     print(f"{'sound':8s} {'pan':>5s} {'ILD in':>8s} {'ILD out':>8s} {'error':>7s}")
     worst = 0.0
     for name, mono in test_sounds().items():
         for p in PANS:
             audio = torch.stack([math.cos((p + 1) * math.pi / 4) * mono, math.sin((p + 1) * math.pi / 4) * mono])
             recon = vae.decode(vae.encode(audio[None]), audio.shape[-1])[0]
-            floor = level_db(audio).max() - FLOOR_DB
-            ild_in, ild_out = (torch.maximum(level_db(x), floor) for x in (audio, recon))
-            ild_in, ild_out = (float(x[0] - x[1]) for x in (ild_in, ild_out))
+            levels = [level_db(x) for x in (audio, recon)]
+            ild_in, ild_out = (float(v.clamp(min=v.max() - FLOOR_DB).diff(dim=0).neg()) for v in levels)
             worst = max(worst, abs(ild_out - ild_in))
-            print(f"{name:8s} {p:5.1f} {ild_in:8.2f} {ild_out:8.2f} {ild_out - ild_in:7.2f}")
+            print(f"{name:8s} {p:5.1f} {ild_in + 0.0:8.2f} {ild_out + 0.0:8.2f} {ild_out - ild_in + 0.0:7.2f}")
     print(f"worst ILD error {worst:.2f} dB ({'within' if worst <= 1 else 'OUTSIDE'} the 1 dB target)")
+    print("\nlevel: output dB RMS of each sound at -20 dB RMS in the centre")
+    for name, mono in test_sounds().items():
+        recon = vae.decode(vae.encode(torch.stack([mono, mono])[None]), mono.shape[-1])[0]
+        print(f"{name:8s} {float(level_db(recon).mean()):7.2f}")
 
 
 if __name__ == "__main__":
