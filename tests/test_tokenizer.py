@@ -19,13 +19,7 @@ TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=32, strides=(4, 5, 6, 
                  disc_dim=2, disc_periods=(2, 3), disc_ffts=(256,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one thread is faster, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sine(freq, sr, seconds=1.0, phase=0.0):
