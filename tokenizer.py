@@ -123,31 +123,23 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None
 
 @dataclass
 class VAEConfig:
-    # Latent dims per channel; the two channels stack to audio_dim = 2 * latent_dim (B.1: 128 -> 256).
-    latent_dim: int = 128
-    # Channels after the first encoder conv; every downsampling block doubles them.
-    encoder_dim: int = 64
-    # Channels entering the first decoder block; every upsampling block halves them.
-    decoder_dim: int = 1536
-    # Encoder downsampling factors, first to last; the decoder uses them reversed. Product = HOP (40 Hz).
-    strides: tuple[int, ...] = (2, 6, 10, 10)
-    # One residual unit per dilation in every block (DAC: 1, 3, 9; kernel 7).
-    dilations: tuple[int, ...] = (1, 3, 9)
-    # decode() runs the decoder on at most this many frames at once (bounded memory for long audio).
-    chunk_frames: int = 400
-    # Frames of context decoded on each side of a chunk and thrown away; at least the decoder's
-    # receptive field (about 9 frames at both sizes), so chunked decoding equals one-shot decoding.
+    latent_dim: int = 128        # dims per channel; stacked to audio_dim = 2 * latent_dim (B.1: 128 -> 256)
+    encoder_dim: int = 64        # channels after the first encoder conv; each downsampling block doubles them
+    decoder_dim: int = 1536      # channels into the first decoder block; each upsampling block halves them
+    strides: tuple[int, ...] = (2, 6, 10, 10)   # encoder downsampling (decoder: reversed); product = HOP, 40 Hz
+    dilations: tuple[int, ...] = (1, 3, 9)      # one residual unit (kernel 7) per dilation in each block (DAC)
+    chunk_frames: int = 400      # decode() runs at most this many frames at once: bounded memory for long audio
+    # Context decoded on each side of a chunk and dropped; >= the decoder's receptive field (6 frames for
+    # the toy, 8 at paper size), so chunked decoding equals one-shot decoding.
     overlap_frames: int = 16
-    # Multi-resolution STFT loss on L, R, mid and side (Oobleck's L/R + sum/difference): FFT sizes, hop fft/4.
+    # Multi-resolution STFT loss on L, R, mid and side (Oobleck's L/R + sum/difference); hop fft / 4.
     stft_ffts: tuple[int, ...] = (2048, 1024, 512, 256, 128)
-    # Multi-scale mel L1 (DAC): window sizes (hop window/4) and mel bands per scale.
-    mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
-    mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)
+    mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)  # multi-scale mel L1 (DAC), hop / 4
+    mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)           # mel bands at each scale
     stft_weight: float = 1.0     # weight of the multi-resolution STFT term (Oobleck 1.0)
     mel_weight: float = 15.0     # weight of the multi-scale mel term (DAC 15.0)
     kl_weight: float = 1e-4      # KL to N(0, I), kept tiny so the latent stays informative (Oobleck 1e-4)
-    # GAN: multi-period + multi-resolution STFT discriminators with feature matching (DAC, HiFi-GAN).
-    gan: bool = True
+    gan: bool = True             # multi-period + STFT discriminators with feature matching (DAC, HiFi-GAN)
     adv_weight: float = 1.0      # LSGAN generator term (DAC 1.0)
     feature_weight: float = 2.0  # discriminator feature-matching L1 (DAC 2.0)
     disc_dim: int = 32           # base width of each sub-discriminator
@@ -163,11 +155,12 @@ class VAEConfig:
 
 
 VAE_PRESETS = {
-    # Toy: trains to usable quality in ~40 min on 2 CPU cores. The sound world (noise beds, tones,
-    # clicks, formant speech) has little fine structure, so 16 dims per channel at 40 Hz suffice
-    # (1 280 numbers/s for stereo, about Stable Audio's VAE rate) and keep the toy SCT's audio_dim
-    # at 32. Cost is dominated by the convs at 48 kHz, so the first stride is 4 (not 2), the encoder
-    # starts at 8 channels, and each block has two residual units; GAN off (it needs far more steps).
+    # Toy: sized for ~45 min of training on 2 CPU cores (~1 s/step). The sound world (noise beds,
+    # tones, clicks, formant speech) is simple, so 16 dims per channel at 40 Hz (1 280 numbers/s for
+    # stereo, about Stable Audio's VAE rate) should do, and keep the toy SCT's audio_dim at 32. The
+    # convs at 48 kHz dominate the cost, so the first stride is 4 (not 2), the encoder starts at 8
+    # channels and each block has two residual units. GAN off: its 41 M-parameter discriminator would
+    # multiply the step cost, and it pays off late (DAC trains 400 k steps).
     "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
                      stft_ffts=(1024, 512, 256, 128), gan=False),
     # Paper scale (B.1): DAC widths and four-block layout (DAC-VAE uses 2*8*10*12 for 25 Hz), strides
@@ -313,7 +306,7 @@ class StereoVAE(nn.Module):
 
     @torch.no_grad()
     def fit_latent_stats(self, batches: Iterable[torch.Tensor]) -> None:
-        """Set latent_shift/latent_scale to the per-dimension mean and std of the posterior means of batches [B, 2, S]."""
+        """Set latent_shift/latent_scale to the per-dim mean and std of the posterior means of batches [B, 2, S]."""
         total, total_sq, count = 0.0, 0.0, 0
         for audio in batches:
             mean = self.posterior(audio)[0].reshape(-1, self.audio_dim).double()
@@ -391,7 +384,7 @@ def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tu
 
     The floor is what white noise at SILENCE_DB gives, 10^(SILENCE_DB/20) * sqrt(sum(window^2)) per
     bin (summed over each band). With a fixed tiny floor (DAC clamps at 1e-5) digital silence, half of
-    a sparse sound scene, would demand output below -130 dB and dominate the loss; a soft floor
+    a sparse sound scene, would demand output near -120 dB and dominate the loss; a soft floor
     (added, not clamped) still gives a gradient to an output that starts below it."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)

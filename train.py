@@ -158,7 +158,8 @@ def train_vae(args: argparse.Namespace) -> Path:
     vae = StereoVAE(cfg)
     disc = Discriminator(cfg) if cfg.gan else None
     opt = torch.optim.AdamW(vae.parameters(), tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), tc.disc_lr, betas=tc.betas, weight_decay=tc.weight_decay) if disc else None
+    opt_d = None if disc is None else torch.optim.AdamW(disc.parameters(), tc.disc_lr, betas=tc.betas,
+                                                         weight_decay=tc.weight_decay)
     step = 0
     if out.exists():                                               # resume exactly where it stopped
         ckpt = load_checkpoint(out, "vae")
@@ -185,7 +186,7 @@ def train_vae(args: argparse.Namespace) -> Path:
                               "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()}})
 
     num_samples = int(tc.crop_seconds * SAMPLE_RATE)
-    sums, t0 = {}, time.perf_counter()
+    sums, n, t0 = {}, 0, time.perf_counter()                       # loss sums over the n steps since the last log
     vae.train()
     for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="vae", dynamic_ncols=True):
         for group in opt.param_groups:
@@ -204,19 +205,18 @@ def train_vae(args: argparse.Namespace) -> Path:
             parts["disc"] = d_loss.item()
         for name, value in {"loss": loss.item(), **parts}.items():
             sums[name] = sums.get(name, 0.0) + value
-        done_steps = step + 1
+        n, done_steps = n + 1, step + 1
         if done_steps % args.log_every == 0 or done_steps == tc.steps:
-            n = done_steps % args.log_every or args.log_every
             ms = 1000 * (time.perf_counter() - t0) / n
             tqdm.write(f"step {done_steps:6d} | " + " ".join(f"{k} {v / n:.4f}" for k, v in sums.items()) +
                        f" | lr {opt.param_groups[0]['lr']:.2e} | {ms:.0f} ms/step")
-            sums, t0 = {}, time.perf_counter()
+            sums, n, t0 = {}, 0, time.perf_counter()
         if clips and (done_steps % args.eval_every == 0 or done_steps == tc.steps):
             vae.eval()
             tqdm.write(f"eval {done_steps:6d} | held-out " +
                        " ".join(f"{k} {v:.4f}" for k, v in evaluate_vae(vae, clips).items()))
             vae.train()
-            t0 = time.perf_counter()                              # ms/step counts training only
+            sums, n, t0 = {}, 0, time.perf_counter()              # ms/step counts training only
         if done_steps % args.save_every == 0 and done_steps < tc.steps:
             save(done_steps, done=False)
     vae.eval()
@@ -242,7 +242,8 @@ def main() -> None:
     sched = parser.add_argument_group("schedule overrides (default: the preset's)")
     sched.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     sched.add_argument("--batch-size", type=int, default=None, help="crops per step")
-    sched.add_argument("--no-gan", action="store_true", help="train without the discriminator even if the preset has it")
+    sched.add_argument("--no-gan", action="store_true", help="train without the discriminator even if the preset "
+                       "has one")
     run = parser.add_argument_group("logging and running")
     run.add_argument("--log-every", type=int, default=50, help="print averaged losses and ms/step every N steps")
     run.add_argument("--eval-every", type=int, default=500, help="evaluate on held-out files every N steps")

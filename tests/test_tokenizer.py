@@ -10,8 +10,8 @@ import torch
 
 from tokenizer import (HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
                        VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
-                       kl_loss, load_audio, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss, stft_distance,
-                       train_text_tokenizer, vae_loss)
+                       kl_loss, load_audio, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
+                       stft_distance, train_text_tokenizer, vae_loss)
 
 # A VAE small enough for unit tests: same code path as the presets.
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=32, strides=(4, 5, 6, 10), dilations=(1, 3),
@@ -268,7 +268,14 @@ def test_fresh_posterior_does_not_drown_the_latent():
     with torch.no_grad():
         mean, std = vae.posterior(torch.randn(2, 2, 4 * HOP) * 0.1)
     snr = (mean.std() / std.mean()).item()
-    assert snr > 10, f"posterior noise std {std.mean():.3g} vs latent spread {mean.std():.3g}: the decoder would ignore z"
+    assert snr > 10, f"posterior std {std.mean():.3g} vs latent spread {mean.std():.3g}: the decoder would ignore z"
+
+
+def test_silence_maps_to_silence_at_init():
+    vae = StereoVAE(TINY)              # zero conv biases: no z-independent sound for the decoder to settle on
+    with torch.no_grad():
+        assert torch.equal(vae.posterior(torch.zeros(1, 2, 2 * HOP))[0], torch.zeros(1, 2, 8))
+        assert torch.equal(vae.decode_raw(torch.zeros(1, 3, 8)), torch.zeros(1, 2, 3 * HOP))
 
 
 def test_vae_learns_to_use_its_latent():
@@ -318,7 +325,8 @@ def test_toy_tokenizer_special_pieces(tok):
         assert tok.sp.id_to_piece(i) == piece
 
 
-@pytest.mark.parametrize("text", ["  two  spaces\n\nnew\tline  ", "12345 and 3.14", "ünïcödé 日本 😀", " lead", "\n"])
+@pytest.mark.parametrize("text", ["  two  spaces\n\nnew\tline  ", "12345 and 3.14", "ünïcödé 日本 😀", " lead",
+                                  "\n"])
 def test_text_round_trip_keeps_whitespace(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
