@@ -4,7 +4,7 @@
 
 trains the stereo VAE of tokenizer.py on random crops of every .wav/.flac file under DIR, logs one line
 every --log-every steps, evaluates reconstruction on held-out files, fits the latent normalisation at
-the end and writes DIR_OUT/vae.pt atomically. Run it again to resume exactly where it stopped. The
+the end and writes --out/vae.pt atomically. Run it again to resume exactly where it stopped. The
 SCT and FLAM stages join this file later; `save_checkpoint` is shared by all of them.
 """
 import argparse
