@@ -112,6 +112,7 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None
             raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use .wav or .flac")
         data = audio.detach().to("cpu", torch.float32).T.numpy()
         sf.write(tmp, data, SAMPLE_RATE, format=fmt, subtype=subtype or ("FLOAT" if fmt == "WAV" else "PCM_16"))
+        os.chmod(tmp, 0o644)                         # mkstemp makes it private; audio is for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -103,6 +103,8 @@ def test_save_then_load_round_trip(tmp_path):
     err = (load_audio(tmp_path / "x.flac") - audio).abs().max().item()
     assert err <= 1 / 32768, f"16-bit FLAC error {err} exceeds one quantisation step"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.flac", "x.wav"], "temporary files left behind"
+    mode = (tmp_path / "x.wav").stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044, f"saved audio must be readable by group and others, got mode {oct(mode)}"
     with pytest.raises(ValueError, match=r"\[2, samples\]"):
         save_audio(tmp_path / "y.wav", torch.zeros(1, 10))
     with pytest.raises(ValueError, match="use .wav or .flac"):
