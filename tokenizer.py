@@ -1,19 +1,36 @@
-"""Everything that turns raw data into model inputs and back.
+"""Everything that turns raw data into model inputs and back (paper section 4.1 and appendix B.1).
 
-Owns: audio I/O (48 kHz stereo float32, band-limited resampling, mono to stereo), the stereo VAE
-(paper section 4.1 and appendix B.1), the text tokenizer, and the chat layout that interleaves text
-tokens and audio latents.
+Top to bottom:
+  audio I/O       load_audio, save_audio, resample: float32 [2, S] at 48 kHz, Kaiser-windowed sinc resampling
+  the stereo VAE  StereoVAE: a DAC-style mono encoder/decoder shared by both channels, a Gaussian posterior
+                  at 40 Hz with latent_dim dims per channel, stacked to audio_dim = 2 * latent_dim; its
+                  losses (multi-resolution STFT on L/R and mid/side, multi-scale mel, KL, multi-period and
+                  STFT discriminators with feature matching) and latent normalisation statistics
+  text            TextTokenizer over a sentencepiece model (Gemma's tokenizer.model or a toy one made by
+                  train_text_tokenizer); audio spans are marked by "<unused0>" / "<unused1>", by name
+  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans, the LM
+                  labels of model tokens, and the span ids the diffusion loss needs
 
-Run the tests with `python -m pytest -q tests/test_tokenizer.py`.
+    python tokenizer.py --params                                        # VAE preset sizes
+    python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
+    python -m pytest -q tests/test_tokenizer.py
 """
+import argparse
+import io
 import math
 import os
+import re
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterable
 
+import sentencepiece as spm
 import soundfile as sf
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
 
 SAMPLE_RATE = 48_000                 # every waveform inside the project, in Hz
 FRAME_RATE = 40                      # latent frames per second (paper B.1)
@@ -99,3 +116,628 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# The stereo VAE (paper section 4.1 and B.1; building blocks after DAC, bottleneck after Oobleck)
+
+@dataclass
+class VAEConfig:
+    # Latent dims per channel; the two channels stack to audio_dim = 2 * latent_dim (B.1: 128 -> 256).
+    latent_dim: int = 128
+    # Channels after the first encoder conv; every downsampling block doubles them.
+    encoder_dim: int = 64
+    # Channels entering the first decoder block; every upsampling block halves them.
+    decoder_dim: int = 1536
+    # Encoder downsampling factors, first to last; the decoder uses them reversed. Product = HOP (40 Hz).
+    strides: tuple[int, ...] = (2, 6, 10, 10)
+    # One residual unit per dilation in every block (DAC: 1, 3, 9; kernel 7).
+    dilations: tuple[int, ...] = (1, 3, 9)
+    # decode() runs the decoder on at most this many frames at once (bounded memory for long audio).
+    chunk_frames: int = 400
+    # Frames of context decoded on each side of a chunk and thrown away; at least the decoder's
+    # receptive field (about 9 frames at both sizes), so chunked decoding equals one-shot decoding.
+    overlap_frames: int = 16
+    # Multi-resolution STFT loss on L, R, mid and side (Oobleck's L/R + sum/difference): FFT sizes, hop fft/4.
+    stft_ffts: tuple[int, ...] = (2048, 1024, 512, 256, 128)
+    # Multi-scale mel L1 (DAC): window sizes (hop window/4) and mel bands per scale.
+    mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
+    mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)
+    stft_weight: float = 1.0     # weight of the multi-resolution STFT term (Oobleck 1.0)
+    mel_weight: float = 15.0     # weight of the multi-scale mel term (DAC 15.0)
+    kl_weight: float = 1e-4      # KL to N(0, I), kept tiny so the latent stays informative (Oobleck 1e-4)
+    # GAN: multi-period + multi-resolution STFT discriminators with feature matching (DAC, HiFi-GAN).
+    gan: bool = True
+    adv_weight: float = 1.0      # LSGAN generator term (DAC 1.0)
+    feature_weight: float = 2.0  # discriminator feature-matching L1 (DAC 2.0)
+    disc_dim: int = 32           # base width of each sub-discriminator
+    disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)  # multi-period discriminator (HiFi-GAN)
+    disc_ffts: tuple[int, ...] = (2048, 1024, 512)    # multi-resolution STFT discriminator (EnCodec)
+
+    def __post_init__(self):
+        if math.prod(self.strides) != HOP:
+            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, "
+                             f"but one latent frame is HOP = {HOP} samples; choose strides whose product is {HOP}")
+        if len(self.mel_windows) != len(self.mel_bins):
+            raise ValueError(f"mel_windows {self.mel_windows} and mel_bins {self.mel_bins} need the same length")
+
+
+VAE_PRESETS = {
+    # Toy: trains to usable quality in ~40 min on 2 CPU cores. The sound world (noise beds, tones,
+    # clicks, formant speech) has little fine structure, so 16 dims per channel at 40 Hz suffice
+    # (1 280 numbers/s for stereo, about Stable Audio's VAE rate) and keep the toy SCT's audio_dim
+    # at 32. Cost is dominated by the convs at 48 kHz, so the first stride is 4 (not 2), the encoder
+    # starts at 8 channels, and each block has two residual units; GAN off (it needs far more steps).
+    "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
+                     stft_ffts=(1024, 512, 256, 128), gan=False),
+    # Paper scale (B.1): DAC widths and four-block layout (DAC-VAE uses 2*8*10*12 for 25 Hz), strides
+    # re-chosen for 40 Hz, 128 dims per channel. `python tokenizer.py --params` prints its size.
+    "audiochat": VAEConfig(),
+}
+
+
+def WNConv1d(*args, transpose: bool = False, **kwargs) -> nn.Module:
+    """A weight-normalised (transposed) Conv1d (DAC). Bias 0 as in DAC, so silence maps to silence and
+    the decoder has no z-independent path to settle into an average sound; weights keep PyTorch's
+    default init, not DAC's std 0.02, which shrinks the signal ~6x per conv (a fresh VAE at -50 dB)."""
+    conv = (nn.ConvTranspose1d if transpose else nn.Conv1d)(*args, **kwargs)
+    nn.init.zeros_(conv.bias)
+    return weight_norm(conv)
+
+
+class Snake1d(nn.Module):
+    """Snake activation x + sin^2(alpha x) / alpha with a learned alpha per channel (Ziyin et al., 2020; DAC)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x):
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+
+
+class ResidualUnit(nn.Module):
+    """Snake -> dilated conv k7 -> Snake -> conv k1, added to the input; length preserved."""
+
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.block = nn.Sequential(Snake1d(dim), WNConv1d(dim, dim, 7, dilation=dilation, padding=3 * dilation),
+                                   Snake1d(dim), WNConv1d(dim, dim, 1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def EncoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module:
+    """Residual units at dim // 2 channels, then a strided conv: [N, dim/2, S] -> [N, dim, S / stride]."""
+    return nn.Sequential(*[ResidualUnit(dim // 2, d) for d in dilations], Snake1d(dim // 2),
+                         WNConv1d(dim // 2, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+
+
+def DecoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module:
+    """A transposed conv, then residual units: [N, dim, F] -> [N, dim / 2, F * stride] (exactly, odd strides too)."""
+    up = WNConv1d(dim, dim // 2, 2 * stride, stride=stride, padding=math.ceil(stride / 2),
+                  output_padding=stride % 2, transpose=True)
+    return nn.Sequential(Snake1d(dim), up, *[ResidualUnit(dim // 2, d) for d in dilations])
+
+
+class StereoVAE(nn.Module):
+    """DAC-VAE-like autoencoder: one mono encoder/decoder shared by both channels, Gaussian posterior at 40 Hz.
+
+    Channel c of [B, 2, S] is encoded alone into latent_dim dims per frame; the two are stacked so
+    frame f of the latent is [left dims | right dims] (audio_dim = 2 * latent_dim). encode() returns
+    the posterior mean normalised by per-dimension statistics (buffers latent_shift/latent_scale,
+    identity until fit_latent_stats() is run after training); decode() takes normalised latents.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = c = config
+        d = c.encoder_dim
+        enc = [WNConv1d(1, d, 7, padding=3)]
+        for s in c.strides:
+            d *= 2
+            enc.append(EncoderBlock(d, s, c.dilations))
+        enc += [Snake1d(d), WNConv1d(d, 2 * c.latent_dim, 3, padding=1)]      # mean | pre-softplus scale
+        self.encoder = nn.Sequential(*enc)
+        # Start the posterior near its floor (std = softplus(-10) + 1e-4 ~ 1.5e-4): at softplus(0) = 0.69
+        # the noise drowns a fresh encoder's ~0.01-scale means and the decoder learns to ignore z.
+        nn.init.constant_(self.encoder[-1].bias[c.latent_dim:], -10.0)
+        d = c.decoder_dim
+        dec = [WNConv1d(c.latent_dim, d, 7, padding=3)]
+        for s in reversed(c.strides):
+            dec.append(DecoderBlock(d, s, c.dilations))
+            d //= 2
+        dec += [Snake1d(d), WNConv1d(d, 1, 7, padding=3)]      # no tanh: mixes may exceed full scale (Oobleck)
+        self.decoder = nn.Sequential(*dec)
+        self.register_buffer("latent_shift", torch.zeros(self.audio_dim))
+        self.register_buffer("latent_scale", torch.ones(self.audio_dim))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def audio_dim(self) -> int:
+        return 2 * self.config.latent_dim
+
+    def posterior(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 2, S] -> (mean, std), each [B, F, audio_dim] with F = ceil(S / HOP); unnormalised."""
+        if audio.dim() != 3 or audio.shape[1] != 2 or audio.shape[2] == 0:
+            raise ValueError(f"StereoVAE expects audio [batch, 2, samples>0], got shape {tuple(audio.shape)}")
+        B, _, S = audio.shape
+        n = math.ceil(S / HOP)
+        x = F.pad(audio, (0, n * HOP - S)).reshape(B * 2, 1, n * HOP)       # each channel on its own
+        mean, scale = self.encoder(x).chunk(2, dim=1)                        # [B*2, latent_dim, F] each
+        std = F.softplus(scale) + 1e-4
+
+        def stack(t):  # [B*2, D, F] -> [B, F, 2*D], left channel first
+            return t.reshape(B, 2, self.latent_dim, n).permute(0, 3, 1, 2).reshape(B, n, self.audio_dim)
+        return stack(mean), stack(std)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised latents [B, F, audio_dim] -> audio [B, 2, F * HOP], in one pass."""
+        B, n, _ = z.shape
+        x = z.reshape(B, n, 2, self.latent_dim).permute(0, 2, 3, 1).reshape(B * 2, self.latent_dim, n)
+        return self.decoder(x).reshape(B, 2, n * HOP)
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: [B, 2, S] -> (reconstruction [B, 2, S] from a posterior sample, mean, std)."""
+        mean, std = self.posterior(audio)
+        z = mean + std * torch.randn_like(std)
+        return self.decode_raw(z)[..., : audio.shape[-1]], mean, std
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, 2, S] at 48 kHz -> normalised posterior mean [B, F, audio_dim]."""
+        mean, _ = self.posterior(audio)
+        return (mean - self.latent_shift) / self.latent_scale
+
+    def decode(self, z: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        """Normalised latents [B, F, audio_dim] -> audio [B, 2, num_samples or F * HOP].
+
+        Long inputs are decoded chunk_frames at a time; each chunk is decoded with overlap_frames of
+        context on both sides which are then dropped, so chunk edges match one-shot decoding (no
+        clicks) while memory stays bounded by chunk_frames + 2 * overlap_frames.
+        """
+        if z.dim() != 3 or z.shape[-1] != self.audio_dim:
+            raise ValueError(f"decode expects latents [batch, frames, {self.audio_dim}], got {tuple(z.shape)}")
+        z = z * self.latent_scale + self.latent_shift
+        n, c, o = z.shape[1], self.config.chunk_frames, self.config.overlap_frames
+        pieces = []
+        for start in range(0, n, c):
+            lo, hi = max(0, start - o), min(n, start + c + o)
+            y = self.decode_raw(z[:, lo:hi])
+            pieces.append(y[..., (start - lo) * HOP: (min(start + c, n) - lo) * HOP])
+        audio = torch.cat(pieces, dim=-1)
+        return audio if num_samples is None else audio[..., :num_samples]
+
+    @torch.no_grad()
+    def fit_latent_stats(self, batches: Iterable[torch.Tensor]) -> None:
+        """Set latent_shift/latent_scale to the per-dimension mean and std of the posterior means of batches [B, 2, S]."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for audio in batches:
+            mean = self.posterior(audio)[0].reshape(-1, self.audio_dim).double()
+            total, total_sq, count = total + mean.sum(0), total_sq + mean.pow(2).sum(0), count + mean.shape[0]
+        if count < 2:
+            raise ValueError("fit_latent_stats needs at least two latent frames of audio")
+        shift = total / count
+        scale = (total_sq / count - shift ** 2).clamp(min=1e-16).sqrt()         # floor: std 1e-8
+        self.latent_shift.copy_(shift)
+        self.latent_scale.copy_(scale)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location="cpu") -> "StereoVAE":
+        """Load a checkpoint written by train.py ({"kind": "vae", "config", "model"}), strictly."""
+        ckpt = load_checkpoint(path, "vae", map_location)
+        model = cls(config_from_dict(VAEConfig, ckpt["config"], path))
+        load_state_dict_strict(model, ckpt["model"], path)
+        return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str, map_location="cpu") -> dict:
+    """torch.load(weights_only=True) of a checkpoint dict, checking it exists and holds `kind`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; train it first (python train.py --stage {kind})")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a {kind!r} checkpoint, found {got!r}; pass the {kind}.pt file")
+    return ckpt
+
+
+def config_from_dict(cls, d: dict, path="config"):
+    """Rebuild a config dataclass from asdict() output, refusing unknown or missing fields by name."""
+    names = {f.name for f in fields(cls)}
+    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+    if unknown or missing:
+        raise ValueError(f"{path}: {cls.__name__} mismatch, unknown fields {unknown}, missing fields {missing}; "
+                         f"the checkpoint was written by another version of this code")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> None:
+    """load_state_dict(strict=True) with an error that lists the missing and unexpected keys."""
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match {type(model).__name__}: missing {sorted(missing)[:10]}, "
+                         f"unexpected {sorted(unexpected)[:10]} ({len(missing)} and {len(unexpected)} in all)")
+    model.load_state_dict(state, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# VAE losses: multi-resolution STFT (L/R and mid/side), multi-scale mel, KL, GAN with feature matching
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int = SAMPLE_RATE, f_min: float = 0.0,
+                   f_max: float | None = None) -> torch.Tensor:
+    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, mel = 2595 log10(1 + f / 700), peak 1."""
+    def mel(f):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+    f_max = sample_rate / 2 if f_max is None else f_max
+    m = torch.linspace(mel(torch.tensor(f_min)), mel(torch.tensor(f_max)), n_mels + 2, dtype=torch.float64)
+    edges = 700.0 * (10 ** (m / 2595.0) - 1.0)                               # [n_mels + 2] Hz
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up, down = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)
+    return torch.minimum(up, down).clamp(min=0).float()
+
+
+SILENCE_DB = -80.0   # spectra are floored at the level of white noise at this RMS (dBFS): quieter counts as silence
+
+
+def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|STFT|, log10(|STFT| + floor)) of [..., S], Hann window n_fft, hop n_fft // 4 -> [..., bins, frames];
+    with a filterbank fb [bands, bins] both are taken of fb @ |STFT| instead.
+
+    The floor is what white noise at SILENCE_DB gives, 10^(SILENCE_DB/20) * sqrt(sum(window^2)) per
+    bin (summed over each band). With a fixed tiny floor (DAC clamps at 1e-5) digital silence, half of
+    a sparse sound scene, would demand output below -130 dB and dominate the loss; a soft floor
+    (added, not clamped) still gives a gradient to an output that starts below it."""
+    window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
+    spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
+    mag = spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
+    floor = 10 ** (SILENCE_DB / 20) * window.pow(2).sum().sqrt() * torch.ones(mag.shape[-2], 1, dtype=x.dtype)
+    if fb is not None:
+        mag, floor = fb @ mag, (fb @ floor).clamp(min=1e-12)
+    return mag, (mag + floor.to(x.device)).log10()
+
+
+def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
+    """Multi-resolution STFT distance of [..., S] signals: mean over FFT sizes of L1(log10 |X|, log10 |Y|)
+    (floored at SILENCE_DB) + L1(|X|, |Y|)."""
+    total, ffts = 0.0, list(ffts)
+    for n_fft in ffts:
+        (mx, lx), (my, ly) = _spectrum(x, n_fft), _spectrum(y, n_fft)
+        total = total + F.l1_loss(lx, ly) + F.l1_loss(mx, my)
+    return total / len(ffts)
+
+
+def stereo_stft_loss(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
+    """STFT distance of [B, 2, S] on left/right and on mid/side, averaged; the mid/side half is what
+    teaches the stereo image (Oobleck: L/R and sum/difference at 0.5 each)."""
+    def mid_side(a):
+        return torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]], dim=1) / 2
+    return 0.5 * stft_distance(x, y, ffts) + 0.5 * stft_distance(mid_side(x), mid_side(y), ffts)
+
+
+def mel_loss(x: torch.Tensor, y: torch.Tensor, windows: Iterable[int], bins: Iterable[int]) -> torch.Tensor:
+    """Multi-scale mel distance of [..., S] (DAC): sum over scales of L1(log10 mel(X), log10 mel(Y)), floored."""
+    total = 0.0
+    for n_fft, n_mels in zip(windows, bins):
+        fb = mel_filterbank(n_fft, n_mels).to(x)
+        total = total + F.l1_loss(_spectrum(x, n_fft, fb)[1], _spectrum(y, n_fft, fb)[1])
+    return total
+
+
+def kl_loss(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(0, 1)) summed over the latent dims, averaged over batch and frames."""
+    return 0.5 * (mean.pow(2) + std.pow(2) - 2 * std.log() - 1).sum(-1).mean()
+
+
+def WNConv2d(*args, **kwargs) -> nn.Module:
+    return weight_norm(nn.Conv2d(*args, **kwargs))
+
+
+class ConvStack(nn.Module):
+    """2-D convs with leaky ReLU, then a 1-channel conv; returns every activation and, last, the logits."""
+
+    def __init__(self, convs: list[nn.Module], post: nn.Module):
+        super().__init__()
+        self.convs, self.post = nn.ModuleList(convs), post
+
+    def forward(self, x):
+        feats = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            feats.append(x)
+        return feats + [self.post(x)]
+
+
+class PeriodDiscriminator(ConvStack):
+    """HiFi-GAN period discriminator: [B, 2, S] folded to [B, 2, S / p, p], 2-D convs along time only."""
+
+    def __init__(self, period: int, dim: int):
+        chans = [2, dim, 4 * dim, 16 * dim, 32 * dim, 32 * dim]
+        super().__init__([WNConv2d(a, b, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0))
+                          for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))],
+                         WNConv2d(chans[-1], 1, (3, 1), padding=(1, 0)))
+        self.period = period
+
+    def forward(self, x):
+        x = F.pad(x, (0, -x.shape[-1] % self.period), mode="reflect")
+        return super().forward(x.reshape(*x.shape[:2], -1, self.period))
+
+
+class STFTDiscriminator(ConvStack):
+    """EnCodec-style STFT discriminator on the complex spectrogram of both channels ([B, 4, frames, bins])."""
+
+    def __init__(self, n_fft: int, dim: int):
+        super().__init__([WNConv2d(4, dim, (3, 9), padding=(1, 4))] + [
+            WNConv2d(dim, dim, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)) for d in (1, 2, 4)] + [
+            WNConv2d(dim, dim, (3, 3), padding=(1, 1))], WNConv2d(dim, 1, (3, 3), padding=(1, 1)))
+        self.n_fft = n_fft
+
+    def forward(self, x):
+        window = torch.hann_window(self.n_fft, device=x.device, dtype=x.dtype)
+        spec = torch.stft(x.reshape(-1, x.shape[-1]), self.n_fft, self.n_fft // 4, window=window, return_complex=True)
+        spec = torch.view_as_real(spec).reshape(x.shape[0], 2, *spec.shape[-2:], 2)   # [B, 2, bins, frames, re/im]
+        return super().forward(spec.permute(0, 1, 4, 3, 2).flatten(1, 2))              # [B, 4, frames, bins]
+
+
+class Discriminator(nn.Module):
+    """Multi-period + multi-resolution STFT discriminators on stereo audio; forward returns one feature
+    list per sub-discriminator, its last entry being the logits."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.discs = nn.ModuleList([PeriodDiscriminator(p, config.disc_dim) for p in config.disc_periods] +
+                                   [STFTDiscriminator(n, config.disc_dim) for n in config.disc_ffts])
+
+    def forward(self, audio: torch.Tensor) -> list[list[torch.Tensor]]:
+        return [d(audio) for d in self.discs]
+
+
+def discriminator_loss(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """LSGAN discriminator loss: mean (1 - D(real))^2 + D(fake)^2 over sub-discriminators; fake is detached."""
+    loss = 0.0
+    for r, f in zip(disc(real), disc(fake.detach())):
+        loss = loss + (1 - r[-1]).pow(2).mean() + f[-1].pow(2).mean()
+    return loss
+
+
+def vae_loss(vae: StereoVAE, audio: torch.Tensor, disc: Discriminator | None = None
+             ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """Generator objective on a batch [B, 2, S]: (weighted total, its parts as floats, reconstruction)."""
+    c = vae.config
+    recon, mean, std = vae(audio)
+    parts = {"stft": stereo_stft_loss(recon, audio, c.stft_ffts),
+             "mel": mel_loss(recon, audio, c.mel_windows, c.mel_bins), "kl": kl_loss(mean, std)}
+    weights = {"stft": c.stft_weight, "mel": c.mel_weight, "kl": c.kl_weight}
+    if disc is not None:
+        adv, feat = 0.0, 0.0
+        for r, f in zip(disc(audio), disc(recon)):
+            adv = adv + (1 - f[-1]).pow(2).mean()
+            feat = feat + sum(F.l1_loss(b, a.detach()) for a, b in zip(r[:-1], f[:-1])) / (len(r) - 1)
+        parts.update(adv=adv, feat=feat)
+        weights.update(adv=c.adv_weight, feat=c.feature_weight)
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}, recon
+
+
+# -----------------------------------------------------------------------------
+# Text tokenizer: Gemma's sentencepiece model, or a toy one trained here with the same special pieces
+
+SPECIAL_PIECES = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<unused0>", "<unused1>")
+
+
+class TextTokenizer:
+    """A sentencepiece model exposing Gemma's special tokens, every one looked up by its piece name.
+
+    Audio spans are delimited by Gemma's reserved pieces "<unused0>" (audio start) and "<unused1>"
+    (audio end), so the 256 000-token vocabulary and its embeddings stay as they are. encode() treats
+    its input as plain text: a special piece written inside the text (a user typing
+    "<start_of_turn>") is spelled as ordinary pieces, never turned into the control token, and
+    decode() gives the characters back. Control tokens enter a sequence only through the layout.
+    """
+
+    def __init__(self, model_file: str | os.PathLike):
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no sentencepiece model; pass Gemma's tokenizer.model or "
+                                    f"train one with train_text_tokenizer()")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        ids = {}
+        for piece in SPECIAL_PIECES:
+            ids[piece] = self.sp.piece_to_id(piece)
+            if self.sp.id_to_piece(ids[piece]) != piece:
+                raise ValueError(f"{path}: the model has no piece {piece!r}; use Gemma's tokenizer.model "
+                                 f"or one made by train_text_tokenizer()")
+        self.pad_id, self.eos_id, self.bos_id = ids["<pad>"], ids["<eos>"], ids["<bos>"]
+        self.start_of_turn_id, self.end_of_turn_id = ids["<start_of_turn>"], ids["<end_of_turn>"]
+        self.audio_start_id, self.audio_end_id = ids["<unused0>"], ids["<unused1>"]
+        self._special = re.compile("(" + "|".join(map(re.escape, SPECIAL_PIECES)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; no bos/eos added, whitespace and newlines kept, special pieces stay text."""
+        ids = []
+        for i, chunk in enumerate(self._special.split(text)):   # odd i: a special piece's spelling
+            ids += self.sp.encode(chunk[0]) + self.sp.encode(chunk[1:]) if i % 2 else self.sp.encode(chunk)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """ids -> text (the inverse of encode)."""
+        return self.sp.decode(list(ids))
+
+
+def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int) -> TextTokenizer:
+    """Train a toy BPE sentencepiece model on texts, write it atomically to model_file and load it.
+
+    It behaves like Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3, then <start_of_turn>, <end_of_turn>,
+    <unused0>, <unused1> and "\\n" as pieces of their own; no normalisation (whitespace runs and
+    newlines survive exactly), digits split one per piece, unseen characters fall back to UTF-8 bytes.
+    """
+    lines = [line for text in texts for line in text.split("\n") if line]   # sentencepiece reads lines
+    if not lines:
+        raise ValueError("train_text_tokenizer got no text; pass a non-empty list of strings")
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte pieces and 9 special pieces "
+                         f"need room; use at least 300")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"])
+    path = Path(model_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return TextTokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# Conversation layout (Gemma chat template with audio spans)
+#   <bos><start_of_turn>user\n{parts}<end_of_turn>\n<start_of_turn>model\n{parts}<end_of_turn>\n ...
+#   An audio part is <unused0> + F frame positions + <unused1>; adjacent text parts are joined by "\n".
+
+@dataclass
+class Turn:
+    role: str                      # "user" or "model"
+    parts: list                    # in order: text (str) or clean audio latents [F, audio_dim]
+
+
+@dataclass
+class Example:
+    """One conversation laid out as one row (no padding). T = sequence length, N = audio spans."""
+    ids: torch.Tensor              # [T] long; audio frame positions hold pad_id
+    labels: torch.Tensor           # [T] long; labels[i] = ids[i + 1] where that token carries LM loss, else -100
+    audio_mask: torch.Tensor       # [T] bool; True at audio frame positions
+    span_ids: torch.Tensor         # [T] long; 0 for text, k = 1..N at the frames of the k-th audio span
+    span_is_model: torch.Tensor    # [N] bool; span k belongs to a model turn (it gets the diffusion loss)
+    latents: torch.Tensor          # [sum F_k, audio_dim] clean latents of every frame, in sequence order
+
+
+def _join_text(parts: list) -> list:
+    out = []
+    for p in parts:
+        if isinstance(p, str) and out and isinstance(out[-1], str):
+            out[-1] = out[-1] + "\n" + p
+        else:
+            out.append(p)
+    return out
+
+
+def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_prompt: bool = False,
+                        audio_dim: int | None = None) -> Example:
+    """Lay out a conversation. LM loss falls on the tokens of model turns only: their text, the <unused0>
+    that opens a model audio span, and the model's <end_of_turn>; never on user tokens, turn headers,
+    frames or <unused1> (its place is fixed by the span length). generation_prompt=True appends
+    "<start_of_turn>model\\n". audio_dim sets the width of `latents` when there is no audio."""
+    ids, is_target, span_ids, latents, span_is_model = [tok.bos_id], [False], [0], [], []
+
+    def emit(new, target=False, span=0):
+        ids.extend(new)
+        is_target.extend([target] * len(new))
+        span_ids.extend([span] * len(new))
+
+    for n, turn in enumerate(turns):
+        if turn.role not in ("user", "model"):
+            raise ValueError(f"turn {n}: role {turn.role!r}; use 'user' or 'model'")
+        model = turn.role == "model"
+        emit([tok.start_of_turn_id] + tok.encode(turn.role + "\n"))
+        for part in _join_text(turn.parts):
+            if isinstance(part, str):
+                if not part:
+                    raise ValueError(f"turn {n}: empty text part; drop it")
+                emit(tok.encode(part), model)
+            elif torch.is_tensor(part) and part.dim() == 2 and part.shape[0] > 0:
+                audio_dim = audio_dim or part.shape[1]
+                if part.shape[1] != audio_dim:
+                    raise ValueError(f"turn {n}: audio latents have {part.shape[1]} dims, expected {audio_dim}")
+                latents.append(part.float())
+                span_is_model.append(model)
+                emit([tok.audio_start_id], model)
+                emit([tok.pad_id] * part.shape[0], span=len(latents))
+                emit([tok.audio_end_id])
+            else:
+                got = tuple(part.shape) if torch.is_tensor(part) else type(part).__name__
+                raise TypeError(f"turn {n}: a part must be text or latents [frames>0, audio_dim], got {got}")
+        emit([tok.end_of_turn_id], model)
+        emit(tok.encode("\n"))
+    if generation_prompt:
+        emit([tok.start_of_turn_id] + tok.encode("model\n"))
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    next_ids = torch.tensor(ids[1:] + [-100])                 # pre-shifted: position i predicts token i + 1
+    labels = torch.where(torch.tensor(is_target[1:] + [False]), next_ids, -100)
+    span_t = torch.tensor(span_ids, dtype=torch.long)
+    return Example(ids=ids_t, labels=labels, audio_mask=span_t > 0, span_ids=span_t,
+                   span_is_model=torch.tensor(span_is_model, dtype=torch.bool),
+                   latents=torch.cat(latents) if latents else torch.zeros(0, audio_dim or 0))
+
+
+def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
+    """The inverse of encode_conversation (adjacent text parts come back joined by "\\n"). A final turn
+    left open (a generation prompt, or a model turn still being generated) is returned with its parts so far."""
+    ids, spans = ex.ids.tolist(), ex.span_ids.tolist()
+    headers = {r: [tok.start_of_turn_id] + tok.encode(r + "\n") for r in ("user", "model")}
+    newline = tok.encode("\n")
+    if not ids or ids[0] != tok.bos_id:
+        raise ValueError(f"a conversation starts with <bos> (id {tok.bos_id}), got {ids[:1]}")
+    turns, i, offset = [], 1, 0
+    while i < len(ids):
+        role = next((r for r, h in headers.items() if ids[i:i + len(h)] == h), None)
+        if role is None:
+            raise ValueError(f"position {i}: expected <start_of_turn>user/model, got ids {ids[i:i + 4]}")
+        i += len(headers[role])
+        parts, text = [], []
+        while i < len(ids) and ids[i] != tok.end_of_turn_id:
+            if ids[i] != tok.audio_start_id:
+                text.append(ids[i])
+                i += 1
+                continue
+            if text:
+                parts.append(tok.decode(text))
+                text = []
+            j = i + 1
+            while j < len(ids) and spans[j] > 0:
+                j += 1
+            if j == len(ids) or ids[j] != tok.audio_end_id or offset + j - i - 1 > len(ex.latents):
+                raise ValueError(f"position {i}: audio span not closed by <unused1> or without latents")
+            parts.append(ex.latents[offset: offset + j - i - 1])
+            offset, i = offset + j - i - 1, j + 1
+        if text:
+            parts.append(tok.decode(text))
+        turns.append(Turn(role, parts))
+        if i < len(ids):                                           # skip <end_of_turn> and its "\n"
+            i += 1 + len(newline) * (ids[i + 1: i + 1 + len(newline)] == newline)
+    return turns
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Stereo VAE utilities (see the module docstring).")
+    parser.add_argument("--params", action="store_true", help="print the parameter count of every VAE preset")
+    parser.add_argument("--vae", type=Path, help="a trained VAE checkpoint (vae.pt), for --reconstruct")
+    parser.add_argument("--reconstruct", nargs=2, type=Path, metavar=("IN", "OUT"),
+                        help="encode IN (any audio file) with --vae, decode it and write OUT (.wav/.flac)")
+    args = parser.parse_args()
+    if args.params:
+        for name, cfg in VAE_PRESETS.items():
+            vae = StereoVAE(cfg)
+            count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+            disc = f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
+            print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
+                  f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
+    if args.reconstruct:
+        if args.vae is None:
+            parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt")
+        vae, audio = StereoVAE.from_checkpoint(args.vae), load_audio(args.reconstruct[0])
+        with torch.no_grad():
+            save_audio(args.reconstruct[1], vae.decode(vae.encode(audio[None]), audio.shape[-1])[0])
+    if not (args.params or args.reconstruct):
+        parser.print_help()
