@@ -112,8 +112,6 @@ def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.d
               ("VAE audio_dim", meta.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
               ("SCT audio_dim", sct.config.audio_dim, vae.audio_dim)]
     bad = [f"{what}: sct.pt was trained with {want}, {d} has {got}" for what, want, got in checks if want != got]
-    if sct.config.vocab_size < tok.vocab_size:
-        bad.append(f"sct.pt embeds {sct.config.vocab_size} tokens, tokenizer.model has {tok.vocab_size}")
     if bad:
         raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
                           "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
@@ -228,9 +226,9 @@ def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str,
 def _span_prefix(m: Models, turns: list[Turn]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lay out turns whose last part is the audio span to generate; cut where its frames begin -> (ids, latents, span ids)."""
     ex = encode_conversation(turns, m.tok)
-    start = int((ex.span_ids == ex.span_ids.max()).nonzero()[0])
-    frames = int((ex.span_ids == ex.span_ids.max()).sum())
-    return ex.ids[:start], ex.latents[: len(ex.latents) - frames], ex.span_ids[:start]
+    last = ex.span_ids == ex.span_ids.max()
+    start = int(last.nonzero()[0])
+    return ex.ids[:start], ex.latents[: len(ex.latents) - int(last.sum())], ex.span_ids[:start]
 
 
 def sample_latents(m: Models, turns: list[Turn], texts: list[str], scene: Scene, opts: Options,
@@ -316,6 +314,20 @@ def report(reply: Reply, wav: Path | None) -> None:
         f"diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
 
 
+def respond_in_context(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options,
+                       seed: int) -> tuple[Reply, list[Turn]]:
+    """respond() after as much of `history` as fits the model -> (reply, the history used). When the context is
+    full the oldest exchange is dropped: the previous plan carries the story forward (Eq. 3)."""
+    while True:
+        try:
+            return respond(m, history + [user], task, previous, opts, torch.Generator().manual_seed(seed)), history
+        except ContextFull as e:
+            if not history:
+                raise
+            say(f"note: {e}; dropping the oldest exchange from the context (the previous plan carries the story, Eq. 3)")
+            history = history[2:]
+
+
 def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
     """--prompt, --audio [--prompt] and --plan: one request."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -368,24 +380,11 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
         if not line or line.startswith("/"):
             continue
         user = Turn("user", [clip, line] if clip is not None else [line])
-        context = history
-        while True:
-            try:
-                reply = respond(m, context + [user], "edit" if clip is not None else "story", previous, opts,
-                                torch.Generator().manual_seed(args.seed + len(undo)))
-                break
-            except ContextFull as e:
-                if not context:
-                    say(f"error: {e}; /undo or start a new chat")
-                    reply = None
-                    break
-                say(f"note: {e}; dropping the oldest turn from the context (the previous plan carries the story, Eq. 3)")
-                context = context[2:]
-            except PlanError as e:
-                say(f"error: {e}")
-                reply = None
-                break
-        if reply is None:
+        try:
+            reply, context = respond_in_context(m, history, user, "edit" if clip is not None else "story", previous,
+                                                opts, args.seed + len(undo))
+        except SampleError as e:                       # no usable plan, or a single turn too long for the model
+            say(f"error: {e}")
             continue
         report(reply, out / f"turn{len(undo)}.wav")
         undo.append((history, previous, clip))
@@ -400,21 +399,21 @@ def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
         for k, turn in enumerate(conv.turns):    # turn k is asked given the REFERENCE turns before it
             seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
             if not (out / conv.id / f"turn{k}.json").is_file():
-                eval_one(m, history + [Turn("user", [turn.instruction])], "story", previous, opts, seed,
-                         out / conv.id / f"turn{k}")
+                eval_one(m, history, Turn("user", [turn.instruction]), "story", previous, opts, seed, out / conv.id / f"turn{k}")
             history += [Turn("user", [turn.instruction]),
                          Turn("model", [scene_to_json(turn.scene), read_clip(m, turn.audio)])]
             previous = turn.scene
         if not (out / conv.id / "caption.json").is_file():
             clip = read_clip(m, conv.turns[0].audio)
-            eval_one(m, [Turn("user", [clip, DESCRIBE])], "describe", None, opts, 0, out / conv.id / "caption")
+            eval_one(m, [], Turn("user", [clip, DESCRIBE]), "describe", None, opts, 0, out / conv.id / "caption")
 
 
-def eval_one(m: Models, turns: list[Turn], task: str, previous: Scene | None, opts: Options, seed: int, stem: Path) -> None:
-    """One eval output: stem.wav (silence of 1 s when the model wrote no usable plan) and stem.json."""
+def eval_one(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options, seed: int,
+             stem: Path) -> None:
+    """One eval output: stem.wav (1 s of silence when the model wrote no usable plan) and stem.json."""
     t0 = time.perf_counter()
     try:
-        reply = respond(m, turns, task, previous, opts, torch.Generator().manual_seed(seed))
+        reply = respond_in_context(m, history, user, task, previous, opts, seed)[0]
         checked, notes = reply.caption if task == "describe" else reply.plan, reply.notes
     except PlanError as e:
         reply, checked, notes = None, None, [str(e)]

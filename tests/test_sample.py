@@ -217,7 +217,7 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(m, tmp_path, mo
     args = Namespace(out=str(tmp_path), seed=0, trim=False)
     sample.run_chat(m, args, sample.Options(), lines=INSTRUCTIONS)
     assert seen[-1] == [INSTRUCTIONS[1], SCENES[0], INSTRUCTIONS[2]], f"retry context: {seen[-1]}"
-    assert "dropping the oldest turn" in capsys.readouterr().err
+    assert "dropping the oldest exchange" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["turn0.wav", "turn1.wav", "turn2.wav"]
 
 
