@@ -306,11 +306,11 @@ def report(reply: Reply, wav: Path | None) -> None:
         return
     print(f"plan:\n{pretty(reply.plan.scene)}")
     save_audio(wav, reply.audio)
-    write_text(wav.with_suffix(".json"), pretty(reply.plan.scene) + "\n")
-    if reply.caption is not None:
-        write_text(wav.with_suffix(".caption.json"), pretty(reply.caption.scene) + "\n")
+    written = [wav, wav.with_suffix(".json")] + ([wav.with_suffix(".caption.json")] if reply.caption else [])
+    for path, checked in zip(written[1:], (reply.plan, reply.caption)):
+        write_text(path, pretty(checked.scene) + "\n")
     s = reply.seconds
-    say(f"wrote {wav} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s) and {wav.with_suffix('.json')}; plan {s['plan']:.1f} s, "
+    say(f"wrote {', '.join(map(str, written))} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan {s['plan']:.1f} s, "
         f"diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
 
 
