@@ -31,7 +31,8 @@ printed and the plan is rendered as it is; a plan without sounds is an error (th
 
 Input audio: at most 8 s (copilot scenes end by 8 s, so the model has never seen longer clips); a longer
 clip is an error unless --trim keeps its first 8 s. The whole sequence (context, plan and audio frames)
-must also fit in the length the model was trained with (sct.pt's "seq_len", else max_position_embeddings).
+must also fit in the length the model was trained with (sct.pt's "seq_len", else max_position_embeddings);
+when a chat or eval conversation outgrows it, the oldest exchange is dropped (respond_in_context, Eq. 3).
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 Benchmark: python bench/bench_sample.py --ckpt-dir checkpoints/toy
@@ -56,7 +57,7 @@ from diffusion import DiffusionConfig, guided, sample
 from model import SCT
 from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation, load_audio, save_audio
 
-DESCRIBE = "Describe this audio."    # the understanding request (train.py varies its wording; this is one of them)
+DESCRIBE = "Describe this audio."    # the understanding request; train.py's describe wordings must include it
 MAX_SECONDS = MAX_END                # longest input clip, s: no copilot scene ends later
 CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
 
