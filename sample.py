@@ -1,0 +1,487 @@
+"""The AudioChat command line: storytelling, editing, understanding and multi-turn chat (paper section 3.1).
+
+    python sample.py --prompt "rain on a tin roof, a dog barks twice on the left"  # -> out/sample.wav + .json
+    python sample.py --audio in.wav --prompt "remove the dog"     # edit a clip (Eq. 2)
+    python sample.py --audio in.wav                               # describe it: the caption JSON
+    python sample.py --chat                                       # multi-turn on stdin (Eq. 3)
+    python sample.py --plan plan.json                             # render a plan you wrote
+    python sample.py --eval data/toy --out out/toy                # the eval split, in metrics.py's layout
+
+One request (Eqs. 1-3, appendix D): the conversation so far is laid out by tokenizer.encode_conversation
+exactly as in training; the model turn's text is decoded greedily over the U understanding layers with
+the KV cache (SCT.generate) until <unused0> (audio starts), <end_of_turn> or <eos>; accept_plan parses
+and checks it with copilot; the canonical scene_to_json text (not the raw decoded text) goes into the
+context; Scene.num_frames latent frames are drawn with DPM-Solver++(2M) on Karras sigmas with CFG, the
+conditional and unconditional prefixes cached once and batched (each step runs only the span's frames);
+the unconditional prefix is <bos><start_of_turn>model\\n<unused0>, diffusion.sample_uncond_span's
+policy; the VAE decodes and save_audio writes 48 kHz stereo. The same --seed gives the same audio.
+
+Layouts, one model turn per request (text parts of a turn are joined by "\\n"):
+    story      user: instruction           -> model: plan JSON, audio
+    next turn  (history) user: instruction -> model: plan JSON, audio   (the previous plan is in the context)
+    edit       user: audio, instruction    -> model: caption JSON of the audio, plan JSON, audio
+    describe   user: audio, DESCRIBE       -> model: caption JSON
+
+Invalid-plan policy (accept_plan, the one place it is applied): text that parse_scene cannot read is an
+error showing the raw text. A scene that validate_scene rejects is repaired: numbers are clamped into
+their ranges (loudness [-30, -10] dB, panning [-1, 1], start_time [0, 4] s, duration [0.1 s, 8 s - start])
+and added/changed/removed are set to the real difference from the previous scene; every violation and
+every repair is printed. Violations no repair can fix (no ambience, a tts sound without a speaker...) are
+printed and the plan is rendered as it is; a plan without sounds is an error (there is nothing to render).
+
+Input audio: at most 8 s (copilot scenes end by 8 s, so the model has never seen longer clips); a longer
+clip is an error unless --trim keeps its first 8 s. The whole sequence (context, plan and audio frames)
+must also fit in the length the model was trained with (sct.pt's "seq_len", else max_position_embeddings);
+when a chat or eval conversation outgrows it, the oldest exchange is dropped (respond_in_context, Eq. 3).
+
+Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
+Benchmark: python bench/bench_sample.py --ckpt-dir checkpoints/toy
+"""
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from copilot import MAX_END, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_to_json, validate_scene
+from diffusion import DiffusionConfig, guided, sample
+from model import SCT
+from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation, load_audio, save_audio
+
+DESCRIBE = "Describe this audio."    # the understanding request; train.py's describe wordings must include it
+MAX_SECONDS = MAX_END                # longest input clip, s: no copilot scene ends later
+CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
+
+
+class SampleError(Exception):
+    """A request sample.py cannot serve; the message names the problem and the fix."""
+
+
+class PlanError(SampleError):
+    """The model wrote no usable scene; the message holds its raw text."""
+
+
+class ContextFull(SampleError):
+    """The conversation no longer fits in the sequence length the model was trained with."""
+
+
+def say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: load the three files of one training run and check that they belong together
+
+@dataclass
+class Models:
+    tok: TextTokenizer
+    vae: StereoVAE      # float32 whatever --dtype says: it decodes the waveform
+    sct: SCT            # in --dtype
+    max_len: int        # longest sequence (context + plan + audio frames) the SCT was trained with
+
+    @property
+    def device(self) -> torch.device:
+        return self.sct.model.embed_tokens.weight.device
+
+
+def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
+    """tokenizer.model, vae.pt and sct.pt from ckpt_dir, refusing files that do not match the code or each other."""
+    d = Path(ckpt_dir)
+    missing = [n for n in CKPT_FILES if not (d / n).is_file()]
+    if missing:
+        raise SampleError(f"--ckpt-dir {d} lacks {', '.join(missing)}; train the toy model with "
+                          f"`python train.py --preset toy`, or pass the folder holding {', '.join(CKPT_FILES)}")
+    try:
+        tok = TextTokenizer(d / "tokenizer.model")
+        vae = StereoVAE.from_checkpoint(d / "vae.pt", map_location=device).eval()
+        meta = torch.load(d / "sct.pt", map_location="cpu", weights_only=True, mmap=True)  # mmap: weights stay on disk
+        sct = SCT.from_checkpoint(d / "sct.pt", map_location=device).to(dtype).eval()
+    except (ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise SampleError(f"{d}: {e}\nThese checkpoints do not match this code; retrain with `python train.py --preset toy`") from e
+    sha = hashlib.sha256((d / "tokenizer.model").read_bytes()).hexdigest()
+    checks = [("vocabulary size of tokenizer.model", meta.get("tokenizer_vocab_size", sct.config.vocab_size), tok.vocab_size),
+              ("sha256 of tokenizer.model", meta.get("tokenizer_sha256", sha), sha),
+              ("VAE audio_dim", meta.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
+              ("SCT audio_dim", sct.config.audio_dim, vae.audio_dim)]
+    bad = [f"{what}: sct.pt was trained with {want}, {d} has {got}" for what, want, got in checks if want != got]
+    if bad:
+        raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
+                          "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
+    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_audio_dim") if k not in meta]
+    if unrecorded:
+        say(f"note: {d / 'sct.pt'} does not record {', '.join(unrecorded)}; checked against its config only")
+    return Models(tok, vae, sct, int(meta.get("seq_len") or sct.config.max_position_embeddings))
+
+
+def read_clip(m: Models, path: str | os.PathLike, trim: bool = False) -> torch.Tensor:
+    """An audio file -> normalised VAE latents [F, audio_dim]; longer than MAX_SECONDS is an error unless trim."""
+    audio = load_audio(path)
+    seconds = audio.shape[1] / SAMPLE_RATE
+    if seconds > MAX_SECONDS:
+        if not trim:
+            raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_SECONDS:g} s "
+                              f"(no scene it was trained on is longer); cut it, or pass --trim to keep the first {MAX_SECONDS:g} s")
+        say(f"note: {path} is {seconds:.2f} s long; --trim keeps its first {MAX_SECONDS:g} s")
+        audio = audio[:, : int(MAX_SECONDS * SAMPLE_RATE)]
+    return m.vae.encode(audio[None].to(m.device))[0]
+
+
+# -----------------------------------------------------------------------------
+# The invalid-plan policy (module docstring), applied to every scene the model writes and every --plan file
+
+@dataclass
+class Checked:
+    scene: Scene        # what goes into the context and gets rendered
+    valid: bool         # the scene as written passed validate_scene
+    notes: list[str]    # its violations, the repairs made, and what is left
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def repair_scene(scene: Scene, previous: Scene | None) -> tuple[Scene, list[str]]:
+    """Clamp every number into its range and set added/changed/removed to the real edit; list each change."""
+    sounds, fixes = [], []
+    for s in scene.sounds:
+        start = _clamp(s.start_time, 0.0, MAX_START)
+        new = replace(s, loudness=_clamp(s.loudness, -30.0, -10.0), panning=_clamp(s.panning, -1.0, 1.0),
+                      start_time=start, duration=_clamp(s.duration, 0.1, MAX_END - start))
+        fixes += [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}"
+                  for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
+        sounds.append(new)
+    old, new = (previous.by_id() if previous else {}), {s.id: s for s in sounds}
+    edit = {"added": sorted(set(new) - set(old)) if previous else [], "removed": sorted(set(old) - set(new)),
+            "changed": sorted(i for i in set(new) & set(old) if new[i].mix_params() != old[i].mix_params())}
+    fixes += [f"{k} {getattr(scene, k)} -> {v}" for k, v in edit.items() if getattr(scene, k) != v]
+    return Scene(scene.description, sounds, **edit), fixes
+
+
+def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checked:
+    """Parse and validate a scene (against `previous` for an edit); repair it when invalid, reporting everything."""
+    try:
+        scene = parse_scene(text)
+    except SceneError as e:
+        raise PlanError(f"the {what} is not a scene ({e}); the raw text was:\n{text}") from e
+    violations = validate_scene(scene, previous)
+    if not violations:
+        return Checked(scene, True, [])
+    fixed, repairs = repair_scene(scene, previous)
+    notes = ([f"{what} invalid: {v}" for v in violations] + [f"{what} repaired: {r}" for r in repairs] +
+             [f"{what} left as written: {v}" for v in validate_scene(fixed, previous)])
+    return Checked(fixed, False, notes)
+
+
+def pretty(scene: Scene) -> str:
+    """scene_to_json laid out one sound per line (still JSON that parse_scene reads back)."""
+    obj = json.loads(scene_to_json(scene))
+    head = ", ".join(f'"{k}": {json.dumps(obj[k], ensure_ascii=False)}' for k in ("description", "added", "changed", "removed"))
+    return "{" + head + ',\n "text": [\n  ' + ",\n  ".join(json.dumps(s, ensure_ascii=False) for s in obj["text"]) + "]}"
+
+
+# -----------------------------------------------------------------------------
+# One model turn: greedy text, then the audio span
+
+@dataclass
+class Options:
+    steps: int = 150             # DPM-Solver++(2M) steps (appendix D: 150)
+    cfg: float = 3.0             # CFG weight (appendix D: 3.0; 1 = no guidance)
+    max_new_tokens: int = 2048   # most text tokens per model turn (caption + plan)
+
+
+@dataclass
+class Reply:
+    texts: list[str]                # the model turn's canonical text parts: [caption], [plan] or [caption, plan]
+    caption: Checked | None
+    plan: Checked | None
+    latents: torch.Tensor | None    # [F, audio_dim] the generated span
+    audio: torch.Tensor | None      # [2, S] at 48 kHz, S = plan duration * SAMPLE_RATE
+    seconds: dict                   # wall time per phase: plan, diffusion, vae
+    notes: list[str]
+
+    def model_turn(self) -> Turn:
+        return Turn("model", self.texts + ([self.latents] if self.latents is not None else []))
+
+
+def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str, int | None]:
+    """Greedy text of the model turn that follows `turns` -> (text, the stop id or None at the token limit)."""
+    ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
+    room = m.max_len - len(ex.ids)
+    if room < 2:
+        raise ContextFull(f"the conversation is {len(ex.ids)} tokens; the model was trained on at most {m.max_len}")
+    stops = (m.tok.audio_start_id, m.tok.end_of_turn_id, m.tok.eos_id)
+    new = m.sct.generate([ex.ids], [ex.latents], [ex.span_ids], min(max_new_tokens, room), stops)[0].tolist()
+    stop = new.pop() if new and new[-1] in stops else None
+    return m.tok.decode(new), stop
+
+
+def _span_prefix(m: Models, turns: list[Turn]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out turns whose last part is the audio span to generate; cut where its frames begin -> (ids, latents, span ids)."""
+    ex = encode_conversation(turns, m.tok)
+    last = ex.span_ids == ex.span_ids.max()
+    start = int(last.nonzero()[0])
+    return ex.ids[:start], ex.latents[: len(ex.latents) - int(last.sum())], ex.span_ids[:start]
+
+
+def sample_latents(m: Models, turns: list[Turn], texts: list[str], scene: Scene, opts: Options,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The audio span of the model turn holding `texts` after `turns` -> clean latents [F, audio_dim], F = scene.num_frames."""
+    F, D = scene.num_frames, m.sct.config.audio_dim
+    if F == 0:
+        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(scene)}")
+    placeholder = torch.zeros(F, D)
+    cond = _span_prefix(m, turns + [Turn("model", texts + [placeholder])])
+    uncond = _span_prefix(m, [Turn("model", [placeholder])])     # <bos><start_of_turn>model\n<unused0>
+    if len(cond[0]) + F + 1 > m.max_len:
+        raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} the model was trained on")
+    cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)
+    v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # rows: conditional, then unconditional
+    z = sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
+               generator, m.device, progress=True)
+    return z[0]
+
+
+def respond(m: Models, turns: list[Turn], task: str, previous: Scene | None, opts: Options,
+            generator: torch.Generator, plan: Checked | None = None) -> Reply:
+    """The model turn after `turns` (which end with the user's). task: "story" (plan, audio), "edit" (caption of the
+    user's clip, plan, audio) or "describe" (caption). A given `plan` (--plan) skips text decoding."""
+    t0, caption, notes = time.perf_counter(), None, []
+    if plan is None:
+        text, stop = decode_text(m, turns, opts.max_new_tokens)
+        if stop is None:
+            notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}")
+        elif task == "describe" and stop == m.tok.audio_start_id:
+            notes.append("the model started an audio span after the caption; a description has no audio, so it was dropped")
+        elif task != "describe" and stop != m.tok.audio_start_id:
+            notes.append("the model ended its turn without starting the audio; the audio is made from its plan anyway")
+        if task == "edit":
+            caption_text, newline, text = text.partition("\n")
+            if not newline:
+                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n{caption_text}")
+            caption = accept_plan(caption_text, None, "caption")
+        if task == "describe":
+            caption = accept_plan(text, None, "caption")
+        else:
+            plan = accept_plan(text, caption.scene if caption else previous)
+    texts = [scene_to_json(c.scene) for c in (caption, plan) if c is not None]
+    notes += [n for c in (caption, plan) if c is not None for n in c.notes]
+    seconds = {"plan": time.perf_counter() - t0}
+    if plan is None:
+        return Reply(texts, caption, None, None, None, seconds, notes)
+    t1 = time.perf_counter()
+    z = sample_latents(m, turns, texts, plan.scene, opts, generator)
+    t2 = time.perf_counter()
+    audio = m.vae.decode(z[None].float(), round(plan.scene.duration * SAMPLE_RATE))[0].cpu()
+    seconds.update(diffusion=t2 - t1, vae=time.perf_counter() - t2)
+    return Reply(texts, caption, plan, z, audio, seconds, notes)
+
+
+# -----------------------------------------------------------------------------
+# The modes
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic write: a temporary file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def report(reply: Reply, wav: Path | None) -> None:
+    """Print the reply's notes (stderr) and scenes (stdout); write the audio and its plan JSON next to it."""
+    for note in reply.notes:
+        say(f"note: {note}")
+    if reply.caption is not None:
+        print(f"caption:\n{pretty(reply.caption.scene)}")
+    if reply.plan is None:
+        return
+    print(f"plan:\n{pretty(reply.plan.scene)}")
+    save_audio(wav, reply.audio)
+    written = [wav, wav.with_suffix(".json")] + ([wav.with_suffix(".caption.json")] if reply.caption else [])
+    for path, checked in zip(written[1:], (reply.plan, reply.caption)):
+        write_text(path, pretty(checked.scene) + "\n")
+    s = reply.seconds
+    say(f"wrote {', '.join(map(str, written))} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan {s['plan']:.1f} s, "
+        f"diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
+
+
+def respond_in_context(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options,
+                       seed: int) -> tuple[Reply, list[Turn]]:
+    """respond() after as much of `history` as fits the model -> (reply, the history used). When the context is
+    full the oldest exchange is dropped: the previous plan carries the story forward (Eq. 3)."""
+    while True:
+        try:
+            return respond(m, history + [user], task, previous, opts, torch.Generator().manual_seed(seed)), history
+        except ContextFull as e:
+            if not history:
+                raise
+            say(f"note: {e}; dropping the oldest exchange from the context (the previous plan carries the story, Eq. 3)")
+            history = history[2:]
+
+
+def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
+    """--prompt, --audio [--prompt] and --plan: one request."""
+    generator = torch.Generator().manual_seed(args.seed)
+    clip = read_clip(m, args.audio, args.trim) if args.audio else None
+    if args.plan:
+        if not Path(args.plan).is_file():
+            raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
+        plan = accept_plan(Path(args.plan).read_text(), None)
+        turns = [Turn("user", [args.prompt or plan.scene.description])]
+        reply = respond(m, turns, "story", None, opts, generator, plan=plan)
+    elif clip is not None and args.prompt is None:
+        reply = respond(m, [Turn("user", [clip, DESCRIBE])], "describe", None, opts, generator)
+        out = Path(args.out or "out/caption.json")
+        write_text(out, pretty(reply.caption.scene) + "\n")
+        say(f"wrote {out}")
+    elif clip is not None:
+        reply = respond(m, [Turn("user", [clip, args.prompt])], "edit", None, opts, generator)
+    else:
+        reply = respond(m, [Turn("user", [args.prompt])], "story", None, opts, generator)
+    report(reply, Path(args.out or "out/sample.wav"))
+
+
+def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> None:
+    """--chat: one line per user turn from stdin; /load FILE, /undo, /quit. Turn k -> OUT/turn{k}.wav and .json."""
+    out, lines = Path(args.out or "out/chat"), lines if lines is not None else sys.stdin
+    history, previous, clip, undo = [], None, None, []      # undo: the state before each turn
+    say("chat: type an instruction; /load FILE brings in audio to edit, /undo drops the last turn, /quit ends")
+    for line in lines:
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/undo":
+            if not undo:
+                say("nothing to undo")
+                continue
+            history, previous, clip = undo.pop()
+            for suffix in (".wav", ".json", ".caption.json"):
+                (out / f"turn{len(undo)}{suffix}").unlink(missing_ok=True)
+            say(f"removed turn {len(undo)}")
+            continue
+        if line.startswith("/load"):
+            try:
+                clip = read_clip(m, line[5:].strip(), args.trim)
+                say(f"loaded {line[5:].strip()}; your next instruction edits it")
+            except (AudioError, SampleError) as e:
+                say(f"error: {e}")
+            continue
+        if line.startswith("/"):
+            say(f"unknown command {line.split()[0]}; use /load FILE, /undo or /quit")
+        if not line or line.startswith("/"):
+            continue
+        user = Turn("user", [clip, line] if clip is not None else [line])
+        try:
+            reply, context = respond_in_context(m, history, user, "edit" if clip is not None else "story", previous,
+                                                opts, args.seed + len(undo))
+        except SampleError as e:                       # no usable plan, or a single turn too long for the model
+            say(f"error: {e}")
+            continue
+        report(reply, out / f"turn{len(undo)}.wav")
+        undo.append((history, previous, clip))
+        history, previous, clip = context + [user, reply.model_turn()], reply.plan.scene, None
+
+
+def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
+    """--eval DATA --out OUT: every eval conversation, in the layout of metrics.py's docstring; resumable."""
+    out = Path(args.out)
+    for conv in tqdm(read_conversations(args.eval, "eval"), desc="eval", unit="conversation"):
+        history, previous = [], None
+        for k, turn in enumerate(conv.turns):    # turn k is asked given the REFERENCE turns before it
+            seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
+            if not (out / conv.id / f"turn{k}.json").is_file():
+                eval_one(m, history, Turn("user", [turn.instruction]), "story", previous, opts, seed, out / conv.id / f"turn{k}")
+            history += [Turn("user", [turn.instruction]),
+                         Turn("model", [scene_to_json(turn.scene), read_clip(m, turn.audio)])]
+            previous = turn.scene
+        if not (out / conv.id / "caption.json").is_file():
+            clip = read_clip(m, conv.turns[0].audio)
+            eval_one(m, [], Turn("user", [clip, DESCRIBE]), "describe", None, opts, 0, out / conv.id / "caption")
+
+
+def eval_one(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options, seed: int,
+             stem: Path) -> None:
+    """One eval output: stem.wav (1 s of silence when the model wrote no usable plan) and stem.json."""
+    t0 = time.perf_counter()
+    try:
+        reply = respond_in_context(m, history, user, task, previous, opts, seed)[0]
+        checked, notes = reply.caption if task == "describe" else reply.plan, reply.notes
+    except PlanError as e:
+        reply, checked, notes = None, None, [str(e)]
+    if task != "describe":
+        save_audio(stem.with_suffix(".wav"), reply.audio if reply else torch.zeros(2, SAMPLE_RATE))
+    scene = json.loads(scene_to_json(checked.scene)) if checked is not None and checked.valid else None
+    record = {"seconds": time.perf_counter() - t0, "scene" if task == "describe" else "plan": scene, "notes": notes}
+    write_text(stem.with_suffix(".json"), json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="AudioChat: tell, edit and describe audio stories (see the module docstring).")
+    g = p.add_argument_group("what to do (one mode)")
+    g.add_argument("--prompt", help="the instruction: a story to tell, or with --audio the edit to make")
+    g.add_argument("--audio", help="an audio file (<= 8 s): edited with --prompt, described without it")
+    g.add_argument("--chat", action="store_true", help="multi-turn session on stdin (/load FILE, /undo, /quit)")
+    g.add_argument("--plan", help="render this scene JSON file instead of decoding a plan (--prompt sets the instruction)")
+    g.add_argument("--eval", metavar="DATA_DIR", help="answer every conversation of DATA_DIR/eval (copilot.py's eval split)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="WAV path (default out/sample.wav), caption JSON path for --audio alone (default "
+                                 "out/caption.json), or a folder for --chat (default out/chat) and --eval (required)")
+    g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio instead of refusing it")
+    g = p.add_argument_group("sampling (defaults: paper appendix D)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise; the same seed gives the same audio")
+    g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = no guidance)")
+    g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn (greedy)")
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt-dir", default="checkpoints/toy", help="folder with tokenizer.model, vae.pt and sct.pt")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="SCT weights (the VAE stays float32); auto = bfloat16 on CUDA, float32 elsewhere")
+    args = p.parse_args(argv)
+    modes = [name for name, on in (("--chat", args.chat), ("--eval", args.eval), ("--plan", args.plan),
+                                   ("--audio", args.audio), ("--prompt", args.prompt is not None and not args.plan)) if on]
+    if len(modes) != 1 and modes != ["--audio", "--prompt"]:
+        p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE, --chat or --eval DATA_DIR "
+                f"(got {' and '.join(modes) or 'none'})")
+    if args.eval and not args.out:
+        p.error("--eval needs --out OUT_DIR")
+    if args.steps < 1 or args.max_new_tokens < 1:
+        p.error("--steps and --max-new-tokens must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.prompt is not None and not args.prompt.strip():
+            raise SampleError("--prompt is empty; write an instruction, e.g. --prompt \"rain on a tin roof\"")
+        if not (args.chat or args.eval or args.audio and args.prompt is None):
+            if Path(args.out or "out/sample.wav").suffix.lower() not in (".wav", ".flac"):
+                raise SampleError(f"--out {args.out}: the audio is written as .wav or .flac; end the path with one")
+        dtype = {"auto": torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        m = load_models(args.ckpt_dir, args.device, dtype)
+        opts = Options(args.steps, args.cfg, args.max_new_tokens)
+        with torch.no_grad():
+            (run_chat if args.chat else run_eval if args.eval else run_once)(m, args, opts)
+    except (SampleError, AudioError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
