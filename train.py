@@ -46,9 +46,11 @@ readable step-NNNNNN.json beside each; a run resumes from the newest one (same s
 Final inference files are {"kind", "config", "model"} for torch.load(weights_only=True) and a strict load:
   sct1.pt, sct2.pt, sct.pt   "kind": "sct", "config": asdict(SCTConfig), "model": SCT state dict (float32),
                              "stage": "sct1" | "sct2" | "sct3", "step": int, "train_config": the effective
-                             configuration (dict of sections), "trained_with": {"tokenizer_vocab_size": int,
-                             "tokenizer_sha256": hex digest of tokenizer.model, "vae_audio_dim": int,
-                             "vae_sha256": hex digest of vae.pt}. sample.py should refuse a set that disagrees.
+                             configuration (dict of sections), "history": [logged {"step", "loss", "lm", "diff",
+                             "gnorm", "lr", "ms_per_step", "tok_s", "dropped"}], "evals": [{"step", "loss", "lm",
+                             "diff"}], "trained_with": {"tokenizer_vocab_size": int, "tokenizer_sha256": hex
+                             digest of tokenizer.model, "vae_audio_dim": int, "vae_sha256": hex digest of vae.pt}.
+                             sample.py should refuse a tokenizer.model or vae.pt that disagrees with trained_with.
   flam.pt                    "kind": "flam", "config", "model", "detection": {"auroc", "f1"} on the eval split
   vae.pt                     "kind": "vae", "config", "model", plus its training state ("done": True when final)
 
@@ -68,12 +70,14 @@ import tempfile
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import soundfile as sf
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -140,17 +144,30 @@ class Checkpoints:
         try:
             return torch.load(paths[-1], map_location="cpu", weights_only=True)
         except Exception as e:
-            first_line = (str(e).splitlines() or [""])[0][:200]
-            raise RuntimeError(f"{paths[-1]} is corrupt or unreadable ({type(e).__name__}: {first_line}); delete it to resume "
-                               f"from the checkpoint before it, or delete {self.folder} to start the stage over") from e
+            why = (str(e).splitlines() or [""])[0][:200]
+            raise RuntimeError(f"{paths[-1]} is corrupt or unreadable ({type(e).__name__}: {why}); delete it to "
+                               f"resume from the checkpoint before it, or delete {self.folder} to start over") from e
 
 
 def check_resume(ckpt: dict, settings: dict, folder: Path) -> None:
     """Refuse to resume a run whose settings differ from the checkpoint's (they would change the result)."""
-    diff = {k: (ckpt["settings"].get(k), v) for k, v in settings.items() if ckpt["settings"].get(k) != v}
+    saved, diff = ckpt["settings"], []
+    for k, now in settings.items():
+        old = saved.get(k)
+        if isinstance(now, dict) and isinstance(old, dict):
+            diff += [f"{k}.{f} {old.get(f)!r} -> {now.get(f)!r}" for f in now | old if old.get(f) != now.get(f)]
+        elif old != now:
+            diff.append(f"{k} {old!r} -> {now!r}")
     if diff:
-        raise ValueError(f"{folder} was trained with other settings (saved, now): {json.dumps(diff, default=str)}; "
-                         f"resume with the same flags or delete {folder}")
+        raise ValueError(f"{folder} was trained with other settings: {'; '.join(diff)}; resume with the same flags "
+                         f"or delete {folder}")
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norms, biases or scales)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kw)
 
 
 def cosine_lr(step: int, steps: int, warmup: int, final_fraction: float) -> float:
@@ -204,7 +221,7 @@ class FLAMTrainConfig:
 class SCTTrainConfig:
     seq_len: int = 8192             # tokens per packed row (Gemma 2 was trained on 8192-token documents)
     batch_rows: int = 64            # rows per optimizer step, all ranks and micro-steps together (global batch)
-    micro_rows: int = 1             # rows per forward pass on one rank; accumulation = batch_rows / (micro_rows * world)
+    micro_rows: int = 1             # rows per forward pass per rank; accumulation = batch_rows / (micro_rows * ranks)
     betas: tuple[float, float] = (0.9, 0.95)   # AdamW betas
     weight_decay: float = 0.1       # AdamW weight decay on matrices and embeddings (not norms or biases)
     grad_clip: float = 1.0          # max global gradient norm
@@ -223,7 +240,7 @@ class StageConfig:
     steps: int                      # optimizer steps (Table 5)
     lr: float                       # AdamW peak learning rate (Table 5)
     warmup_steps: int               # linear warm-up steps, then cosine decay (Table 5)
-    mixture: dict[str, float]       # task -> sampling weight; tasks: story edit upload_edit understand t2a caption asr tts text
+    mixture: dict[str, float]       # task -> weight; story edit upload_edit understand t2a caption asr tts text
     validated_only: bool = False    # copilot turns with violations (and the turns after them) are left out (stage 3)
 
 
@@ -478,11 +495,12 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
 def gemma_dir(cfg: DataConfig) -> Path:
     """The Hugging Face Gemma 2 directory, checked: a clear error when it is missing or incomplete."""
     d = Path(cfg.gemma_dir) if cfg.gemma_dir else None
-    missing = ["--data.gemma_dir"] if d is None else [n for n in ("config.json", "tokenizer.model") if not (d / n).is_file()]
+    missing = ["--data.gemma_dir"] if d is None else \
+        [name for name in ("config.json", "tokenizer.model") if not (d / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"Gemma 2 directory {d}: missing {missing}; download the pre-trained (not instruction-"
-                                f"tuned) model once, e.g. `huggingface-cli download google/gemma-2-2b --local-dir DIR`, "
-                                f"and pass --data.gemma_dir DIR")
+        raise FileNotFoundError(f"Gemma 2 directory {d}: missing {missing}; download the pre-trained (not "
+                                f"instruction-tuned) model once, e.g. `huggingface-cli download google/gemma-2-2b "
+                                f"--local-dir DIR`, and pass --data.gemma_dir DIR")
     return d
 
 
@@ -725,14 +743,16 @@ def read_corpus(path: Path, split: str, heldout_every: int) -> list[Record]:
 
 
 def audio_items(cfg: DataConfig, stories: Path) -> list[tuple[str, list[Path], list[tuple[float, float | None]]]]:
-    """Everything the latents stage encodes: (cache key, audio files, (start, end) per file), both splits."""
+    """Everything the latents stage encodes: (cache key, audio files, (start, end or None) s per file), both
+    splits. Story turns are encoded whole; manifest clips are cut at max_clip_seconds."""
     items = []
     for split in ("train", "eval"):
         if (stories / split).is_dir():
             items += [(f"stories/{split}/{c.id}", [t.audio for t in c.turns], [(0.0, None)] * len(c.turns))
                       for c in read_conversations(stories, split)]
         for m in cfg.speech_manifests + cfg.sound_manifests:
-            items += [(r.key, [r.audio], [(r.start, r.end)]) for r in read_manifest(m, split, cfg.heldout_every)]
+            items += [(r.key, [r.audio], [(r.start, min(r.end or math.inf, r.start + cfg.max_clip_seconds))])
+                      for r in read_manifest(m, split, cfg.heldout_every)]
     return items
 
 
@@ -745,20 +765,19 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
     stamp, digest = folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
         raise ValueError(f"{folder} was encoded with another vae.pt; delete {folder} to encode again")
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
     items = audio_items(cfg, data)
     todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
     print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
     for key, paths, spans in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
         latents = []
         for path, (start, end) in zip(paths, spans):
-            audio = load_audio(path)
-            end = min(end or math.inf, start + cfg.max_clip_seconds)
-            audio = audio[:, int(start * SAMPLE_RATE): int(end * SAMPLE_RATE) if math.isfinite(end) else None]
+            audio = load_audio(path)[:, int(start * SAMPLE_RATE): None if end is None else int(end * SAMPLE_RATE)]
             latents.append(vae.encode(audio[None].to(d.device))[0].to("cpu", torch.float16))
         save_checkpoint(folder / f"{key}.pt", {"latents": latents})
     barrier()
-    if d.main:
-        stamp.write_text(digest)
     return folder
 
 
@@ -778,13 +797,11 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips")
     torch.manual_seed(seed)
     model = SmallFLAM(mc)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=tc.lr)
+    opt = adamw(model, tc.lr, tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps, tc.warmup_steps, 0.1))
-    ckpts, settings = Checkpoints(out / "flam", loop.keep_last), {"flam_model": asdict(mc), "flam": asdict(tc), "seed": seed}
-    step, ckpt = 0, Checkpoints(out / "flam", loop.keep_last).load_latest()
+    ckpts = Checkpoints(out / "flam", loop.keep_last)
+    settings = {"flam_model": asdict(mc), "flam": asdict(tc), "seed": seed}
+    step, ckpt = 0, ckpts.load_latest()
     if ckpt:
         check_resume(ckpt, settings, ckpts.folder)
         load_state_dict_strict(model, ckpt["model"], ckpts.paths()[-1])
@@ -863,14 +880,13 @@ class TaskData:
         self.pools = pools
 
     def mixture(self, weights: dict[str, float], strict: bool) -> tuple[list[str], list[float]]:
-        """The tasks with positive weight and data; strict: a weighted task without data is an error."""
+        """The tasks with positive weight and data (strict: at least one, or an error) and their weights."""
         unknown = sorted(set(weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown tasks {unknown} in a stage mixture; known: {', '.join(TASKS)}")
-        empty = [t for t, w in weights.items() if w > 0 and not self.pools[t]]
-        if strict and empty and len(empty) == sum(w > 0 for w in weights.values()):
-            raise ValueError(f"no {self.split} data for any task of the mixture {weights}; check --data and --data.*")
         tasks = [t for t, w in weights.items() if w > 0 and self.pools[t]]
+        if strict and not tasks:
+            raise ValueError(f"no {self.split} data for any task of the mixture {weights}; check --data and --data.*")
         return tasks, [weights[t] for t in tasks]
 
     def latents(self, key: str) -> list[torch.Tensor]:
@@ -903,7 +919,8 @@ class TaskData:
         if task == "t2a":
             return [Turn("user", [turns[0].instruction]), Turn("model", [z[0]])]
         if task == "caption":
-            return [Turn("user", [z[0], rng.choice(REQUESTS["caption"])]), Turn("model", [turns[0].scene.sounds[0].text])]
+            request = rng.choice(REQUESTS["caption"])
+            return [Turn("user", [z[0], request]), Turn("model", [turns[0].scene.sounds[0].text])]
         if task == "understand":
             return [Turn("user", [z[k], rng.choice(REQUESTS["understand"])]), Turn("model", [caption[k]])]
         if task == "story":
@@ -971,7 +988,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             continue
         docs.append(noise_document(ex, torch.Generator().manual_seed(key_seed(*key, len(docs))), dc, cfg_dropout,
                                    data.tok))
-        used += len(ex.ids)
+        used += len(docs[-1]["ids"])                               # CFG dropout may have shortened it
     pad, D = seq_len - used, data.audio_dim
     tail = dict(ids=torch.full((pad,), data.tok.pad_id), labels=torch.full((pad,), -100),
                 audio_mask=torch.zeros(pad, dtype=torch.bool), span_ids=torch.zeros(pad, dtype=torch.long),
@@ -1060,19 +1077,20 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     if ckpt:
         check_resume(ckpt, settings, ckpts.folder)
     sct = sct_from_state(ckpt, ckpts.paths()[-1]) if ckpt else build_sct(stage, cfg, out, trained_with)
+    if (sct.config.vocab_size, sct.config.audio_dim) != (tok.vocab_size, trained_with["vae_audio_dim"]):
+        raise ValueError(f"the SCT has vocab {sct.config.vocab_size} and audio_dim {sct.config.audio_dim}, but "
+                         f"tokenizer.model has {tok.vocab_size} pieces and vae.pt audio_dim "
+                         f"{trained_with['vae_audio_dim']}; use the tokenizer and VAE the SCT was trained with")
     n_params = sum(p.numel() for p in sct.parameters())
     sct.gradient_checkpointing = tc.gradient_checkpointing
     core = TransfusionForcing(sct.to(d.device), dc.loss_weight)
     model = wrap_model(core, d, tc.fsdp and d.world > 1)
     forward = torch.compile(model) if tc.compile else model
-    decay = [p for n, p in core.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in core.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=st.lr, betas=tc.betas, fused=d.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, st.steps, st.warmup_steps, tc.final_lr_fraction))
+    opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, st.steps, st.warmup_steps,
+                                                                       tc.final_lr_fraction))
     step = 0
     if ckpt:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(core, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
@@ -1089,12 +1107,13 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     if d.main:
         print(f"{stage}: training tasks {dict(zip(*mixture))}, held-out tasks {eval_mixture[0]} "
               f"(tasks without data are left out)")
-    autocast = torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) \
-        if d.device.type == "cuda" and tc.dtype != "float32" else contextlib.nullcontext()
+    bf16 = d.device.type == "cuda" and tc.dtype != "float32"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if bf16 else contextlib.nullcontext()
 
     def state_dicts():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)     # gathered from FSDP2 shards
         return get_model_state_dict(sct, options=full), get_optimizer_state_dict(core, opt, options=full)
 
     def run_rows(rows_of, micro_rows, train: bool) -> torch.Tensor:
@@ -1102,14 +1121,14 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
         summed over all ranks; the loss of every token is weighted as in one process with the global batch."""
         rows = list(rows_of)
         counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
-                               for r, s in rows], dtype=torch.float64).sum(0)
+                               for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
         counts = all_sum(counts.to(d.device)).cpu()
         n_text, n_audio = (float(counts[i]) / d.world for i in (0, 1))   # DDP/FSDP average gradients over ranks
         parts = torch.zeros(2, dtype=torch.float64)
         chunks = [rows[i: i + micro_rows] for i in range(0, len(rows), micro_rows)]
         for i, chunk in enumerate(chunks):
             batch = collate([r for r, _ in chunk], d.device)
-            with grad_sync(model, not train or i == len(chunks) - 1), autocast:
+            with grad_sync(model, not train or i == len(chunks) - 1), autocast():
                 total, lm, diff = forward(batch, n_text, n_audio)
                 if train:
                     total.backward()
@@ -1191,9 +1210,11 @@ def main(argv: list[str] | None = None) -> None:
     d = setup_distributed(args.device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (2 * local_world)))
-    if d.main:
-        print(json.dumps({"preset": args.preset, "stage": args.stage, "data": str(args.data), "out": str(args.out),
-                          "seed": args.seed, **{k: asdict(v) for k, v in cfg.items()}}, indent=1, default=str))
+    if d.main:                                                    # the effective configuration, one line per section
+        print(f"run: preset {args.preset}, stage {args.stage}, data {args.data}, out {args.out}, seed {args.seed}, "
+              f"{d.world} rank(s)")
+        for name, section in cfg.items():
+            print(f"{name}: {json.dumps(asdict(section))}")
     stages = PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,)
     try:
         for stage in stages:

@@ -20,7 +20,7 @@ import torch
 
 import train
 from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json, write_dataset
-from diffusion import DiffusionConfig
+from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
 from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, StereoVAE, TextTokenizer, Turn, VAEConfig,
@@ -248,6 +248,14 @@ def test_cfg_dropout_gives_the_unconditional_document(toy):
     assert doc["loss_mask"].sum() == frames, "the unconditional span is the target"
     alpha = torch.cos(doc["t"][doc["audio_mask"]] * torch.pi / 2)
     assert torch.all((alpha > 0) & (alpha < 1)), "the target span is noised (t in (0, 1))"
+    for seed in range(4):                     # Diffusion Forcing: x_t, v and t line up with the clean latents
+        doc = train.noise_document(ex, torch.Generator().manual_seed(seed), DiffusionConfig(), 0.0, tok)
+        at = doc["audio_mask"]
+        x0, _ = v_to_x0_eps(doc["audio"][at], doc["v"][at], doc["t"][at])
+        torch.testing.assert_close(x0, ex.latents, atol=1e-5, rtol=1e-5)
+        span_t = [doc["t"][ex.span_ids == k].unique() for k in (1, 2) if (ex.span_ids == k).any()]
+        assert all(len(u) == 1 for u in span_t), "one time per span"
+        assert torch.equal(doc["loss_mask"], at & (doc["t"] > 0)) and torch.equal(doc["ids"], ex.ids)
 
 
 def test_rows_are_packed_isolated_and_stateless(toy):
@@ -267,8 +275,40 @@ def test_rows_are_packed_isolated_and_stateless(toy):
     assert pad.sum() == 1500 - stats["tokens"] and (row["labels"][pad] == -100).all() and not row["audio_mask"][pad].any()
     assert not (row["loss_mask"] & ~row["audio_mask"]).any() and (row["t"][~row["audio_mask"]] == 0).all()
     assert not (row["labels"][~pad][row["audio_mask"][~pad]] != -100).any(), "no LM loss on audio frames"
+    dropped, stats = train.draw_row(td, mixture, 1500, dc, 1.0, 0, 7, 3)      # every document unconditional
+    assert all(v.shape[0] == 1500 for v in dropped.values()) and (dropped["doc_ids"] == stats["docs"]).sum() == \
+        1500 - stats["tokens"] and dropped["audio_mask"].sum() == dropped["loss_mask"].sum() > 0
     _, short = train.draw_row(td, mixture, 400, dc, 0.1, 0, 7, 3)
     assert short["dropped"] > 0, "documents longer than a row are dropped and counted"
+
+
+def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE                          # 1 s tones
+    for name, f in (("a.wav", 440), ("b.wav", 660)):
+        sf.write(tmp_path / name, (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32), SAMPLE_RATE)
+    lines = {"speech.jsonl": ['{"audio": "a.wav", "text": "hello there"}', '{"audio": "b.wav", "text": "good night", '
+                              '"start": 0.25, "end": 0.75}', '{"audio": "a.wav", "text": "held out"}'],
+             "sounds.jsonl": ['{"audio": "b.wav", "text": "a high beep"}'],
+             "corpus.jsonl": ['{"text": "One document."}', '{"text": "Another one."}', '{"text": "Held out."}']}
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    cfg = train.DataConfig(speech_manifests=(str(tmp_path / "speech.jsonl"),), sound_manifests=(str(tmp_path / "sounds.jsonl"),),
+                           text_corpora=(str(tmp_path / "corpus.jsonl"),), heldout_every=3)
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "vae.pt").write_bytes((toy[1] / "vae.pt").read_bytes())
+    train.run_latents(cfg, tmp_path / "no-stories", out, train.Dist())
+    td = train.TaskData(cfg, tmp_path / "no-stories", out / "latents", "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)
+    assert [r.text for _, r, _ in td.pools["asr"]] == ["hello there", "good night"]
+    assert [r.text for _, r, _ in td.pools["text"]] == ["One document.", "Another one."]
+    (user, model), cut = td.build("asr", td.pools["asr"][1], random.Random(0)), td.pools["asr"][1][1]
+    assert user.parts[0].shape == (20, 8), "0.25-0.75 s of audio is 20 frames at 40 Hz"
+    assert user.parts[1] in train.REQUESTS["asr"] and model.parts == ["good night"]
+    (user, model) = td.build("tts", td.pools["tts"][0], random.Random(0))
+    assert "hello there" in user.parts[0] and model.parts[0].shape == (40, 8)
+    (user, model) = td.build("t2a", td.pools["t2a"][0], random.Random(0))
+    assert user.parts == ["a high beep"] and torch.is_tensor(model.parts[0])
+    assert [r.text for _, r, _ in train.TaskData(cfg, tmp_path, out / "latents", "eval", td.tok, 8).pools["asr"]] == ["held out"]
 
 
 # -----------------------------------------------------------------------------
