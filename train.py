@@ -258,16 +258,16 @@ PRESETS = {
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
-        flam=FLAMTrainConfig(steps=900, batch_size=8, lr=2e-3, warmup_steps=50, eval_clips=180),
-        flam_loop=LoopConfig(log_every=50, eval_every=300, save_every=100),
+        flam=FLAMTrainConfig(steps=2000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
+        flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
         sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50),
         diffusion=DiffusionConfig(),
-        sct1=StageConfig(steps=150, lr=1e-3, warmup_steps=30, mixture=dict(STAGE1, text=0.5)),
-        sct2=StageConfig(steps=450, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
+        sct1=StageConfig(steps=100, lr=1e-3, warmup_steps=30, mixture=dict(STAGE1, text=0.5)),
+        sct2=StageConfig(steps=360, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
                                                                             **STORIES)),
-        sct3=StageConfig(steps=100, lr=3e-4, warmup_steps=10, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
-                                                                           **STORIES), validated_only=True),
+        sct3=StageConfig(steps=80, lr=3e-4, warmup_steps=10, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
+                                                                          **STORIES), validated_only=True),
     ),
     # Paper scale (Table 5; batch size and sequence length are not given in the paper: 64 x 8192 tokens).
     "audiochat": dict(

@@ -4,7 +4,6 @@ torchrun DDP/FSDP2 (gloo), exact resume after a hard stop, and the clear errors.
 The fixtures are made here: a 5 + 2 conversation copilot dataset, a tokenizer trained on it, a tiny random
 VAE, the latents stage run on them, and a tiny SCT given by flags.
 """
-import argparse
 import json
 import os
 import random
@@ -23,8 +22,7 @@ from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
-from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, StereoVAE, TextTokenizer, Turn, VAEConfig,
-                       decode_conversation, encode_conversation)
+from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -205,7 +203,8 @@ def test_latents_are_the_normalised_vae_encoding_and_resumable(toy, capsys):
 def task_data(toy, split="train", **kw) -> train.TaskData:
     data, out = toy
     cfg = train.DataConfig(**kw)
-    return train.TaskData(cfg, data, out / "latents", split, TextTokenizer(out / "tokenizer.model"), 2 * TINY.latent_dim)
+    tok = TextTokenizer(out / "tokenizer.model")
+    return train.TaskData(cfg, data, out / "latents", split, tok, 2 * TINY.latent_dim)
 
 
 def test_documents_follow_the_paper_layout(toy):
@@ -228,7 +227,8 @@ def test_documents_follow_the_paper_layout(toy):
     turns, conv = doc("edit", 1)             # a window that starts at turn 0 is the plain chat
     assert [t.parts[0] for t in turns[::2]] == [conv.turns[0].instruction, conv.turns[1].instruction]
     (user, model), conv = doc("understand", 1)
-    assert user.parts[1] in train.REQUESTS["understand"] and model.parts == [scene_to_json(caption_of(conv.turns[1].scene))]
+    assert user.parts[1] in train.REQUESTS["understand"]
+    assert model.parts == [scene_to_json(caption_of(conv.turns[1].scene))]
     (user, model), conv = doc("caption", 0)
     assert model.parts == [conv.turns[0].scene.sounds[0].text] and conv.turns[0].kind == "t2a"
     (user, model), conv = doc("t2a", 0)
@@ -272,7 +272,8 @@ def test_rows_are_packed_isolated_and_stateless(toy):
     assert row["ids"][starts[: stats["docs"]]].eq(td.tok.bos_id).all(), "every document starts with <bos>"
     assert torch.equal(row["doc_ids"], row["doc_ids"].sort().values), "documents are contiguous runs"
     pad = row["doc_ids"] == stats["docs"]
-    assert pad.sum() == 1500 - stats["tokens"] and (row["labels"][pad] == -100).all() and not row["audio_mask"][pad].any()
+    assert pad.sum() == 1500 - stats["tokens"] and (row["labels"][pad] == -100).all()
+    assert not row["audio_mask"][pad].any()
     assert not (row["loss_mask"] & ~row["audio_mask"]).any() and (row["t"][~row["audio_mask"]] == 0).all()
     assert not (row["labels"][~pad][row["audio_mask"][~pad]] != -100).any(), "no LM loss on audio frames"
     dropped, stats = train.draw_row(td, mixture, 1500, dc, 1.0, 0, 7, 3)      # every document unconditional
@@ -292,23 +293,26 @@ def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
              "corpus.jsonl": ['{"text": "One document."}', '{"text": "Another one."}', '{"text": "Held out."}']}
     for name, rows in lines.items():
         (tmp_path / name).write_text("\n".join(rows) + "\n")
-    cfg = train.DataConfig(speech_manifests=(str(tmp_path / "speech.jsonl"),), sound_manifests=(str(tmp_path / "sounds.jsonl"),),
-                           text_corpora=(str(tmp_path / "corpus.jsonl"),), heldout_every=3)
+    cfg = train.DataConfig(speech_manifests=(str(tmp_path / "speech.jsonl"),), heldout_every=3,
+                           sound_manifests=(str(tmp_path / "sounds.jsonl"),),
+                           text_corpora=(str(tmp_path / "corpus.jsonl"),))
     out = tmp_path / "ck"
     out.mkdir()
     (out / "vae.pt").write_bytes((toy[1] / "vae.pt").read_bytes())
     train.run_latents(cfg, tmp_path / "no-stories", out, train.Dist())
-    td = train.TaskData(cfg, tmp_path / "no-stories", out / "latents", "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)
+    tok = TextTokenizer(toy[1] / "tokenizer.model")
+    td = train.TaskData(cfg, tmp_path / "no-stories", out / "latents", "train", tok, 8)
     assert [r.text for _, r, _ in td.pools["asr"]] == ["hello there", "good night"]
     assert [r.text for _, r, _ in td.pools["text"]] == ["One document.", "Another one."]
-    (user, model), cut = td.build("asr", td.pools["asr"][1], random.Random(0)), td.pools["asr"][1][1]
+    user, model = td.build("asr", td.pools["asr"][1], random.Random(0))
     assert user.parts[0].shape == (20, 8), "0.25-0.75 s of audio is 20 frames at 40 Hz"
     assert user.parts[1] in train.REQUESTS["asr"] and model.parts == ["good night"]
     (user, model) = td.build("tts", td.pools["tts"][0], random.Random(0))
     assert "hello there" in user.parts[0] and model.parts[0].shape == (40, 8)
     (user, model) = td.build("t2a", td.pools["t2a"][0], random.Random(0))
     assert user.parts == ["a high beep"] and torch.is_tensor(model.parts[0])
-    assert [r.text for _, r, _ in train.TaskData(cfg, tmp_path, out / "latents", "eval", td.tok, 8).pools["asr"]] == ["held out"]
+    held = train.TaskData(cfg, tmp_path, out / "latents", "eval", tok, 8)
+    assert [r.text for _, r, _ in held.pools["asr"]] == ["held out"]
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +405,7 @@ def test_clear_errors(toy, single_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="huggingface-cli download google/gemma-2-2b"):
         train.gemma_dir(train.DataConfig(gemma_dir=str(tmp_path / "no-gemma")))
     with pytest.raises(FileNotFoundError, match="--data.gemma_dir"):
-        train.main(["--preset", "audiochat", "--stage", "tokenizer", "--out", str(tmp_path / "paper"), "--threads", "1"])
+        train.main(["--preset", "audiochat", "--stage", "tokenizer", "--out", str(tmp_path / "p"), "--threads", "1"])
     out = fresh_copy(toy, tmp_path / "ck")
     argv = ["--stage", "sct1", "--data", str(toy[0]), "--out", str(out), *TINY_SCT]
     with pytest.raises(SystemExit):
