@@ -1,26 +1,94 @@
-"""Training for AudioChat. This first version holds the VAE stage (paper section 4.1, appendix B.1).
+"""Every training stage of AudioChat, from the data to the three SCT stages (paper section 4.3, appendix C).
 
-    python train.py --stage vae --preset toy --data DIR --out checkpoints/toy
+    python train.py --preset toy                       # every toy stage in order, skipping finished ones
+    python train.py --preset toy --stage sct2          # one stage
+    python train.py --preset toy --help                # every flag, with the preset's values
+    torchrun --standalone --nproc_per_node=8 train.py --preset audiochat --stage sct1 --data.gemma_dir DIR
 
-trains the stereo VAE of tokenizer.py on random crops of every .wav/.flac file under DIR, logs one line
-every --log-every steps, evaluates reconstruction on held-out files, fits the latent normalisation at
-the end and writes --out/vae.pt atomically. Run it again to resume exactly where it stopped. The
-SCT and FLAM stages join this file later; `save_checkpoint` is shared by all of them.
+Stages (--stage; `all` runs the preset's list; each leaves its final file in --out, default checkpoints/<preset>):
+  data       copilot.write_dataset into --data (toy only: 2000 + 60 conversations, seed 0)   -> data/toy/
+  tokenizer  toy: a sentencepiece model trained on the training split's text; audiochat: Gemma's -> tokenizer.model
+  vae        the stereo VAE (tokenizer.py) on random crops of every audio file under --data -> vae.pt
+  latents    every turn's audio encoded once by the frozen VAE, normalised, cached per item     -> latents/
+  flam       metrics.SmallFLAM on copilot scenes with their true activity; eval AUROC/F1      -> flam.pt
+  sct1       Table 5 stage 1: single-sound text-to-audio, captioning, ASR, TTS, text LM       -> sct1.pt
+  sct2       stage 2: + storytelling, multi-turn editing, editing an upload, understanding    -> sct2.pt
+  sct3       stage 3: the stage 2 mixture on validated turns only (no violations)             -> sct.pt
+Each SCT stage starts from the previous stage's weights (stage 1 from Gemma 2 2B at paper scale, from
+scratch in the toy). data, tokenizer, vae and flam run in one process; latents and the SCT stages also
+run under torchrun (latents sharded by item; SCT with DDP, or FSDP2 with --sct.fsdp true).
+
+Configuration. Every setting is a field of a dataclass section (data, vae_model, vae, flam_model, flam,
+sct_model, sct, diffusion, sct1-3, *_loop) and has a flag `--SECTION.FIELD VALUE` (tuples "a,b", mixtures
+"story=1,edit=2", booleans true/false, None "none"), its help being the field's comment. The effective
+configuration is printed at start and saved in every checkpoint.
+
+Data (section 3.1, Eqs. 1-3), one document per sampled task, in tokenizer.encode_conversation's layout:
+  story        user [instruction_0]                  -> model [plan_0 JSON, audio_0]
+  edit         the turns up to k (k >= 1): user [instruction_j] -> model [plan_j JSON, audio_j] for each j
+               (Eq. 3); a window that starts after turn 0 opens with turn s as an upload edit (below)
+  upload_edit  user [audio_{k-1}, instruction_k]     -> model [caption JSON of audio_{k-1}, plan_k JSON, audio_k]
+  understand   user [audio_k, a describe request]    -> model [caption JSON of audio_k]      (copilot.caption_of)
+  t2a          user [caption]                        -> model [audio]      (single-sound conversations, manifests)
+  caption      user [audio, a caption request]       -> model [caption]
+  asr / tts    user [audio, a transcribe request] -> model [transcript];  user [a say request] -> model [audio]
+  text         <bos> text <eos>, LM loss on every token
+Plans and captions are copilot.scene_to_json text; model text parts of one turn are joined by "\\n" by the layout.
+CFG dropout replaces a document by `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>\\n`
+(diffusion.sample_uncond_span). Documents are packed into rows of --sct.seq_len tokens (positions restart
+per document, no attention across documents); a document longer than a row is dropped and counted in the
+log. Randomness is stateless: row j of step s is drawn from random.Random("seed|s|j") and each document's
+CFG dropout, diffusion times and noise from a generator keyed by (seed, s, j, document), so any number of
+ranks sees the same global batch and resume needs only the step counter.
+
+Checkpoints. Training checkpoints: OUT/<stage>/step-NNNNNN.pt (the last --*_loop.keep_last kept) with a
+readable step-NNNNNN.json beside each; a run resumes from the newest one (same settings required).
+Final inference files are {"kind", "config", "model"} for torch.load(weights_only=True) and a strict load:
+  sct1.pt, sct2.pt, sct.pt   "kind": "sct", "config": asdict(SCTConfig), "model": SCT state dict (float32),
+                             "stage": "sct1" | "sct2" | "sct3", "step": int, "train_config": the effective
+                             configuration (dict of sections), "history": [logged {"step", "loss", "lm", "diff",
+                             "gnorm", "lr", "ms_per_step", "tok_s", "dropped"}], "evals": [{"step", "loss", "lm",
+                             "diff"}], "trained_with": {"tokenizer_vocab_size": int, "tokenizer_sha256": hex
+                             digest of tokenizer.model, "vae_audio_dim": int, "vae_sha256": hex digest of vae.pt}.
+                             sample.py should refuse a tokenizer.model or vae.pt that disagrees with trained_with.
+  flam.pt                    "kind": "flam", "config", "model", "detection": {"auroc", "f1"} on the eval split
+  vae.pt                     "kind": "vae", "config", "model", plus its training state ("done": True when final)
+
+Test: python -m pytest -q tests/test_train.py
 """
 import argparse
+import contextlib
+import hashlib
+import inspect
+import json
 import math
 import os
+import random
+import re
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import soundfile as sf
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, StereoVAE, discriminator_loss,
-                       load_audio, load_checkpoint, load_state_dict_strict, mel_loss, stft_distance, vae_loss)
+from copilot import DatasetConfig, caption_of, conversation_path, read_conversations, scene_to_json, write_dataset
+from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_uncond_span, span_loss_mask,
+                       span_to_tokens, transfusion_loss)
+from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
+from model import SCT, SCT_PRESETS, SCTConfig
+from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
+                       discriminator_loss, encode_conversation, load_audio, load_checkpoint, load_state_dict_strict,
+                       mel_loss, stft_distance, train_text_tokenizer, vae_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -40,8 +108,404 @@ def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
             os.remove(tmp)
 
 
+def save_json(path: Path, obj) -> None:
+    """Atomic, human-readable JSON (temporary file, then os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Checkpoints:
+    """Training checkpoints of one stage: folder/step-NNNNNN.pt + .json, the newest keep_last kept."""
+
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder, self.keep_last = Path(folder), keep_last
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("step-*.pt"))
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        path = self.folder / f"step-{step:06d}.pt"
+        save_checkpoint(path, state)
+        save_json(path.with_suffix(".json"), {"step": step, **meta})
+        for old in self.paths()[: -self.keep_last]:
+            old.unlink()
+            old.with_suffix(".json").unlink(missing_ok=True)
+
+    def load_latest(self) -> dict | None:
+        """The newest checkpoint, or None; a clear error when it cannot be read."""
+        paths = self.paths()
+        if not paths:
+            return None
+        try:
+            return torch.load(paths[-1], map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = (str(e).splitlines() or [""])[0][:200]
+            raise RuntimeError(f"{paths[-1]} is corrupt or unreadable ({type(e).__name__}: {why}); delete it to "
+                               f"resume from the checkpoint before it, or delete {self.folder} to start over") from e
+
+
+def check_resume(ckpt: dict, settings: dict, folder: Path) -> None:
+    """Refuse to resume a run whose settings differ from the checkpoint's (they would change the result)."""
+    saved, diff = ckpt["settings"], []
+    for k, now in settings.items():
+        old = saved.get(k)
+        if isinstance(now, dict) and isinstance(old, dict):
+            diff += [f"{k}.{f} {old.get(f)!r} -> {now.get(f)!r}" for f in now | old if old.get(f) != now.get(f)]
+        elif old != now:
+            diff.append(f"{k} {old!r} -> {now!r}")
+    if diff:
+        raise ValueError(f"{folder} was trained with other settings: {'; '.join(diff)}; resume with the same flags "
+                         f"or delete {folder}")
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norms, biases or scales)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kw)
+
+
+def cosine_lr(step: int, steps: int, warmup: int, final_fraction: float) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to final_fraction at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 # -----------------------------------------------------------------------------
-# Audio data: random crops of every audio file under a folder
+# Configuration: dataclass sections, presets as named data, flags generated from the fields
+
+@dataclass
+class LoopConfig:
+    log_every: int = 50       # print averaged losses every N steps
+    eval_every: int = 500     # evaluate on held-out data every N steps (and at the end)
+    save_every: int = 200     # write a resumable training checkpoint every N steps
+    keep_last: int = 3        # training checkpoints kept per stage (the VAE keeps one, vae.pt)
+
+
+@dataclass
+class DataConfig:
+    copilot_n: int = 2000               # `data` stage: training conversations copilot.write_dataset writes
+    copilot_eval_n: int = 60            # `data` stage: evaluation conversations
+    copilot_seed: int = 0               # `data` stage: dataset seed (conversation i depends on seed, split, i)
+    copilot_workers: int = 1            # `data` stage: processes (the output does not depend on it)
+    vocab_size: int = 2048              # toy tokenizer: sentencepiece vocabulary size
+    gemma_dir: str = ""                 # Hugging Face Gemma 2 directory (config.json, tokenizer.model, safetensors)
+    speech_manifests: tuple[str, ...] = ()  # JSONL {"audio", "text", ["start", "end"]} of speech (ASR and TTS)
+    sound_manifests: tuple[str, ...] = ()   # JSONL {"audio", "text", ["start", "end"]} of sounds (captioning, T2A)
+    text_corpora: tuple[str, ...] = ()      # JSONL {"text"} documents for the text LM task
+    heldout_every: int = 100            # manifests and corpora: every N-th record is held out for evaluation
+    max_clip_seconds: float = 30.0      # manifests: audio longer than this is cut to its first seconds
+    context_turns: int = 2              # edit task: at most this many turns per document (section 3.1, Eq. 3)
+
+
+@dataclass
+class FLAMTrainConfig:
+    steps: int = 20_000             # optimizer steps
+    batch_size: int = 16            # clips per step
+    captions: int = 8               # captions per clip: its sounds (at most this many) and negatives from the pool
+    lr: float = 1e-3                # AdamW peak learning rate
+    warmup_steps: int = 200         # linear warm-up, then cosine decay to lr / 10
+    weight_decay: float = 0.01      # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max gradient norm
+    eval_clips: int = 180           # held-out clips (eval split turns) for frame AUROC / F1
+
+
+@dataclass
+class SCTTrainConfig:
+    seq_len: int = 8192             # tokens per packed row (Gemma 2 was trained on 8192-token documents)
+    batch_rows: int = 64            # rows per optimizer step, all ranks and micro-steps together (global batch)
+    micro_rows: int = 1             # rows per forward pass per rank; accumulation = batch_rows / (micro_rows * ranks)
+    betas: tuple[float, float] = (0.9, 0.95)   # AdamW betas
+    weight_decay: float = 0.1       # AdamW weight decay on matrices and embeddings (not norms or biases)
+    grad_clip: float = 1.0          # max global gradient norm
+    final_lr_fraction: float = 0.1  # cosine decay ends at lr * this (Table 5 gives no floor)
+    eval_rows: int = 64             # held-out rows per evaluation, spread over the ranks
+    dtype: str = "bfloat16"         # autocast dtype on GPU ("bfloat16" | "float32"); the CPU trains in float32
+    from_gemma: bool = False        # stage 1 starts from Gemma 2 2B in --data.gemma_dir (else a fresh init)
+    fsdp: bool = False              # under torchrun: FSDP2 (fully_shard per block, then the root) instead of DDP
+    compile: bool = False           # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute each block in the backward pass (less activation memory)
+    peak_tflops: float = 989.0      # accelerator peak for the MFU in the log (H100 SXM bf16 dense: 989)
+
+
+@dataclass
+class StageConfig:
+    steps: int                      # optimizer steps (Table 5)
+    lr: float                       # AdamW peak learning rate (Table 5)
+    warmup_steps: int               # linear warm-up steps, then cosine decay (Table 5)
+    mixture: dict[str, float]       # task -> weight; story edit upload_edit understand t2a caption asr tts text
+    validated_only: bool = False    # copilot turns with violations (and the turns after them) are left out (stage 3)
+
+
+TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
+STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
+STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
+
+PRESET_STAGES = {
+    "toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
+    "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3"),   # the VAE: `--stage vae` first, one process
+}
+PRESETS = {
+    # Toy: ~2.5 h on a 2-core CPU. The toy world has no separate speech corpus (asr/tts weights are unused)
+    # and trains from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
+    "toy": dict(
+        data=DataConfig(max_clip_seconds=8.0),
+        vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
+        flam=FLAMTrainConfig(steps=2000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
+        flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
+        sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
+        sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50),
+        diffusion=DiffusionConfig(),
+        sct1=StageConfig(steps=100, lr=1e-3, warmup_steps=30, mixture=dict(STAGE1, text=0.5)),
+        sct2=StageConfig(steps=360, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
+                                                                            **STORIES)),
+        sct3=StageConfig(steps=80, lr=3e-4, warmup_steps=10, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
+                                                                          **STORIES), validated_only=True),
+    ),
+    # Paper scale (Table 5; batch size and sequence length are not given in the paper: 64 x 8192 tokens).
+    "audiochat": dict(
+        data=DataConfig(context_turns=5),
+        vae_loop=LoopConfig(log_every=100, eval_every=5000, save_every=2000),
+        flam=FLAMTrainConfig(),
+        flam_loop=LoopConfig(log_every=100, eval_every=2000, save_every=2000),
+        sct=SCTTrainConfig(from_gemma=True),
+        sct_loop=LoopConfig(log_every=10, eval_every=2000, save_every=1000, keep_last=2),
+        diffusion=DiffusionConfig(),
+        sct1=StageConfig(steps=100_000, lr=2.5e-5, warmup_steps=500, mixture=STAGE1),
+        sct2=StageConfig(steps=100_000, lr=2.5e-5, warmup_steps=0, mixture=dict(STAGE1, **STORIES)),
+        sct3=StageConfig(steps=20_000, lr=1.0e-4, warmup_steps=2500, mixture=dict(STAGE1, **STORIES),
+                         validated_only=True),
+    ),
+}
+
+
+def preset_sections(preset: str) -> dict:
+    """Every config section of a preset: this file's and the model presets of tokenizer/model/metrics."""
+    return {"data": PRESETS[preset]["data"], "vae_model": VAE_PRESETS[preset], "vae": VAE_TRAIN_PRESETS[preset],
+            **{k: PRESETS[preset][k] for k in ("vae_loop", "flam", "flam_loop")}, "flam_model": FLAM_PRESETS[preset],
+            "sct_model": SCT_PRESETS[preset],
+            **{k: PRESETS[preset][k] for k in ("sct", "sct_loop", "diffusion", "sct1", "sct2", "sct3")}}
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each dataclass field's comment (on its line, or the comment lines just above it), for --help."""
+    names, helps, above = {f.name for f in fields(cls)}, {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", s)
+        if m and m.group(1) in names:
+            helps[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
+    return helps
+
+
+def parse_value(text: str, hint):
+    """A flag's text as the field's type: int/float/str, bool (true/false), X | None ("none"), tuples
+    ("a,b,c") and dict[str, float] ("k=v,k=v")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return None if text.lower() == "none" else parse_value(text, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if origin is tuple:
+        return tuple(parse_value(x.strip(), args[0]) for x in text.split(",") if x.strip())
+    if origin is dict:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"expected key=value pairs separated by commas, got {text!r}")
+        return {k.strip(): parse_value(v.strip(), args[1]) for k, v in pairs}
+    return hint(text)
+
+
+def add_section_flags(parser: argparse.ArgumentParser, name: str, cfg) -> None:
+    """--name.field for every field of the dataclass instance cfg, help from the field comments."""
+    group = parser.add_argument_group(f"{name} ({type(cfg).__name__})")
+    hints, helps = typing.get_type_hints(type(cfg)), field_help(type(cfg))
+    for f in fields(cfg):
+        def convert(text, hint=hints[f.name]):
+            return parse_value(text, hint)
+        convert.__name__ = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        value = getattr(cfg, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else \
+            ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", type=convert, default=argparse.SUPPRESS,
+                           metavar="V", help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The run flags and the effective config sections (the preset's, with --section.field overrides)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    preset = pre.parse_known_args(argv)[0].preset
+    sections = preset_sections(preset)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--preset P] [--stage S] [run flags] [--SECTION.FIELD V ...]")
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="toy", help="model and schedule scale")
+    run.add_argument("--stage", choices=("all",) + PRESET_STAGES["toy"], default="all",
+                     help="the stage to run; `all` runs the preset's stages in order, skipping finished ones")
+    run.add_argument("--data", type=Path, default=None, help="copilot dataset folder (default data/<preset>)")
+    run.add_argument("--out", type=Path, default=None, help="checkpoint folder (default checkpoints/<preset>)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights, data order, CFG dropout and noise")
+    run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: half the "
+                     "cores per process, at least 1: idle OpenMP threads spinning on a loaded machine cost up to 20x)")
+    run.add_argument("--stop-after", type=int, default=None, metavar="K", help="stop hard after step K of a stage, "
+                     "without a final save (to test resuming)")
+    for name, cfg in sections.items():
+        add_section_flags(parser, name, cfg)
+    args = parser.parse_args(argv)
+    overrides = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            name, f = key.split(".")
+            overrides.setdefault(name, {})[f] = value
+    args.data = args.data or Path("data") / args.preset
+    args.out = args.out or Path("checkpoints") / args.preset
+    return args, {name: replace(cfg, **overrides.get(name, {})) for name, cfg in sections.items()}
+
+
+# -----------------------------------------------------------------------------
+# Distributed: torchrun env -> process group -> DDP or FSDP2
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """Under torchrun (RANK set) join the process group: nccl on GPU, gloo on CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if "RANK" not in os.environ:
+        return Dist(device=dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_model(core: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2: fully_shard every transformer block, then the root (parameters become DTensor shards)."""
+    if d.world == 1:
+        return core
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        for block in core.sct.model.layers:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(core, mesh=mesh)
+    return DDP(core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def grad_sync(model: torch.nn.Module, on: bool):
+    """Gradient accumulation: skip the all-reduce (DDP no_sync) or reduce-scatter (FSDP2) on non-final micro-steps."""
+    if isinstance(model, DDP) and not on:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+def single_process_stage(name: str, d: Dist, out: Path) -> None:
+    if d.world > 1:
+        raise RuntimeError(f"stage {name} runs in one process: run `python train.py --stage {name} --out {out}` "
+                           f"first, then torchrun the later stages")
+
+
+# -----------------------------------------------------------------------------
+# Stage: data (toy) and tokenizer
+
+def run_data(cfg: DataConfig, data: Path, d: Dist) -> None:
+    """copilot.write_dataset(data, n, eval_n), skipped when every conversation file is there."""
+    splits = (("train", cfg.copilot_n), ("eval", cfg.copilot_eval_n))
+    if all(conversation_path(data, s, i, DatasetConfig().shard_size).exists() for s, n in splits for i in range(n)):
+        print(f"data: {data} holds {cfg.copilot_n} + {cfg.copilot_eval_n} conversations; skipping")
+        return
+    single_process_stage("data", d, data)
+    stats = write_dataset(data, cfg.copilot_n, cfg.copilot_eval_n, DatasetConfig(seed=cfg.copilot_seed),
+                          cfg.copilot_workers)
+    print(f"data: {json.dumps(stats)}")
+
+
+REQUESTS = {   # user wordings per task, varied so the model keys on the audio and not on one phrase
+    "understand": ("Describe this audio.", "What do you hear in this clip?", "Describe the sound scene.",
+                   "List every sound in this recording.", "What is happening in this audio?",
+                   "Write the scene plan of this audio."),
+    "caption": ("Caption this sound.", "What sound is this?", "Describe this sound in a few words.",
+                "Write a short caption for this audio."),
+    "asr": ("Transcribe this speech.", "What is being said?", "Write down what you hear.", "Transcribe the recording."),
+    "tts": ("Say: {}", "Read this aloud: {}", "Speak the following text: {}", "Please say \"{}\""),
+}
+
+
+def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
+    """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
+    path = out / "tokenizer.model"
+    if path.exists():
+        print(f"tokenizer: {path} exists; skipping")
+        return path
+    if preset != "toy":
+        src = gemma_dir(cfg) / "tokenizer.model"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        return path
+    texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
+    for conv in read_conversations(data, "train"):
+        texts.append(conv.seed_text)
+        for turn in conv.turns:
+            texts += [turn.instruction, scene_to_json(turn.scene), scene_to_json(caption_of(turn.scene))]
+    tok = train_text_tokenizer(texts, path, cfg.vocab_size)
+    print(f"tokenizer: {tok.vocab_size} pieces from {len(texts)} texts -> {path}")
+    return path
+
+
+def gemma_dir(cfg: DataConfig) -> Path:
+    """The Hugging Face Gemma 2 directory, checked: a clear error when it is missing or incomplete."""
+    d = Path(cfg.gemma_dir) if cfg.gemma_dir else None
+    missing = ["--data.gemma_dir"] if d is None else \
+        [name for name in ("config.json", "tokenizer.model") if not (d / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Gemma 2 directory {d}: missing {missing}; download the pre-trained (not "
+                                f"instruction-tuned) model once, e.g. `huggingface-cli download google/gemma-2-2b "
+                                f"--local-dir DIR`, and pass --data.gemma_dir DIR")
+    return d
+
+
+# -----------------------------------------------------------------------------
+# Audio data for the VAE: random crops of every audio file under a folder
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -139,22 +603,18 @@ def evaluate_vae(vae: StereoVAE, clips: list[torch.Tensor]) -> dict[str, float]:
     return {"stft": stft / len(clips), "mel": mel / len(clips)}
 
 
-def train_vae(args: argparse.Namespace) -> Path:
-    """The VAE stage; returns the path of vae.pt."""
-    cfg = VAE_PRESETS[args.preset]
-    cfg = replace(cfg, gan=False) if args.no_gan else cfg
-    tc = VAE_TRAIN_PRESETS[args.preset]
-    tc = replace(tc, **{k: v for k, v in [("steps", args.steps), ("batch_size", args.batch_size)] if v is not None})
-    out = Path(args.out) / "vae.pt"
-    files = find_audio(args.data)
+def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out_dir: Path, seed: int) -> Path:
+    """The VAE stage (cfg: tokenizer.VAEConfig); returns the path of vae.pt."""
+    out = Path(out_dir) / "vae.pt"
+    files = find_audio(data)
     k = max(2, round(1 / tc.heldout_fraction))
     heldout = files[k - 1::k] if len(files) >= 2 else []
     train = [f for f in files if f not in heldout]
     clips = [load_audio(f[0])[:, : int(tc.eval_seconds * SAMPLE_RATE)] for f in heldout[:16]]
-    print(f"vae: {len(train)} training files, {len(heldout)} held out, under {args.data}")
+    print(f"vae: {len(train)} training files, {len(heldout)} held out, under {data}")
 
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)                 # data order and crops
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)                      # data order and crops
     vae = StereoVAE(cfg)
     disc = Discriminator(cfg) if cfg.gan else None
     opt = torch.optim.AdamW(vae.parameters(), tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -206,21 +666,21 @@ def train_vae(args: argparse.Namespace) -> Path:
         for name, value in {"loss": loss.item(), **parts}.items():
             sums[name] = sums.get(name, 0.0) + value
         n, done_steps = n + 1, step + 1
-        if done_steps % args.log_every == 0 or done_steps == tc.steps:
+        if done_steps % loop.log_every == 0 or done_steps == tc.steps:
             ms = 1000 * (time.perf_counter() - t0) / n
             tqdm.write(f"step {done_steps:6d} | " + " ".join(f"{k} {v / n:.4f}" for k, v in sums.items()) +
                        f" | lr {opt.param_groups[0]['lr']:.2e} | {ms:.0f} ms/step")
             sums, n, t0 = {}, 0, time.perf_counter()
-        if clips and (done_steps % args.eval_every == 0 or done_steps == tc.steps):
+        if clips and (done_steps % loop.eval_every == 0 or done_steps == tc.steps):
             vae.eval()
             tqdm.write(f"eval {done_steps:6d} | held-out " +
                        " ".join(f"{k} {v:.4f}" for k, v in evaluate_vae(vae, clips).items()))
             vae.train()
             sums, n, t0 = {}, 0, time.perf_counter()              # ms/step counts training only
-        if done_steps % args.save_every == 0 and done_steps < tc.steps:
+        if done_steps % loop.save_every == 0 and done_steps < tc.steps:
             save(done_steps, done=False)
     vae.eval()
-    stats_gen = torch.Generator().manual_seed(args.seed + 1)
+    stats_gen = torch.Generator().manual_seed(seed + 1)
     vae.fit_latent_stats(crop_batch(train, 8, num_samples, stats_gen) for _ in range(math.ceil(tc.stats_crops / 8)))
     print(f"vae: latent normalisation fitted, |shift| mean {vae.latent_shift.abs().mean():.3f}, "
           f"scale mean {vae.latent_scale.mean():.3f}")
@@ -230,32 +690,559 @@ def train_vae(args: argparse.Namespace) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# Paper-scale readers (documented JSONL formats) and the latent cache
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = parser.add_argument_group("what to train")
-    what.add_argument("--stage", choices=["vae"], default="vae", help="which stage to run (only vae so far)")
-    what.add_argument("--preset", choices=sorted(VAE_PRESETS), default="toy", help="model and schedule size")
-    what.add_argument("--data", type=Path, default=None, help="folder searched recursively for .wav/.flac "
-                      "(default data/<preset>, where `python copilot.py --out data/<preset>` writes)")
-    what.add_argument("--out", type=Path, default=None, help="checkpoint folder (default checkpoints/<preset>)")
-    sched = parser.add_argument_group("schedule overrides (default: the preset's)")
-    sched.add_argument("--steps", type=int, default=None, help="total optimizer steps")
-    sched.add_argument("--batch-size", type=int, default=None, help="crops per step")
-    sched.add_argument("--no-gan", action="store_true", help="train without the discriminator even if the preset "
-                       "has one")
-    run = parser.add_argument_group("logging and running")
-    run.add_argument("--log-every", type=int, default=50, help="print averaged losses and ms/step every N steps")
-    run.add_argument("--eval-every", type=int, default=500, help="evaluate on held-out files every N steps")
-    run.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
-    run.add_argument("--seed", type=int, default=0, help="seed for weights, crops and posterior noise")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    args.out = args.out or Path("checkpoints") / args.preset
-    args.data = args.data or Path("data") / args.preset
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train_vae(args)
+@dataclass
+class Record:
+    """One audio-text pair of a manifest (or a text document of a corpus: audio None)."""
+    key: str                      # latent cache key (relative path under latents/, no suffix)
+    text: str                     # transcript, caption, or the document
+    audio: Path | None = None     # 48 kHz-or-any-rate audio file soundfile reads
+    start: float = 0.0            # s, where the clip starts in the file
+    end: float | None = None      # s, where it ends (None: the file's end, at most max_clip_seconds later)
+
+
+def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """Every line of a JSONL file as a dict holding `keys`; an error naming the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line must be one object with keys "
+                             f"{list(keys)}") from e
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
+            raise ValueError(f"{path}, line {n}: needs non-empty string values for {list(keys)}, got {line[:120]!r}")
+        rows.append(row)
+    return rows
+
+
+def read_manifest(path: Path, split: str, heldout_every: int) -> list[Record]:
+    """Audio-text manifest: one {"audio": path (relative to the manifest's folder), "text": str, ["start": s,
+    "end": s]} per line. Every heldout_every-th line is the eval split, the rest training."""
+    path = Path(path)
+    tag = f"{path.stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    records = []
+    for i, row in enumerate(read_jsonl(path, ("audio", "text"))):
+        if (i % heldout_every == heldout_every - 1) == (split == "eval"):
+            end = row.get("end")
+            records.append(Record(f"{tag}/{i // 1000:05d}/{i:08d}", row["text"], path.parent / row["audio"],
+                                  float(row.get("start", 0.0)), None if end is None else float(end)))
+    return records
+
+
+def read_corpus(path: Path, split: str, heldout_every: int) -> list[Record]:
+    """Text corpus: one {"text": str} document per line; every heldout_every-th document is held out."""
+    return [Record("", row["text"]) for i, row in enumerate(read_jsonl(path, ("text",)))
+            if (i % heldout_every == heldout_every - 1) == (split == "eval")]
+
+
+def audio_items(cfg: DataConfig, stories: Path) -> list[tuple[str, list[Path], list[tuple[float, float | None]]]]:
+    """Everything the latents stage encodes: (cache key, audio files, (start, end or None) s per file), both
+    splits. Story turns are encoded whole; manifest clips are cut at max_clip_seconds."""
+    items = []
+    for split in ("train", "eval"):
+        if (stories / split).is_dir():
+            items += [(f"stories/{split}/{c.id}", [t.audio for t in c.turns], [(0.0, None)] * len(c.turns))
+                      for c in read_conversations(stories, split)]
+        for m in cfg.speech_manifests + cfg.sound_manifests:
+            items += [(r.key, [r.audio], [(r.start, min(r.end or math.inf, r.start + cfg.max_clip_seconds))])
+                      for r in read_manifest(m, split, cfg.heldout_every)]
+    return items
+
+
+@torch.no_grad()
+def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
+    """Encode every item's audio once with the frozen VAE (normalised posterior mean, float16), one file per
+    item under out/latents, written atomically; items are sharded over ranks and finished ones skipped."""
+    folder, vae_path = out / "latents", out / "vae.pt"
+    vae = StereoVAE.from_checkpoint(vae_path).to(d.device)
+    stamp, digest = folder / "vae.sha256", file_sha256(vae_path)
+    if stamp.exists() and stamp.read_text() != digest:
+        raise ValueError(f"{folder} was encoded with another vae.pt; delete {folder} to encode again")
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+    items = audio_items(cfg, data)
+    todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
+    print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
+    for key, paths, spans in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
+        latents = []
+        for path, (start, end) in zip(paths, spans):
+            audio = load_audio(path)[:, int(start * SAMPLE_RATE): None if end is None else int(end * SAMPLE_RATE)]
+            latents.append(vae.encode(audio[None].to(d.device))[0].to("cpu", torch.float16))
+        save_checkpoint(folder / f"{key}.pt", {"latents": latents})
+    barrier()
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Stage: the small FLAM (metrics.py) on copilot scenes with their true activity
+
+def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
+               stop_after: int | None = None) -> Path:
+    """Train metrics.SmallFLAM (mc: FLAMConfig); report frame AUROC/F1 on the eval split; write flam.pt."""
+    final = out / "flam.pt"
+    if final.exists():
+        print(f"flam: {final} exists; skipping")
+        return final
+    clips, held = flam_clips(read_conversations(data, "train")), flam_clips(read_conversations(data, "eval"))
+    held = held[: tc.eval_clips]
+    pool = sorted({c for clip in clips for c in clip.events})
+    print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips")
+    torch.manual_seed(seed)
+    model = SmallFLAM(mc)
+    opt = adamw(model, tc.lr, tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps, tc.warmup_steps, 0.1))
+    ckpts = Checkpoints(out / "flam", loop.keep_last)
+    settings = {"flam_model": asdict(mc), "flam": asdict(tc), "seed": seed}
+    step, ckpt = 0, ckpts.load_latest()
+    if ckpt:
+        check_resume(ckpt, settings, ckpts.folder)
+        load_state_dict_strict(model, ckpt["model"], ckpts.paths()[-1])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        print(f"flam: resuming from step {step}")
+
+    def evaluate() -> dict:
+        model.eval()
+        q = detection_quality(model.score, held) if held else {}
+        model.train()
+        return q
+
+    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="flam", dynamic_ncols=True):
+        rng = random.Random(f"{seed}|flam|{step}")                 # stateless: resume needs only the step
+        audio, captions, targets = flam_batch(rng.sample(clips, min(tc.batch_size, len(clips))), pool, tc.captions,
+                                              rng, mc.hop_samples)
+        loss = model.loss(audio, captions, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        loss_sum, n, done = loss_sum + loss.item(), n + 1, step + 1
+        if done % loop.log_every == 0 or done == tc.steps:
+            tqdm.write(f"flam step {done:6d} | loss {loss_sum / n:.4f} | lr {sched.get_last_lr()[0]:.2e} | "
+                       f"{1000 * (time.perf_counter() - t0) / n:.0f} ms/step")
+            loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+        if done % loop.eval_every == 0 and done < tc.steps:
+            tqdm.write(f"flam eval {done:6d} | " + " ".join(f"{k} {v:.3f}" for k, v in evaluate().items()))
+        if done % loop.save_every == 0 and done < tc.steps:
+            ckpts.save(done, {"kind": "flam-train", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "step": done, "settings": settings},
+                       {"loss": loss.item(), "settings": settings})
+        if stop_after is not None and done >= stop_after:
+            raise SystemExit(f"flam: stopped after step {done} (--stop-after)")
+    quality = evaluate()
+    print(f"flam: held-out frame detection " + " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": model.state_dict(), "detection": quality,
+                            "step": tc.steps, "train_config": settings})
+    print(f"flam: saved {final}")
+    return final
+
+
+# -----------------------------------------------------------------------------
+# SCT data: documents per task, Diffusion Forcing noise, CFG dropout, packing
+
+class TaskData:
+    """Every document source of one split (copilot stories, manifests, corpora) indexed per task."""
+
+    def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
+                 audio_dim: int, validated_only: bool = False):
+        self.cfg, self.latents_dir, self.split, self.tok, self.audio_dim = cfg, latents, split, tok, audio_dim
+        self.convs = read_conversations(stories, split) if (stories / split).is_dir() else []
+        speech = [r for m in cfg.speech_manifests for r in read_manifest(m, split, cfg.heldout_every)]
+        sounds = [r for m in cfg.sound_manifests for r in read_manifest(m, split, cfg.heldout_every)]
+        corpus = [r for c in cfg.text_corpora for r in read_corpus(c, split, cfg.heldout_every)]
+        pools = {task: [] for task in TASKS}
+        for i, conv in enumerate(self.convs):
+            valid = len(conv.turns)                                # turns before the first violation
+            if validated_only:
+                valid = next((k for k, t in enumerate(conv.turns) if t.violations), valid)
+            pools["text"].append(("conv", i, 0))
+            if conv.turns[0].kind == "t2a":                      # single-sound conversations
+                pools["t2a"] += [("conv", i, 0)] * (valid > 0)
+                pools["caption"] += [("conv", i, 0)] * (valid > 0)
+                continue
+            pools["story"] += [("conv", i, 0)] * (valid > 0)
+            pools["understand"] += [("conv", i, k) for k in range(valid)]
+            pools["edit"] += [("conv", i, k) for k in range(1, valid)]
+            pools["upload_edit"] += [("conv", i, k) for k in range(1, valid)]
+        for task, records in (("asr", speech), ("tts", speech), ("t2a", sounds), ("caption", sounds), ("text", corpus)):
+            pools[task] += [("record", r, 0) for r in records]
+        self.pools = pools
+
+    def mixture(self, weights: dict[str, float], strict: bool) -> tuple[list[str], list[float]]:
+        """The tasks with positive weight and data (strict: at least one, or an error) and their weights."""
+        unknown = sorted(set(weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown} in a stage mixture; known: {', '.join(TASKS)}")
+        tasks = [t for t, w in weights.items() if w > 0 and self.pools[t]]
+        if strict and not tasks:
+            raise ValueError(f"no {self.split} data for any task of the mixture {weights}; check --data and --data.*")
+        return tasks, [weights[t] for t in tasks]
+
+    def latents(self, key: str) -> list[torch.Tensor]:
+        path = self.latents_dir / f"{key}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no cached latents; run `python train.py --stage latents`")
+        return [z.float() for z in torch.load(path, weights_only=True)["latents"]]
+
+    def document(self, task: str, rng: random.Random) -> list[Turn] | list[int]:
+        """A random document of `task`: chat turns, or token ids for the text LM task."""
+        return self.build(task, rng.choice(self.pools[task]), rng)
+
+    def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
+        """The document of `task` for one pool item (wordings drawn from rng)."""
+        kind, ref, k = item
+        if kind == "record":
+            if task == "text":
+                return self.tok.encode(ref.text)
+            z = self.latents(ref.key)[0]
+            if task in ("asr", "caption"):
+                return [Turn("user", [z, rng.choice(REQUESTS[task])]), Turn("model", [ref.text])]
+            prompt = ref.text if task == "t2a" else rng.choice(REQUESTS["tts"]).format(ref.text)
+            return [Turn("user", [prompt]), Turn("model", [z])]
+        conv = self.convs[ref]
+        if task == "text":
+            return self.tok.encode("\n".join([conv.seed_text] + [t.instruction for t in conv.turns]))
+        z, turns = self.latents(f"stories/{self.split}/{conv.id}"), conv.turns
+        plan = [scene_to_json(t.scene) for t in turns]
+        caption = [scene_to_json(caption_of(t.scene)) for t in turns]
+        if task == "t2a":
+            return [Turn("user", [turns[0].instruction]), Turn("model", [z[0]])]
+        if task == "caption":
+            request = rng.choice(REQUESTS["caption"])
+            return [Turn("user", [z[0], request]), Turn("model", [turns[0].scene.sounds[0].text])]
+        if task == "understand":
+            return [Turn("user", [z[k], rng.choice(REQUESTS["understand"])]), Turn("model", [caption[k]])]
+        if task == "story":
+            return [Turn("user", [turns[0].instruction]), Turn("model", [plan[0], z[0]])]
+        first = k if task == "upload_edit" else max(0, k - self.cfg.context_turns + 1)
+        doc = []
+        if first > 0:       # editing an uploaded clip (Eq. 2): understand it, plan the edit, generate
+            doc += [Turn("user", [z[first - 1], turns[first].instruction]),
+                    Turn("model", [caption[first - 1], plan[first], z[first]])]
+        for j in range(first + (first > 0), k + 1):                 # later turns carry the plan forward (Eq. 3)
+            doc += [Turn("user", [turns[j].instruction]), Turn("model", [plan[j], z[j]])]
+        return doc
+
+
+def key_seed(*parts) -> int:
+    """A 63-bit seed from any values (stateless randomness keyed by seed, step, row, document)."""
+    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def text_example(ids: list[int], tok: TextTokenizer, audio_dim: int) -> Example:
+    """<bos> text <eos> with the LM loss on every token (the text-only task)."""
+    t = torch.tensor([tok.bos_id] + ids + [tok.eos_id])
+    z = torch.zeros(len(t), dtype=torch.long)
+    return Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
+                   span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, audio_dim))
+
+
+def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_dropout: float,
+                   tok: TextTokenizer) -> dict[str, torch.Tensor]:
+    """CFG dropout, one diffusion time per span (Diffusion Forcing) and the noised latents of one document:
+    1-D tensors of its length T (x, v: [T, audio_dim], zero at text positions)."""
+    k = sample_uncond_span(ex.span_is_model, gen, cfg_dropout)
+    if k:                                                          # the unconditional document of span k
+        frames = ex.latents[ex.span_ids[ex.audio_mask] == k]
+        ex = encode_conversation([Turn("model", [frames])], tok)
+    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob)       # [N]
+    t_tok = span_to_tokens(t, ex.span_ids)                                    # [T], 0 at text
+    loss_tok = span_to_tokens(span_loss_mask(t, ex.span_is_model), ex.span_ids)
+    x_t, v = add_noise(ex.latents, t_tok[ex.audio_mask], torch.randn(ex.latents.shape, generator=gen))
+    x, v_full = (torch.zeros(len(ex.ids), ex.latents.shape[1]) for _ in range(2))
+    x[ex.audio_mask], v_full[ex.audio_mask] = x_t, v
+    return dict(ids=ex.ids, labels=ex.labels, audio_mask=ex.audio_mask, span_ids=ex.span_ids, t=t_tok,
+                audio=x, v=v_full, loss_mask=loss_tok)
+
+
+def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
+             cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn until
+    one no longer fits (three times), each with its own doc id; the rest is padding (a document of its own)."""
+    rng, docs, used, misses, stats = random.Random("|".join(map(str, key))), [], 0, 0, {"dropped": 0, "docs": 0}
+    while misses < 3:
+        task = rng.choices(*mixture)[0]
+        doc = data.document(task, rng)
+        if task == "text":                                        # long texts: a random window of a row
+            start = rng.randrange(max(1, len(doc) - seq_len + 3))
+            ex = text_example(doc[start: start + seq_len - 2], data.tok, data.audio_dim)
+        else:
+            ex = encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
+        if len(ex.ids) > seq_len:
+            stats["dropped"] += 1
+            misses += 1
+            continue
+        if used + len(ex.ids) > seq_len:
+            misses += 1
+            continue
+        docs.append(noise_document(ex, torch.Generator().manual_seed(key_seed(*key, len(docs))), dc, cfg_dropout,
+                                   data.tok))
+        used += len(docs[-1]["ids"])                               # CFG dropout may have shortened it
+    pad, D = seq_len - used, data.audio_dim
+    tail = dict(ids=torch.full((pad,), data.tok.pad_id), labels=torch.full((pad,), -100),
+                audio_mask=torch.zeros(pad, dtype=torch.bool), span_ids=torch.zeros(pad, dtype=torch.long),
+                t=torch.zeros(pad), audio=torch.zeros(pad, D), v=torch.zeros(pad, D),
+                loss_mask=torch.zeros(pad, dtype=torch.bool))
+    row = {name: torch.cat([doc[name] for doc in docs] + [tail[name]]) for name in tail}
+    row["doc_ids"] = torch.cat([torch.full((len(doc["ids"]),), i) for i, doc in enumerate(docs)] +
+                               [torch.full((pad,), len(docs))])
+    stats.update(docs=len(docs), tokens=used)
+    return row, stats
+
+
+def collate(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([r[name] for r in rows]).to(device) for name in rows[0]}
+
+
+class TransfusionForcing(torch.nn.Module):
+    """The SCT and the Transfusion Forcing loss (Eq. 12) in one forward, so DDP/FSDP wrap a single module."""
+
+    def __init__(self, sct: SCT, loss_weight: float):
+        super().__init__()
+        self.sct, self.loss_weight = sct, loss_weight
+
+    def forward(self, b: dict[str, torch.Tensor], n_text, n_audio):
+        h_text, h_audio = self.sct(b["ids"], b["audio"], b["audio_mask"], b["t"], b["span_ids"], b["doc_ids"])
+        lm = b["labels"] != -100                                    # gather LM positions before the vocab matmul
+        logits = self.sct.lm_logits(h_text[lm])                     # [N_text, V]
+        v_pred = self.sct.velocity(h_audio[b["loss_mask"]])        # [N_audio, audio_dim]
+        return transfusion_loss(logits, b["labels"][lm], v_pred, b["v"][b["loss_mask"]], None, self.loss_weight,
+                                n_text, n_audio)
+
+
+# -----------------------------------------------------------------------------
+# Stages: SCT 1-3 (paper section 4.3, Table 5)
+
+SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
+
+
+def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
+    """The stage's starting SCT: the previous stage's weights, else Gemma 2 (paper scale) or a fresh init."""
+    mc = replace(cfg["sct_model"], vocab_size=trained_with["tokenizer_vocab_size"],
+                 audio_dim=trained_with["vae_audio_dim"])
+    previous = {"sct2": "sct1", "sct3": "sct2"}.get(stage)
+    if previous:
+        path = out / SCT_FINAL[previous]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: stage {stage} starts from stage {previous}; run --stage {previous} first")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("trained_with") != trained_with:
+            raise ValueError(f"{path} was trained with another tokenizer or VAE ({ckpt.get('trained_with')}, now "
+                             f"{trained_with}); retrain {previous} or restore its tokenizer.model and vae.pt")
+        return sct_from_state(ckpt, path)
+    if cfg["sct"].from_gemma:                                     # paper B.2: Gemma 2 2B + generation layers
+        return SCT.from_gemma(gemma_dir(cfg["data"]), mc.num_generation_layers, mc.audio_dim,
+                              attn_implementation=mc.attn_implementation)
+    return SCT(mc)
+
+
+def sct_from_state(ckpt: dict, path: Path) -> SCT:
+    """An SCT with the config and weights of a checkpoint dict (strict)."""
+    model = SCT(SCTConfig(**ckpt["config"]))
+    load_state_dict_strict(model, ckpt["model"], path)
+    return model
+
+
+def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, stop_after: int | None = None) -> Path:
+    """One SCT stage: DDP/FSDP2, gradient accumulation, AdamW + cosine, periodic eval, keep-last-N checkpoints."""
+    st, tc, loop, dc = cfg[stage], cfg["sct"], cfg["sct_loop"], cfg["diffusion"]
+    final = out / SCT_FINAL[stage]
+    if final.exists():
+        print(f"{stage}: {final} exists; skipping")
+        return final
+    per_rank = tc.batch_rows // d.world
+    if tc.batch_rows % (tc.micro_rows * d.world):
+        raise ValueError(f"--sct.batch_rows {tc.batch_rows} must be a multiple of --sct.micro_rows {tc.micro_rows} "
+                         f"x {d.world} ranks")
+    tok = TextTokenizer(out / "tokenizer.model")
+    vae_cfg = load_checkpoint(out / "vae.pt", "vae")["config"]
+    trained_with = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": file_sha256(out / "tokenizer.model"),
+                    "vae_audio_dim": 2 * vae_cfg["latent_dim"], "vae_sha256": file_sha256(out / "vae.pt")}
+    settings = {"sct_model": asdict(cfg["sct_model"]), "sct": asdict(tc), "diffusion": asdict(dc), "stage": asdict(st),
+                "data": asdict(cfg["data"]), "seed": seed, "trained_with": trained_with}
+    ckpts = Checkpoints(out / stage, loop.keep_last)
+    ckpt = ckpts.load_latest()
+    torch.manual_seed(seed)
+    if ckpt:
+        check_resume(ckpt, settings, ckpts.folder)
+    sct = sct_from_state(ckpt, ckpts.paths()[-1]) if ckpt else build_sct(stage, cfg, out, trained_with)
+    if (sct.config.vocab_size, sct.config.audio_dim) != (tok.vocab_size, trained_with["vae_audio_dim"]):
+        raise ValueError(f"the SCT has vocab {sct.config.vocab_size} and audio_dim {sct.config.audio_dim}, but "
+                         f"tokenizer.model has {tok.vocab_size} pieces and vae.pt audio_dim "
+                         f"{trained_with['vae_audio_dim']}; use the tokenizer and VAE the SCT was trained with")
+    n_params = sum(p.numel() for p in sct.parameters())
+    sct.gradient_checkpointing = tc.gradient_checkpointing
+    core = TransfusionForcing(sct.to(d.device), dc.loss_weight)
+    model = wrap_model(core, d, tc.fsdp and d.world > 1)
+    forward = torch.compile(model) if tc.compile else model
+    opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, st.steps, st.warmup_steps,
+                                                                       tc.final_lr_fraction))
+    step = 0
+    if ckpt:
+        set_optimizer_state_dict(core, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        if d.main:
+            print(f"{stage}: resuming from step {step} ({ckpts.paths()[-1]})")
+    if d.main:
+        print(f"{stage}: SCT {n_params / 1e6:.1f} M parameters, {d.world} rank(s) on {d.device}, "
+              f"{tc.batch_rows} x {tc.seq_len} tokens per step, accumulation {per_rank // tc.micro_rows}")
+    latents = out / "latents"
+    train_data = TaskData(cfg["data"], data, latents, "train", tok, sct.config.audio_dim, st.validated_only)
+    eval_data = TaskData(cfg["data"], data, latents, "eval", tok, sct.config.audio_dim, st.validated_only)
+    mixture, eval_mixture = train_data.mixture(st.mixture, strict=True), eval_data.mixture(st.mixture, strict=False)
+    if d.main:
+        print(f"{stage}: training tasks {dict(zip(*mixture))}, held-out tasks {eval_mixture[0]} "
+              f"(tasks without data are left out)")
+    bf16 = d.device.type == "cuda" and tc.dtype != "float32"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if bf16 else contextlib.nullcontext()
+
+    def state_dicts():
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)     # gathered from FSDP2 shards
+        return get_model_state_dict(sct, options=full), get_optimizer_state_dict(core, opt, options=full)
+
+    def run_rows(rows_of, micro_rows, train: bool) -> torch.Tensor:
+        """Forward (and backward) over this rank's rows in micro-batches -> [lm, diff, text, audio, tokens, dropped]
+        summed over all ranks; the loss of every token is weighted as in one process with the global batch."""
+        rows = list(rows_of)
+        counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
+                               for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
+        counts = all_sum(counts.to(d.device)).cpu()
+        n_text, n_audio = (float(counts[i]) / d.world for i in (0, 1))   # DDP/FSDP average gradients over ranks
+        parts = torch.zeros(2, dtype=torch.float64)
+        chunks = [rows[i: i + micro_rows] for i in range(0, len(rows), micro_rows)]
+        for i, chunk in enumerate(chunks):
+            batch = collate([r for r, _ in chunk], d.device)
+            with grad_sync(model, not train or i == len(chunks) - 1), autocast():
+                total, lm, diff = forward(batch, n_text, n_audio)
+                if train:
+                    total.backward()
+            parts += torch.tensor([lm.item(), diff.item()], dtype=torch.float64)
+        parts = all_sum(parts.to(d.device)).cpu() / d.world
+        return torch.cat([parts, counts])
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        sct.eval()
+        mine = [j for j in range(tc.eval_rows) if j % d.world == d.rank]
+        r = run_rows((draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j) for j in mine),
+                     tc.micro_rows, train=False)
+        sct.train()
+        return {"loss": float(r[0] + dc.loss_weight * r[1]), "lm": float(r[0]), "diff": float(r[1])}
+
+    flops_per_token = 6 * n_params + 12 * len(sct.model.layers) * \
+        sct.config.num_attention_heads * sct.config.head_dim * tc.seq_len
+    log, history, evals = torch.zeros(7, dtype=torch.float64), ckpt["history"] if ckpt else [], \
+        ckpt["evals"] if ckpt else []
+    n, t0 = 0, time.perf_counter()
+    sct.train()
+    bar = tqdm(range(step, st.steps), initial=step, total=st.steps, desc=stage, disable=not d.main, dynamic_ncols=True)
+    for step in bar:
+        mine = range(d.rank * per_rank, (d.rank + 1) * per_rank)             # deterministic sharding of the rows
+        r = run_rows((draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j) for j in mine),
+                     tc.micro_rows, train=True)
+        gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm      # a DTensor under FSDP2
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log, n, done = log + torch.cat([r, gnorm.detach().double().cpu()[None]]), n + 1, step + 1
+        if done % loop.log_every == 0 or done == st.steps:
+            dt = time.perf_counter() - t0
+            lm, diff = float(log[0] / n), float(log[1] / n)
+            rec = dict(step=done, loss=lm + dc.loss_weight * diff, lm=lm, diff=diff, gnorm=float(log[6] / n),
+                       lr=sched.get_last_lr()[0], ms_per_step=1000 * dt / n, tok_s=float(log[4]) / dt,
+                       dropped=int(log[5]))
+            history.append(rec)
+            mfu = f" | mfu {100 * flops_per_token * rec['tok_s'] / (tc.peak_tflops * 1e12 * d.world):.1f}%" \
+                if d.device.type == "cuda" else ""
+            if d.main:
+                tqdm.write(f"{stage} step {done:6d} | loss {rec['loss']:.4f} lm {lm:.4f} diff {diff:.4f} | gnorm "
+                           f"{rec['gnorm']:.3f} | lr {rec['lr']:.2e} | {rec['ms_per_step']:.0f} ms/step | "
+                           f"{rec['tok_s']:.0f} tok/s{mfu} | dropped {rec['dropped']} too long")
+            log, n, t0 = torch.zeros(7, dtype=torch.float64), 0, time.perf_counter()
+        if done % loop.eval_every == 0 or done == st.steps:
+            evals.append({"step": done, **evaluate()})
+            if d.main:
+                tqdm.write(f"{stage} eval {done:6d} | " + " ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
+                                                                  if k != "step"))
+            t0 = time.perf_counter()
+        if done % loop.save_every == 0 and done < st.steps:
+            model_sd, optim_sd = state_dicts()                          # collective under FSDP: every rank
+            if d.main:
+                ckpts.save(done, {"kind": "sct-train", "config": asdict(sct.config), "model": model_sd,
+                                  "optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                                  "step": done, "settings": settings, "history": history, "evals": evals},
+                           {"stage": stage, "last": history[-1:], "evals": evals, "world_size": d.world,
+                            "settings": settings})
+            barrier()
+        if stop_after is not None and done >= stop_after:
+            raise SystemExit(f"{stage}: stopped after step {done} (--stop-after)")
+    model_sd, _ = state_dicts()
+    if d.main:
+        save_checkpoint(final, {"kind": "sct", "config": asdict(sct.config), "model": model_sd, "stage": stage,
+                                "step": st.steps, "train_config": {k: asdict(v) for k, v in cfg.items()},
+                                "trained_with": trained_with, "history": history, "evals": evals})
+        print(f"{stage}: saved {final}")
+    barrier()
+    return final
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse_args(argv)
+    d = setup_distributed(args.device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (2 * local_world)))
+    if d.main:                                                    # the effective configuration, one line per section
+        print(f"run: preset {args.preset}, stage {args.stage}, data {args.data}, out {args.out}, seed {args.seed}, "
+              f"{d.world} rank(s)")
+        for name, section in cfg.items():
+            print(f"{name}: {json.dumps(asdict(section))}")
+    stages = PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,)
+    try:
+        for stage in stages:
+            if stage == "data":
+                run_data(cfg["data"], args.data, d)
+            elif stage == "tokenizer":
+                if d.main:
+                    run_tokenizer(cfg["data"], args.data, args.out, args.preset)
+                barrier()
+            elif stage == "vae":
+                vae_done = (args.out / "vae.pt").exists() and load_checkpoint(args.out / "vae.pt", "vae")["done"]
+                if not vae_done:
+                    single_process_stage("vae", d, args.out)
+                if d.main:
+                    train_vae(cfg["vae_model"], cfg["vae"], cfg["vae_loop"], args.data, args.out, args.seed)
+            elif stage == "latents":
+                run_latents(cfg["data"], args.data, args.out, d)
+            elif stage == "flam":
+                if not (args.out / "flam.pt").exists():
+                    single_process_stage("flam", d, args.out)
+                if d.main:
+                    train_flam(cfg["flam_model"], cfg["flam"], cfg["flam_loop"], args.data, args.out, args.seed,
+                               args.stop_after)
+            else:
+                train_sct(stage, cfg, args.data, args.out, args.seed, d, args.stop_after)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

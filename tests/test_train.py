@@ -1,5 +1,16 @@
-"""Tests for train.py (VAE stage): checkpoints are atomic, training resumes exactly, bad data fails clearly."""
-import argparse
+"""Tests for train.py: flags, the VAE stage, the data layout and packing, the SCT loop on 1 process vs
+torchrun DDP/FSDP2 (gloo), exact resume after a hard stop, and the clear errors.
+
+The fixtures are made here: a 5 + 2 conversation copilot dataset, a tokenizer trained on it, a tiny random
+VAE, the latents stage run on them, and a tiny SCT given by flags.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,21 +18,90 @@ import soundfile as sf
 import torch
 
 import train
-from tokenizer import SAMPLE_RATE, VAE_PRESETS, AudioError, StereoVAE, VAEConfig
+from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json, write_dataset
+from diffusion import DiffusionConfig, v_to_x0_eps
+from metrics import SmallFLAM
+from model import SCT
+from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
                  stft_ffts=(256,), mel_windows=(256,), mel_bins=(20,), gan=False)
-
+TINY_SCT = ("--sct_model.hidden_size 32 --sct_model.intermediate_size 64 --sct_model.num_hidden_layers 2 "
+            "--sct_model.num_generation_layers 1 --sct_model.num_attention_heads 2 --sct_model.num_key_value_heads 1 "
+            "--sct_model.head_dim 16 --sct_model.query_pre_attn_scalar 16 --sct.seq_len 1024 --sct.batch_rows 4 "
+            "--sct.eval_rows 2 --sct_loop.log_every 1 --sct_loop.eval_every 3 --sct_loop.save_every 2 "
+            "--sct1.steps 5 --sct1.warmup_steps 1 "
+            "--sct1.mixture story=1,edit=1,upload_edit=1,understand=1,t2a=1,caption=1,text=1 --threads 1").split()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny_preset(monkeypatch):
-    monkeypatch.setitem(VAE_PRESETS, "toy", TINY)
-    monkeypatch.setitem(train.VAE_TRAIN_PRESETS, "toy", train.VAETrainConfig(
-        steps=4, batch_size=2, crop_seconds=0.05, lr=1e-3, warmup_steps=1, heldout_fraction=0.5,
-        eval_seconds=0.1, stats_crops=8))
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(data folder, checkpoint folder holding tokenizer.model, vae.pt and latents/) shared by the module."""
+    root = tmp_path_factory.mktemp("toy")
+    data, out = root / "data", root / "ck"
+    write_dataset(data, 5, 2, DatasetConfig(t2a_frac=0.4))
+    train.main(["--stage", "tokenizer", "--data", str(data), "--out", str(out), "--data.vocab_size", "400",
+                "--threads", "1"])
+    torch.manual_seed(0)
+    train.save_checkpoint(out / "vae.pt", {"kind": "vae", "config": asdict(TINY), "model": StereoVAE(TINY).state_dict(),
+                                           "done": True, "step": 0})
+    train.main(["--stage", "latents", "--data", str(data), "--out", str(out), "--threads", "1"])
+    return data, out
+
+
+def fresh_copy(toy, dest: Path) -> Path:
+    """A checkpoint folder with the fixture's tokenizer, VAE and latents (latents linked, not copied)."""
+    dest.mkdir()
+    for name in ("tokenizer.model", "vae.pt"):
+        (dest / name).write_bytes((toy[1] / name).read_bytes())
+    (dest / "latents").symlink_to(toy[1] / "latents")
+    return dest
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def single_run(toy, tmp_path_factory):
+    out = fresh_copy(toy, tmp_path_factory.mktemp("single") / "ck")
+    train.main(["--stage", "sct1", "--data", str(toy[0]), "--out", str(out), *TINY_SCT])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Flags and presets
+
+def test_every_field_has_a_flag_with_help_and_typed_values():
+    args, cfg = train.parse_args(["--sct.seq_len", "512", "--sct1.mixture", "story=1,text=2.5",
+                                  "--vae_model.strides", "4,5,6,10", "--sct_model.sliding_window", "none",
+                                  "--sct.fsdp", "true", "--sct.betas", "0.9,0.99", "--diffusion.cfg_weight", "2"])
+    assert cfg["sct"].seq_len == 512 and cfg["sct"].fsdp is True and cfg["sct"].betas == (0.9, 0.99)
+    assert cfg["sct1"].mixture == {"story": 1.0, "text": 2.5} and cfg["vae_model"].strides == (4, 5, 6, 10)
+    assert cfg["sct_model"].sliding_window is None and cfg["diffusion"].cfg_weight == 2.0
+    assert cfg["sct2"] == train.PRESETS["toy"]["sct2"], "sections not named on the command line keep the preset"
+    for name, section in cfg.items():
+        helps = train.field_help(type(section))
+        missing = [f for f in asdict(section) if not helps.get(f)]
+        assert not missing, f"{name}: fields without a help comment: {missing}"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--sct.fsdp", "maybe"])
+    _, paper = train.parse_args(["--preset", "audiochat"])
+    table5 = [(paper[s].steps, paper[s].lr, paper[s].warmup_steps) for s in ("sct1", "sct2", "sct3")]
+    assert table5 == [(100_000, 2.5e-5, 500), (100_000, 2.5e-5, 0), (20_000, 1e-4, 2500)], table5
+    assert paper["sct_model"].num_hidden_layers + paper["sct_model"].num_generation_layers == 39
+
+
+# -----------------------------------------------------------------------------
+# VAE stage (single process)
+
+def vae_sections(**tc):
+    tc = train.VAETrainConfig(**{**dict(steps=4, batch_size=2, crop_seconds=0.05, lr=1e-3, warmup_steps=1,
+                                        heldout_fraction=0.5, eval_seconds=0.1, stats_crops=8), **tc})
+    return TINY, tc, train.LoopConfig(log_every=2, eval_every=2, save_every=2)
 
 
 def write_scenes(folder, n=4):
@@ -33,15 +113,9 @@ def write_scenes(folder, n=4):
     sf.write(folder / "mono.flac", (0.1 * np.sin(2 * np.pi * 500 * t)).astype(np.float32), SAMPLE_RATE)
 
 
-def args_for(data, out, **kw):
-    base = dict(preset="toy", data=data, out=out, steps=None, batch_size=None, no_gan=False, log_every=2,
-                eval_every=2, save_every=2, seed=0)
-    return argparse.Namespace(**{**base, **kw})
-
-
-def test_resume_continues_exactly(tmp_path, tiny_preset, monkeypatch):
+def test_vae_resume_continues_exactly(tmp_path, monkeypatch):
     write_scenes(tmp_path / "data")
-    straight = train.train_vae(args_for(tmp_path / "data", tmp_path / "a"))
+    straight = train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "a", 0)
     calls = {"n": 0}
     real_loss = train.vae_loss
 
@@ -53,10 +127,10 @@ def test_resume_continues_exactly(tmp_path, tiny_preset, monkeypatch):
 
     monkeypatch.setattr(train, "vae_loss", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
-        train.train_vae(args_for(tmp_path / "data", tmp_path / "b"))
+        train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
     assert torch.load(tmp_path / "b" / "vae.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "vae_loss", real_loss)
-    resumed = train.train_vae(args_for(tmp_path / "data", tmp_path / "b"))
+    resumed = train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
     a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
     assert a["step"] == b["step"] == 4 and a["done"] and b["done"]
     for key in a["model"]:
@@ -64,17 +138,12 @@ def test_resume_continues_exactly(tmp_path, tiny_preset, monkeypatch):
     vae = StereoVAE.from_checkpoint(resumed)
     assert not torch.equal(vae.latent_scale, torch.ones(vae.audio_dim)), "normalisation must be fitted at the end"
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["vae.pt"], "no temporary files left"
+    before = resumed.stat().st_mtime_ns
+    train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
+    assert resumed.stat().st_mtime_ns == before, "a finished VAE stage is skipped"
 
 
-def test_finished_stage_is_skipped(tmp_path, tiny_preset, capsys):
-    write_scenes(tmp_path / "data")
-    path = train.train_vae(args_for(tmp_path / "data", tmp_path / "out"))
-    before = path.stat().st_mtime_ns
-    train.train_vae(args_for(tmp_path / "data", tmp_path / "out"))
-    assert "skipping" in capsys.readouterr().out and path.stat().st_mtime_ns == before
-
-
-def test_data_errors(tmp_path):
+def test_audio_data_errors_and_crops(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         train.find_audio(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
@@ -84,17 +153,18 @@ def test_data_errors(tmp_path):
     sf.write(tmp_path / "six" / "x.wav", np.zeros((10, 6), dtype=np.float32), SAMPLE_RATE)
     with pytest.raises(AudioError, match="6 channels"):
         train.find_audio(tmp_path / "six")
-
-
-def test_crops_and_schedule(tmp_path):
     write_scenes(tmp_path / "data", n=2)
-    files = train.find_audio(tmp_path / "data")
-    batch = train.crop_batch(files, 6, SAMPLE_RATE // 2, torch.Generator().manual_seed(0))   # longer than files
+    batch = train.crop_batch(train.find_audio(tmp_path / "data"), 6, SAMPLE_RATE // 2, torch.Generator().manual_seed(0))
     assert batch.shape == (6, 2, SAMPLE_RATE // 2) and (batch[:, :, SAMPLE_RATE // 4:] == 0).all()
+
+
+def test_schedules():
     tc = train.VAETrainConfig(steps=100, warmup_steps=10, lr=1.0)
     lrs = [train.lr_at(s, tc, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])), "cosine decay must not increase"
+    cos = [train.cosine_lr(s, 100, 0, 0.2) for s in range(101)]
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.6) and cos[100] == pytest.approx(0.2)
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -110,3 +180,241 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
         train.save_checkpoint(path, {"kind": "vae", "a": torch.zeros(2)})
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2)), "the old checkpoint must survive"
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+# -----------------------------------------------------------------------------
+# Latents, documents and packing
+
+def test_latents_are_the_normalised_vae_encoding_and_resumable(toy, capsys):
+    data, out = toy
+    conv = read_conversations(data, "eval")[1]
+    cached = torch.load(out / "latents" / "stories" / "eval" / f"{conv.id}.pt", weights_only=True)["latents"]
+    vae = StereoVAE.from_checkpoint(out / "vae.pt")
+    with torch.no_grad():
+        expected = [vae.encode(train.load_audio(t.audio)[None])[0] for t in conv.turns]
+    assert len(cached) == len(conv.turns) and cached[0].dtype == torch.float16
+    for got, want in zip(cached, expected):
+        assert got.shape == want.shape == (conv.turns[0].scene.num_frames, vae.audio_dim)
+        torch.testing.assert_close(got.float(), want, atol=2e-3 * want.abs().max().item(), rtol=1e-3)
+    train.main(["--stage", "latents", "--data", str(data), "--out", str(out), "--threads", "1"])
+    assert "7 items, 0 to encode" in capsys.readouterr().out
+
+
+def task_data(toy, split="train", **kw) -> train.TaskData:
+    data, out = toy
+    cfg = train.DataConfig(**kw)
+    tok = TextTokenizer(out / "tokenizer.model")
+    return train.TaskData(cfg, data, out / "latents", split, tok, 2 * TINY.latent_dim)
+
+
+def test_documents_follow_the_paper_layout(toy):
+    td = task_data(toy)
+
+    def doc(task, k):
+        _, c, _ = item = next(it for it in td.pools[task] if it[2] == k)
+        return td.build(task, item, random.Random(0)), td.convs[c]
+
+    (user, model), conv = doc("story", 0)
+    assert user.parts == [conv.turns[0].instruction] and model.parts[0] == scene_to_json(conv.turns[0].scene)
+    assert model.parts[1].shape == (conv.turns[0].scene.num_frames, 8)
+    (user, model), conv = doc("upload_edit", 2)
+    assert torch.is_tensor(user.parts[0]) and user.parts[1] == conv.turns[2].instruction
+    assert model.parts[:2] == [scene_to_json(caption_of(conv.turns[1].scene)), scene_to_json(conv.turns[2].scene)]
+    turns, conv = doc("edit", 2)            # context_turns 2: turn 1 as an upload edit, then turn 2 (Eq. 3)
+    assert [t.role for t in turns] == ["user", "model"] * 2
+    assert turns[1].parts[:2] == [scene_to_json(caption_of(conv.turns[0].scene)), scene_to_json(conv.turns[1].scene)]
+    assert turns[2].parts == [conv.turns[2].instruction] and turns[3].parts[0] == scene_to_json(conv.turns[2].scene)
+    turns, conv = doc("edit", 1)             # a window that starts at turn 0 is the plain chat
+    assert [t.parts[0] for t in turns[::2]] == [conv.turns[0].instruction, conv.turns[1].instruction]
+    (user, model), conv = doc("understand", 1)
+    assert user.parts[1] in train.REQUESTS["understand"]
+    assert model.parts == [scene_to_json(caption_of(conv.turns[1].scene))]
+    (user, model), conv = doc("caption", 0)
+    assert model.parts == [conv.turns[0].scene.sounds[0].text] and conv.turns[0].kind == "t2a"
+    (user, model), conv = doc("t2a", 0)
+    assert user.parts == [conv.turns[0].instruction] and torch.is_tensor(model.parts[0])
+
+
+def test_cfg_dropout_gives_the_unconditional_document(toy):
+    td = task_data(toy)
+    tok = td.tok
+    turns = td.document("story", random.Random(0))
+    ex = encode_conversation(turns, tok)
+    doc = train.noise_document(ex, torch.Generator().manual_seed(0), DiffusionConfig(), 1.0, tok)
+    frames = int(ex.audio_mask.sum())
+    head = [tok.bos_id, tok.start_of_turn_id] + tok.encode("model\n") + [tok.audio_start_id]
+    assert doc["ids"][: len(head)].tolist() == head and int(doc["audio_mask"].sum()) == frames
+    assert doc["ids"][len(head) + frames: len(head) + frames + 2].tolist() == [tok.audio_end_id, tok.end_of_turn_id]
+    assert doc["loss_mask"].sum() == frames, "the unconditional span is the target"
+    alpha = torch.cos(doc["t"][doc["audio_mask"]] * torch.pi / 2)
+    assert torch.all((alpha > 0) & (alpha < 1)), "the target span is noised (t in (0, 1))"
+    for seed in range(4):                     # Diffusion Forcing: x_t, v and t line up with the clean latents
+        doc = train.noise_document(ex, torch.Generator().manual_seed(seed), DiffusionConfig(), 0.0, tok)
+        at = doc["audio_mask"]
+        x0, _ = v_to_x0_eps(doc["audio"][at], doc["v"][at], doc["t"][at])
+        torch.testing.assert_close(x0, ex.latents, atol=1e-5, rtol=1e-5)
+        span_t = [doc["t"][ex.span_ids == k].unique() for k in (1, 2) if (ex.span_ids == k).any()]
+        assert all(len(u) == 1 for u in span_t), "one time per span"
+        assert torch.equal(doc["loss_mask"], at & (doc["t"] > 0)) and torch.equal(doc["ids"], ex.ids)
+
+
+def test_rows_are_packed_isolated_and_stateless(toy):
+    td = task_data(toy)
+    mixture = td.mixture(dict(story=1, edit=1, upload_edit=1, understand=1, t2a=1, caption=1, text=1), strict=True)
+    dc = DiffusionConfig()
+    row, stats = train.draw_row(td, mixture, 1500, dc, 0.1, 0, 7, 3)
+    again, _ = train.draw_row(td, mixture, 1500, dc, 0.1, 0, 7, 3)
+    other, _ = train.draw_row(td, mixture, 1500, dc, 0.1, 0, 7, 4)
+    assert all(torch.equal(row[k], again[k]) for k in row), "a row is a pure function of (seed, step, row)"
+    assert not torch.equal(row["ids"], other["ids"])
+    assert all(v.shape[0] == 1500 for v in row.values()) and stats["docs"] >= 1
+    starts = torch.nonzero(torch.diff(row["doc_ids"], prepend=torch.tensor([-1]))).flatten()
+    assert row["ids"][starts[: stats["docs"]]].eq(td.tok.bos_id).all(), "every document starts with <bos>"
+    assert torch.equal(row["doc_ids"], row["doc_ids"].sort().values), "documents are contiguous runs"
+    pad = row["doc_ids"] == stats["docs"]
+    assert pad.sum() == 1500 - stats["tokens"] and (row["labels"][pad] == -100).all()
+    assert not row["audio_mask"][pad].any()
+    assert not (row["loss_mask"] & ~row["audio_mask"]).any() and (row["t"][~row["audio_mask"]] == 0).all()
+    assert not (row["labels"][~pad][row["audio_mask"][~pad]] != -100).any(), "no LM loss on audio frames"
+    dropped, stats = train.draw_row(td, mixture, 1500, dc, 1.0, 0, 7, 3)      # every document unconditional
+    assert all(v.shape[0] == 1500 for v in dropped.values()) and (dropped["doc_ids"] == stats["docs"]).sum() == \
+        1500 - stats["tokens"] and dropped["audio_mask"].sum() == dropped["loss_mask"].sum() > 0
+    _, short = train.draw_row(td, mixture, 400, dc, 0.1, 0, 7, 3)
+    assert short["dropped"] > 0, "documents longer than a row are dropped and counted"
+
+
+def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE                          # 1 s tones
+    for name, f in (("a.wav", 440), ("b.wav", 660)):
+        sf.write(tmp_path / name, (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32), SAMPLE_RATE)
+    lines = {"speech.jsonl": ['{"audio": "a.wav", "text": "hello there"}', '{"audio": "b.wav", "text": "good night", '
+                              '"start": 0.25, "end": 0.75}', '{"audio": "a.wav", "text": "held out"}'],
+             "sounds.jsonl": ['{"audio": "b.wav", "text": "a high beep"}'],
+             "corpus.jsonl": ['{"text": "One document."}', '{"text": "Another one."}', '{"text": "Held out."}']}
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    cfg = train.DataConfig(speech_manifests=(str(tmp_path / "speech.jsonl"),), heldout_every=3,
+                           sound_manifests=(str(tmp_path / "sounds.jsonl"),),
+                           text_corpora=(str(tmp_path / "corpus.jsonl"),))
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "vae.pt").write_bytes((toy[1] / "vae.pt").read_bytes())
+    train.run_latents(cfg, tmp_path / "no-stories", out, train.Dist())
+    tok = TextTokenizer(toy[1] / "tokenizer.model")
+    td = train.TaskData(cfg, tmp_path / "no-stories", out / "latents", "train", tok, 8)
+    assert [r.text for _, r, _ in td.pools["asr"]] == ["hello there", "good night"]
+    assert [r.text for _, r, _ in td.pools["text"]] == ["One document.", "Another one."]
+    user, model = td.build("asr", td.pools["asr"][1], random.Random(0))
+    assert user.parts[0].shape == (20, 8), "0.25-0.75 s of audio is 20 frames at 40 Hz"
+    assert user.parts[1] in train.REQUESTS["asr"] and model.parts == ["good night"]
+    (user, model) = td.build("tts", td.pools["tts"][0], random.Random(0))
+    assert "hello there" in user.parts[0] and model.parts[0].shape == (40, 8)
+    (user, model) = td.build("t2a", td.pools["t2a"][0], random.Random(0))
+    assert user.parts == ["a high beep"] and torch.is_tensor(model.parts[0])
+    held = train.TaskData(cfg, tmp_path, out / "latents", "eval", tok, 8)
+    assert [r.text for _, r, _ in held.pools["asr"]] == ["held out"]
+
+
+# -----------------------------------------------------------------------------
+# The SCT loop: 1 process vs torchrun, exact resume, checkpoint contract
+
+def torchrun(toy, out: Path, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--stage", "sct1", "--data", str(toy[0]), "--out", str(out), *TINY_SCT, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_matches_one_process(toy, single_run, tmp_path, mode):
+    out = fresh_copy(toy, tmp_path / "ck")
+    proc = torchrun(toy, out, "--sct.fsdp", str(mode == "fsdp"), "--sct.micro_rows", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and ("accumulation 2" in proc.stdout)
+    one, two = (torch.load(p / "sct1.pt", weights_only=True) for p in (single_run, out))
+    for a, b in zip(one["history"] + one["evals"], two["history"] + two["evals"]):   # global losses and grad norm
+        assert [round(a[k], 5) for k in ("step", "lm", "diff")] == [round(b[k], 5) for k in ("step", "lm", "diff")]
+        assert b.get("gnorm", 0) == pytest.approx(a.get("gnorm", 0), rel=1e-4), (a, b)
+    one, two = one["model"], two["model"]
+    assert one.keys() == two.keys()
+    for k in one:     # Adam amplifies summation-order differences in near-zero gradients; weights' std is 0.02
+        torch.testing.assert_close(two[k], one[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{mode} {k}: {m}")
+    assert not torch.equal(one["diffusion_head.weight"], torch.zeros_like(one["diffusion_head.weight"])), "it trained"
+
+
+def test_hard_stop_then_resume_reaches_the_same_weights(toy, single_run, tmp_path):
+    out = fresh_copy(toy, tmp_path / "ck")
+    argv = ["--stage", "sct1", "--data", str(toy[0]), "--out", str(out), *TINY_SCT]
+    with pytest.raises(SystemExit, match="stopped after step 3"):
+        train.main(argv + ["--stop-after", "3"])
+    assert sorted(p.name for p in (out / "sct1").iterdir()) == ["step-000002.json", "step-000002.pt"]
+    assert json.loads((out / "sct1" / "step-000002.json").read_text())["step"] == 2
+    train.main(argv)
+    one, resumed = weights(single_run / "sct1.pt"), weights(out / "sct1.pt")
+    assert all(torch.equal(one[k], resumed[k]) for k in one), "resuming must reproduce the uninterrupted run exactly"
+    assert sorted(p.name for p in (out / "sct1").iterdir()) == ["step-000002.json", "step-000002.pt",
+                                                               "step-000004.json", "step-000004.pt"]
+
+
+def test_sct_checkpoint_contract(toy, single_run):
+    ckpt = torch.load(single_run / "sct1.pt", weights_only=True)
+    tok = TextTokenizer(toy[1] / "tokenizer.model")
+    assert ckpt["kind"] == "sct" and ckpt["stage"] == "sct1" and ckpt["step"] == 5
+    assert ckpt["trained_with"] == {"tokenizer_vocab_size": tok.vocab_size,
+                                    "tokenizer_sha256": train.file_sha256(toy[1] / "tokenizer.model"),
+                                    "vae_audio_dim": 2 * TINY.latent_dim,
+                                    "vae_sha256": train.file_sha256(toy[1] / "vae.pt")}
+    model = SCT.from_checkpoint(single_run / "sct1.pt")
+    assert model.config.vocab_size == tok.vocab_size and model.config.audio_dim == 8
+    assert ckpt["train_config"]["sct"]["seq_len"] == 1024 and [e["step"] for e in ckpt["evals"]] == [3, 5]
+    assert [h["step"] for h in ckpt["history"]] == [1, 2, 3, 4, 5] and ckpt["history"][0]["lm"] > 0
+
+
+def test_sct2_starts_from_sct1_and_refuses_another_tokenizer(toy, single_run, tmp_path):
+    out = fresh_copy(toy, tmp_path / "ck")
+    (out / "sct1.pt").write_bytes((single_run / "sct1.pt").read_bytes())
+    args, cfg = train.parse_args(["--data", str(toy[0]), "--out", str(out), *TINY_SCT])
+    with_ = json.loads(json.dumps(torch.load(out / "sct1.pt", weights_only=True)["trained_with"]))
+    model = train.build_sct("sct2", cfg, out, with_)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights(out / "sct1.pt").values()))
+    with pytest.raises(ValueError, match="another tokenizer or VAE"):
+        train.build_sct("sct2", cfg, out, {**with_, "tokenizer_sha256": "0" * 64})
+
+
+# -----------------------------------------------------------------------------
+# FLAM stage and clear errors
+
+def test_flam_stage_reports_detection_and_writes_the_contract(toy, tmp_path):
+    out = tmp_path / "ck"
+    train.main(["--stage", "flam", "--data", str(toy[0]), "--out", str(out), "--flam.steps", "3",
+                "--flam.batch_size", "2", "--flam.captions", "4", "--flam_loop.save_every", "2", "--threads", "1"])
+    ckpt = torch.load(out / "flam.pt", weights_only=True)
+    assert ckpt["kind"] == "flam" and 0.0 <= ckpt["detection"]["auroc"] <= 1.0 and "f1" in ckpt["detection"]
+    assert isinstance(SmallFLAM.from_checkpoint(out / "flam.pt"), SmallFLAM)
+    assert [p.name for p in (out / "flam").glob("*.pt")] == ["step-000002.pt"]
+
+
+def test_clear_errors(toy, single_run, tmp_path):
+    bad = tmp_path / "speech.jsonl"
+    bad.write_text('{"audio": "a.wav", "text": "hello"}\n{"audio": "b.wav", "text": \n')
+    with pytest.raises(ValueError, match=r"speech.jsonl, line 2: not JSON"):
+        train.read_manifest(bad, "train", 100)
+    bad.write_text('{"audio": "a.wav"}\n')
+    with pytest.raises(ValueError, match=r"line 1: needs non-empty string values for \['audio', 'text'\]"):
+        train.read_manifest(bad, "train", 100)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download google/gemma-2-2b"):
+        train.gemma_dir(train.DataConfig(gemma_dir=str(tmp_path / "no-gemma")))
+    with pytest.raises(FileNotFoundError, match="--data.gemma_dir"):
+        train.main(["--preset", "audiochat", "--stage", "tokenizer", "--out", str(tmp_path / "p"), "--threads", "1"])
+    out = fresh_copy(toy, tmp_path / "ck")
+    argv = ["--stage", "sct1", "--data", str(toy[0]), "--out", str(out), *TINY_SCT]
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--stop-after", "2"])
+    (out / "sct1" / "step-000002.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="step-000002.pt is corrupt.*delete it"):
+        train.main(argv)
+    (out / "sct1" / "step-000002.pt").unlink()
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--stop-after", "2"])
+    with pytest.raises(ValueError, match="other settings.*seq_len"):
+        train.main(argv + ["--sct.seq_len", "900"])
