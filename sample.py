@@ -31,7 +31,7 @@ printed and the plan is rendered as it is; a plan without sounds is an error (th
 
 Input audio: at most 8 s (copilot scenes end by 8 s, so the model has never seen longer clips); a longer
 clip is an error unless --trim keeps its first 8 s. The whole sequence (context, plan and audio frames)
-must also fit in the length the model was trained with (sct.pt's "seq_len", else max_position_embeddings);
+must also fit in the length the model was trained with (sct.pt's train_config["sct"]["seq_len"], else max_position_embeddings);
 when a chat or eval conversation outgrows it, the oldest exchange is dropped (respond_in_context, Eq. 3).
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
@@ -107,19 +107,23 @@ def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.d
         sct = SCT.from_checkpoint(d / "sct.pt", map_location=device).to(dtype).eval()
     except (ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise SampleError(f"{d}: {e}\nThese checkpoints do not match this code; retrain with `python train.py --preset toy`") from e
-    sha = hashlib.sha256((d / "tokenizer.model").read_bytes()).hexdigest()
-    checks = [("vocabulary size of tokenizer.model", meta.get("tokenizer_vocab_size", sct.config.vocab_size), tok.vocab_size),
-              ("sha256 of tokenizer.model", meta.get("tokenizer_sha256", sha), sha),
-              ("VAE audio_dim", meta.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
+    trained = meta.get("trained_with", {})                  # written by train.py (its module docstring)
+    sha = lambda f: hashlib.sha256((d / f).read_bytes()).hexdigest()
+    tok_sha, vae_sha = sha("tokenizer.model"), sha("vae.pt")
+    checks = [("vocabulary size of tokenizer.model", trained.get("tokenizer_vocab_size", sct.config.vocab_size), tok.vocab_size),
+              ("sha256 of tokenizer.model", trained.get("tokenizer_sha256", tok_sha), tok_sha),
+              ("sha256 of vae.pt", trained.get("vae_sha256", vae_sha), vae_sha),
+              ("VAE audio_dim", trained.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
               ("SCT audio_dim", sct.config.audio_dim, vae.audio_dim)]
     bad = [f"{what}: sct.pt was trained with {want}, {d} has {got}" for what, want, got in checks if want != got]
     if bad:
         raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
                           "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
-    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_audio_dim") if k not in meta]
+    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_sha256", "vae_audio_dim") if k not in trained]
     if unrecorded:
         say(f"note: {d / 'sct.pt'} does not record {', '.join(unrecorded)}; checked against its config only")
-    return Models(tok, vae, sct, int(meta.get("seq_len") or sct.config.max_position_embeddings))
+    seq_len = meta.get("train_config", {}).get("sct", {}).get("seq_len")
+    return Models(tok, vae, sct, int(seq_len or sct.config.max_position_embeddings))
 
 
 def read_clip(m: Models, path: str | os.PathLike, trim: bool = False) -> torch.Tensor:

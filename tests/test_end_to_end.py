@@ -107,13 +107,15 @@ def fit_sct(tok: TextTokenizer, conversations: list[list[Turn]], audio_dim: int,
     raise AssertionError(f"the tiny SCT did not reproduce its training texts in {max_steps} steps")
 
 
-def save_checkpoints(folder: Path, vae: StereoVAE, sct: SCT, **meta) -> None:
-    """vae.pt and sct.pt as train.py writes them (tokenizer.model is already in `folder`)."""
+def save_checkpoints(folder: Path, vae: StereoVAE, sct: SCT, **trained_with) -> None:
+    """vae.pt and sct.pt with the keys train.py writes (tokenizer.model is already in `folder`)."""
     torch.save({"kind": "vae", "config": asdict(vae.config), "model": vae.state_dict()}, folder / "vae.pt")
+    sha = lambda name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
     record = {"tokenizer_vocab_size": TextTokenizer(folder / "tokenizer.model").vocab_size,
-              "tokenizer_sha256": hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest(),
-              "vae_audio_dim": vae.audio_dim, "seq_len": sct.config.max_position_embeddings}
-    torch.save({"kind": "sct", "config": asdict(sct.config), "model": sct.state_dict(), **{**record, **meta}}, folder / "sct.pt")
+              "tokenizer_sha256": sha("tokenizer.model"), "vae_sha256": sha("vae.pt"), "vae_audio_dim": vae.audio_dim}
+    torch.save({"kind": "sct", "config": asdict(sct.config), "model": sct.state_dict(),
+                "train_config": {"sct": {"seq_len": sct.config.max_position_embeddings}},
+                "trained_with": {**record, **trained_with}}, folder / "sct.pt")
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,7 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
 
     cases = {broken("vocab", tokenizer_vocab_size=7): "vocabulary size of tokenizer.model: sct.pt was trained with 7",
              broken("hash", tokenizer_sha256="0" * 64): "sha256 of tokenizer.model",
+             broken("vae", vae_sha256="0" * 64): "sha256 of vae.pt",
              broken("dim", vae_audio_dim=99): "VAE audio_dim: sct.pt was trained with 99"}
     missing = tmp_path / "missing"
     missing.mkdir()
