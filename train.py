@@ -23,23 +23,10 @@ sct_model, sct, diffusion, sct1-3, *_loop) and has a flag `--SECTION.FIELD VALUE
 "story=1,edit=2", booleans true/false, None "none"), its help being the field's comment. The effective
 configuration is printed at start and saved in every checkpoint.
 
-Data (section 3.1, Eqs. 1-3), one document per sampled task, in tokenizer.encode_conversation's layout:
-  story        user [instruction_0]                  -> model [plan_0 JSON, audio_0]
-  edit         the turns up to k (k >= 1): user [instruction_j] -> model [plan_j JSON, audio_j] for each j
-               (Eq. 3); a window that starts after turn 0 opens with turn s as an upload edit (below)
-  upload_edit  user [audio_{k-1}, instruction_k]     -> model [caption JSON of audio_{k-1}, plan_k JSON, audio_k]
-  understand   user [audio_k, a describe request]    -> model [caption JSON of audio_k]      (copilot.caption_of)
-  t2a          user [caption]                        -> model [audio]      (single-sound conversations, manifests)
-  caption      user [audio, a caption request]       -> model [caption]
-  asr / tts    user [audio, a transcribe request] -> model [transcript];  user [a say request] -> model [audio]
-  text         <bos> text <eos>, LM loss on every token
-Plans and captions are copilot.scene_to_json text; model text parts of one turn are joined by "\\n" by the layout.
-CFG dropout replaces a document by `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>\\n`
-(diffusion.sample_uncond_span). Documents are packed into rows of --sct.seq_len tokens (positions restart
-per document, no attention across documents); a document longer than a row is dropped and counted in the
-log. Randomness is stateless: row j of step s is drawn from random.Random("seed|s|j") and each document's
-CFG dropout, diffusion times and noise from a generator keyed by (seed, s, j, document), so any number of
-ranks sees the same global batch and resume needs only the step counter.
+Data (section 3.1, Eqs. 1-3). Each stage samples tasks by its mixture; every document is one task in
+tokenizer.encode_conversation's layout (TaskData.build) and documents are packed into rows of --sct.seq_len
+tokens with stateless randomness (draw_row), so any number of ranks sees the same global batch and resuming
+needs only the step counter.
 
 Checkpoints. Training checkpoints: OUT/<stage>/step-NNNNNN.pt (the last --*_loop.keep_last kept) with a
 readable step-NNNNNN.json beside each; a run resumes from the newest one (same settings required).
@@ -92,94 +79,7 @@ from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, Exam
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json(path: Path, obj) -> None:
-    """Atomic, human-readable JSON (temporary file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-class Checkpoints:
-    """Training checkpoints of one stage: folder/step-NNNNNN.pt + .json, the newest keep_last kept."""
-
-    def __init__(self, folder: Path, keep_last: int):
-        self.folder, self.keep_last = Path(folder), keep_last
-
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.pt"))
-
-    def save(self, step: int, state: dict, meta: dict) -> None:
-        path = self.folder / f"step-{step:06d}.pt"
-        save_checkpoint(path, state)
-        save_json(path.with_suffix(".json"), {"step": step, **meta})
-        for old in self.paths()[: -self.keep_last]:
-            old.unlink()
-            old.with_suffix(".json").unlink(missing_ok=True)
-
-    def load_latest(self) -> dict | None:
-        """The newest checkpoint, or None; a clear error when it cannot be read."""
-        paths = self.paths()
-        if not paths:
-            return None
-        try:
-            return torch.load(paths[-1], map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = (str(e).splitlines() or [""])[0][:200]
-            raise RuntimeError(f"{paths[-1]} is corrupt or unreadable ({type(e).__name__}: {why}); delete it to "
-                               f"resume from the checkpoint before it, or delete {self.folder} to start over") from e
-
-
-def check_resume(ckpt: dict, settings: dict, folder: Path) -> None:
-    """Refuse to resume a run whose settings differ from the checkpoint's (they would change the result)."""
-    saved, diff = ckpt["settings"], []
-    for k, now in settings.items():
-        old = saved.get(k)
-        if isinstance(now, dict) and isinstance(old, dict):
-            diff += [f"{k}.{f} {old.get(f)!r} -> {now.get(f)!r}" for f in now | old if old.get(f) != now.get(f)]
-        elif old != now:
-            diff.append(f"{k} {old!r} -> {now!r}")
-    if diff:
-        raise ValueError(f"{folder} was trained with other settings: {'; '.join(diff)}; resume with the same flags "
-                         f"or delete {folder}")
-
-
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on norms, biases or scales)."""
-    params = list(model.parameters())
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kw)
-
-
-def cosine_lr(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to final_fraction at `steps`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# -----------------------------------------------------------------------------
-# Configuration: dataclass sections, presets as named data, flags generated from the fields
+# Configuration: dataclass sections and presets as named data
 
 @dataclass
 class LoopConfig:
@@ -247,6 +147,7 @@ class StageConfig:
 TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
 STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
 STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
+TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES)   # toy stages 2 and 3
 
 PRESET_STAGES = {
     "toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
@@ -264,10 +165,8 @@ PRESETS = {
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50),
         diffusion=DiffusionConfig(),
         sct1=StageConfig(steps=100, lr=1e-3, warmup_steps=30, mixture=dict(STAGE1, text=0.5)),
-        sct2=StageConfig(steps=360, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
-                                                                            **STORIES)),
-        sct3=StageConfig(steps=80, lr=3e-4, warmup_steps=10, mixture=dict(STAGE1, text=0.5, t2a=0.5, caption=0.5,
-                                                                          **STORIES), validated_only=True),
+        sct2=StageConfig(steps=360, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
+        sct3=StageConfig(steps=80, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True),
     ),
     # Paper scale (Table 5; batch size and sequence length are not given in the paper: 64 x 8192 tokens).
     "audiochat": dict(
@@ -287,12 +186,16 @@ PRESETS = {
 
 
 def preset_sections(preset: str) -> dict:
-    """Every config section of a preset: this file's and the model presets of tokenizer/model/metrics."""
-    return {"data": PRESETS[preset]["data"], "vae_model": VAE_PRESETS[preset], "vae": VAE_TRAIN_PRESETS[preset],
-            **{k: PRESETS[preset][k] for k in ("vae_loop", "flam", "flam_loop")}, "flam_model": FLAM_PRESETS[preset],
-            "sct_model": SCT_PRESETS[preset],
-            **{k: PRESETS[preset][k] for k in ("sct", "sct_loop", "diffusion", "sct1", "sct2", "sct3")}}
+    """Every config section of a preset, in flag order: this file's and the model presets of tokenizer/model/metrics."""
+    p = PRESETS[preset]
+    return {"data": p["data"], "vae_model": VAE_PRESETS[preset], "vae": VAE_TRAIN_PRESETS[preset],
+            "vae_loop": p["vae_loop"], "flam": p["flam"], "flam_loop": p["flam_loop"],
+            "flam_model": FLAM_PRESETS[preset], "sct_model": SCT_PRESETS[preset],
+            **{k: p[k] for k in ("sct", "sct_loop", "diffusion", "sct1", "sct2", "sct3")}}
 
+
+# -----------------------------------------------------------------------------
+# Flags: --SECTION.FIELD for every dataclass field, typed by its annotation, its comment as help
 
 def field_help(cls) -> dict[str, str]:
     """Each dataclass field's comment (on its line, or the comment lines just above it), for --help."""
@@ -329,27 +232,11 @@ def parse_value(text: str, hint):
     return hint(text)
 
 
-def add_section_flags(parser: argparse.ArgumentParser, name: str, cfg) -> None:
-    """--name.field for every field of the dataclass instance cfg, help from the field comments."""
-    group = parser.add_argument_group(f"{name} ({type(cfg).__name__})")
-    hints, helps = typing.get_type_hints(type(cfg)), field_help(type(cfg))
-    for f in fields(cfg):
-        def convert(text, hint=hints[f.name]):
-            return parse_value(text, hint)
-        convert.__name__ = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        value = getattr(cfg, f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else \
-            ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
-        group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", type=convert, default=argparse.SUPPRESS,
-                           metavar="V", help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"))
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
     """The run flags and the effective config sections (the preset's, with --section.field overrides)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    preset = pre.parse_known_args(argv)[0].preset
-    sections = preset_sections(preset)
+    sections = preset_sections(pre.parse_known_args(argv)[0].preset)      # --help shows this preset's values
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--preset P] [--stage S] [run flags] [--SECTION.FIELD V ...]")
     run = parser.add_argument_group("run")
@@ -365,26 +252,112 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     run.add_argument("--stop-after", type=int, default=None, metavar="K", help="stop hard after step K of a stage, "
                      "without a final save (to test resuming)")
     for name, cfg in sections.items():
-        add_section_flags(parser, name, cfg)
+        group = parser.add_argument_group(f"{name} ({type(cfg).__name__})")
+        hints, helps = typing.get_type_hints(type(cfg)), field_help(type(cfg))
+        for f in fields(cfg):
+            def convert(text, hint=hints[f.name]):
+                return parse_value(text, hint)
+            convert.__name__ = getattr(hints[f.name], "__name__", str(hints[f.name]))    # argparse's error names it
+            v = getattr(cfg, f.name)
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) else \
+                ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v
+            group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", type=convert, default=argparse.SUPPRESS,
+                               metavar="V", help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"))
     args = parser.parse_args(argv)
-    overrides = {}
-    for key, value in vars(args).items():
-        if "." in key:
-            name, f = key.split(".")
-            overrides.setdefault(name, {})[f] = value
     args.data = args.data or Path("data") / args.preset
     args.out = args.out or Path("checkpoints") / args.preset
-    return args, {name: replace(cfg, **overrides.get(name, {})) for name, cfg in sections.items()}
+    given = vars(args)                                    # flags not given are absent (SUPPRESS): the preset's value
+    return args, {name: replace(cfg, **{f.name: given[f"{name}.{f.name}"] for f in fields(cfg)
+                                        if f"{name}.{f.name}" in given}) for name, cfg in sections.items()}
 
 
 # -----------------------------------------------------------------------------
-# Distributed: torchrun env -> process group -> DDP or FSDP2
+# Checkpoints and schedules
+
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Checkpoints:
+    """The resumable training checkpoints of one stage: folder/step-NNNNNN.pt with a readable .json beside
+    each, the newest keep_last kept. Both record the run's settings, and resuming with other settings is
+    refused: they would change the result."""
+
+    def __init__(self, folder: Path, keep_last: int, settings: dict):
+        self.folder, self.keep_last, self.settings = Path(folder), keep_last, settings
+        self.path = None                                  # the checkpoint resumed from
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        path = self.folder / f"step-{step:06d}.pt"
+        save_checkpoint(path, {**state, "step": step, "settings": self.settings})
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"step": step, **meta, "settings": self.settings}, indent=1, default=str))
+        os.replace(tmp, path.with_suffix(".json"))
+        for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
+            old.unlink()
+            old.with_suffix(".json").unlink(missing_ok=True)
+
+    def resume(self) -> dict | None:
+        """The newest checkpoint, or None; a clear error when it is unreadable or has other settings."""
+        paths = sorted(self.folder.glob("step-*.pt"))
+        if not paths:
+            return None
+        self.path = paths[-1]
+        try:
+            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = str(e).split("\n")[0][:200]
+            raise RuntimeError(f"{self.path} is corrupt or unreadable ({type(e).__name__}: {why}); delete it to "
+                               f"resume from the checkpoint before it, or delete {self.folder} to start over") from e
+        diff = []
+        for k, now in self.settings.items():
+            old = ckpt["settings"].get(k)
+            if isinstance(now, dict) and isinstance(old, dict):
+                diff += [f"{k}.{f} {old.get(f)!r} -> {now.get(f)!r}" for f in now | old if old.get(f) != now.get(f)]
+            elif old != now:
+                diff.append(f"{k} {old!r} -> {now!r}")
+        if diff:
+            raise ValueError(f"{self.folder} was trained with other settings: {'; '.join(diff)}; resume with the same "
+                             f"flags or delete {self.folder}")
+        return ckpt
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norms, biases or scales)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kw)
+
+
+def cosine_lr(step: int, steps: int, warmup: int, final_fraction: float) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to final_fraction at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Distributed: torchrun env -> process group -> DDP or FSDP2 -> no_sync on non-final micro-steps
 
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -401,7 +374,7 @@ def setup_distributed(device: str | None) -> Dist:
     if "RANK" not in os.environ:
         return Dist(device=dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
@@ -477,9 +450,8 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
         print(f"tokenizer: {path} exists; skipping")
         return path
     if preset != "toy":
-        src = gemma_dir(cfg) / "tokenizer.model"
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, path.with_name(path.name + ".tmp"))
+        shutil.copyfile(gemma_dir(cfg) / "tokenizer.model", path.with_name(path.name + ".tmp"))
         os.replace(path.with_name(path.name + ".tmp"), path)
         return path
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
@@ -702,8 +674,9 @@ class Record:
     end: float | None = None      # s, where it ends (None: the file's end, at most max_clip_seconds later)
 
 
-def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
-    """Every line of a JSONL file as a dict holding `keys`; an error naming the file and line otherwise."""
+def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int) -> list[tuple[int, dict]]:
+    """(line number from 0, record) of one split of a JSONL file: every heldout_every-th record is "eval", the
+    rest "train". Every record must be an object with non-empty strings at `keys`: an error names the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
@@ -719,47 +692,24 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
             raise ValueError(f"{path}, line {n}: needs non-empty string values for {list(keys)}, got {line[:120]!r}")
         rows.append(row)
-    return rows
+    return [(i, row) for i, row in enumerate(rows) if (i % heldout_every == heldout_every - 1) == (split == "eval")]
 
 
 def read_manifest(path: Path, split: str, heldout_every: int) -> list[Record]:
     """Audio-text manifest: one {"audio": path (relative to the manifest's folder), "text": str, ["start": s,
-    "end": s]} per line. Every heldout_every-th line is the eval split, the rest training."""
+    "end": s]} per line."""
     path = Path(path)
     tag = f"{path.stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-    records = []
-    for i, row in enumerate(read_jsonl(path, ("audio", "text"))):
-        if (i % heldout_every == heldout_every - 1) == (split == "eval"):
-            end = row.get("end")
-            records.append(Record(f"{tag}/{i // 1000:05d}/{i:08d}", row["text"], path.parent / row["audio"],
-                                  float(row.get("start", 0.0)), None if end is None else float(end)))
-    return records
-
-
-def read_corpus(path: Path, split: str, heldout_every: int) -> list[Record]:
-    """Text corpus: one {"text": str} document per line; every heldout_every-th document is held out."""
-    return [Record("", row["text"]) for i, row in enumerate(read_jsonl(path, ("text",)))
-            if (i % heldout_every == heldout_every - 1) == (split == "eval")]
-
-
-def audio_items(cfg: DataConfig, stories: Path) -> list[tuple[str, list[Path], list[tuple[float, float | None]]]]:
-    """Everything the latents stage encodes: (cache key, audio files, (start, end or None) s per file), both
-    splits. Story turns are encoded whole; manifest clips are cut at max_clip_seconds."""
-    items = []
-    for split in ("train", "eval"):
-        if (stories / split).is_dir():
-            items += [(f"stories/{split}/{c.id}", [t.audio for t in c.turns], [(0.0, None)] * len(c.turns))
-                      for c in read_conversations(stories, split)]
-        for m in cfg.speech_manifests + cfg.sound_manifests:
-            items += [(r.key, [r.audio], [(r.start, min(r.end or math.inf, r.start + cfg.max_clip_seconds))])
-                      for r in read_manifest(m, split, cfg.heldout_every)]
-    return items
+    return [Record(f"{tag}/{i // 1000:05d}/{i:08d}", row["text"], path.parent / row["audio"],
+                   float(row.get("start", 0.0)), None if row.get("end") is None else float(row["end"]))
+            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every)]
 
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
-    """Encode every item's audio once with the frozen VAE (normalised posterior mean, float16), one file per
-    item under out/latents, written atomically; items are sharded over ranks and finished ones skipped."""
+    """Encode every item's audio once with the frozen VAE (normalised posterior mean, float16): one file per story
+    (its turns, whole) or manifest clip (cut at max_clip_seconds) under out/latents, both splits, written
+    atomically; items are sharded over ranks and finished ones skipped."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae = StereoVAE.from_checkpoint(vae_path).to(d.device)
     stamp, digest = folder / "vae.sha256", file_sha256(vae_path)
@@ -768,7 +718,14 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
     if d.main:
         folder.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest)
-    items = audio_items(cfg, data)
+    items = []                           # (cache key, audio files, (start, end or None) s per file)
+    for split in ("train", "eval"):
+        if (data / split).is_dir():
+            items += [(f"stories/{split}/{c.id}", [t.audio for t in c.turns], [(0.0, None)] * len(c.turns))
+                      for c in read_conversations(data, split)]
+        for m in cfg.speech_manifests + cfg.sound_manifests:
+            items += [(r.key, [r.audio], [(r.start, min(r.end or math.inf, r.start + cfg.max_clip_seconds))])
+                      for r in read_manifest(m, split, cfg.heldout_every)]
     todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
     print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
     for key, paths, spans in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
@@ -792,19 +749,17 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
         print(f"flam: {final} exists; skipping")
         return final
     clips, held = flam_clips(read_conversations(data, "train")), flam_clips(read_conversations(data, "eval"))
-    held = held[: tc.eval_clips]
-    pool = sorted({c for clip in clips for c in clip.events})
+    held, pool = held[: tc.eval_clips], sorted({c for clip in clips for c in clip.events})
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips")
     torch.manual_seed(seed)
     model = SmallFLAM(mc)
     opt = adamw(model, tc.lr, tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps, tc.warmup_steps, 0.1))
-    ckpts = Checkpoints(out / "flam", loop.keep_last)
     settings = {"flam_model": asdict(mc), "flam": asdict(tc), "seed": seed}
-    step, ckpt = 0, ckpts.load_latest()
+    ckpts = Checkpoints(out / "flam", loop.keep_last, settings)
+    step, ckpt = 0, ckpts.resume()
     if ckpt:
-        check_resume(ckpt, settings, ckpts.folder)
-        load_state_dict_strict(model, ckpt["model"], ckpts.paths()[-1])
+        load_state_dict_strict(model, ckpt["model"], ckpts.path)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step = ckpt["step"]
@@ -812,9 +767,9 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
 
     def evaluate() -> dict:
         model.eval()
-        q = detection_quality(model.score, held) if held else {}
+        quality = detection_quality(model.score, held) if held else {}
         model.train()
-        return q
+        return quality
 
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
     for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="flam", dynamic_ncols=True):
@@ -836,8 +791,7 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
             tqdm.write(f"flam eval {done:6d} | " + " ".join(f"{k} {v:.3f}" for k, v in evaluate().items()))
         if done % loop.save_every == 0 and done < tc.steps:
             ckpts.save(done, {"kind": "flam-train", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "step": done, "settings": settings},
-                       {"loss": loss.item(), "settings": settings})
+                              "scheduler": sched.state_dict()}, {"loss": loss.item()})
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"flam: stopped after step {done} (--stop-after)")
     quality = evaluate()
@@ -852,32 +806,29 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
 # SCT data: documents per task, Diffusion Forcing noise, CFG dropout, packing
 
 class TaskData:
-    """Every document source of one split (copilot stories, manifests, corpora) indexed per task."""
+    """Every document source of one split (copilot stories, manifests, corpora), indexed per task: pools[task]
+    lists items ("conv", conversation index, turn k) or ("record", Record, 0) in a fixed order."""
 
     def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
                  audio_dim: int, validated_only: bool = False):
         self.cfg, self.latents_dir, self.split, self.tok, self.audio_dim = cfg, latents, split, tok, audio_dim
         self.convs = read_conversations(stories, split) if (stories / split).is_dir() else []
-        speech = [r for m in cfg.speech_manifests for r in read_manifest(m, split, cfg.heldout_every)]
-        sounds = [r for m in cfg.sound_manifests for r in read_manifest(m, split, cfg.heldout_every)]
-        corpus = [r for c in cfg.text_corpora for r in read_corpus(c, split, cfg.heldout_every)]
-        pools = {task: [] for task in TASKS}
+        self.pools = {task: [] for task in TASKS}
         for i, conv in enumerate(self.convs):
             valid = len(conv.turns)                                # turns before the first violation
             if validated_only:
                 valid = next((k for k, t in enumerate(conv.turns) if t.violations), valid)
-            pools["text"].append(("conv", i, 0))
-            if conv.turns[0].kind == "t2a":                      # single-sound conversations
-                pools["t2a"] += [("conv", i, 0)] * (valid > 0)
-                pools["caption"] += [("conv", i, 0)] * (valid > 0)
-                continue
-            pools["story"] += [("conv", i, 0)] * (valid > 0)
-            pools["understand"] += [("conv", i, k) for k in range(valid)]
-            pools["edit"] += [("conv", i, k) for k in range(1, valid)]
-            pools["upload_edit"] += [("conv", i, k) for k in range(1, valid)]
+            first = range(min(valid, 1))
+            turns = dict(text=[0], t2a=first, caption=first) if conv.turns[0].kind == "t2a" else \
+                dict(text=[0], story=first, understand=range(valid), edit=range(1, valid), upload_edit=range(1, valid))
+            for task, ks in turns.items():
+                self.pools[task] += [("conv", i, k) for k in ks]
+        speech = [r for m in cfg.speech_manifests for r in read_manifest(m, split, cfg.heldout_every)]
+        sounds = [r for m in cfg.sound_manifests for r in read_manifest(m, split, cfg.heldout_every)]
+        corpus = [Record("", row["text"]) for c in cfg.text_corpora                 # {"text": document}
+                  for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every)]
         for task, records in (("asr", speech), ("tts", speech), ("t2a", sounds), ("caption", sounds), ("text", corpus)):
-            pools[task] += [("record", r, 0) for r in records]
-        self.pools = pools
+            self.pools[task] += [("record", r, 0) for r in records]
 
     def mixture(self, weights: dict[str, float], strict: bool) -> tuple[list[str], list[float]]:
         """The tasks with positive weight and data (strict: at least one, or an error) and their weights."""
@@ -900,7 +851,17 @@ class TaskData:
         return self.build(task, rng.choice(self.pools[task]), rng)
 
     def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
-        """The document of `task` for one pool item (wordings drawn from rng)."""
+        """The document of `task` for one pool item, request wordings drawn from rng (section 3.1, Eqs. 1-3):
+          story        user [instruction_0]                 -> model [plan_0 JSON, audio_0]
+          edit         the turns up to k >= 1 (at most context_turns), each user [instruction_j] -> model
+                       [plan_j JSON, audio_j] (Eq. 3); a window that starts after turn 0 opens as an upload_edit
+          upload_edit  user [audio_{k-1}, instruction_k]    -> model [caption JSON of audio_{k-1}, plan_k JSON, audio_k]
+          understand   user [audio_k, a describe request]   -> model [caption JSON of audio_k]   (copilot.caption_of)
+          t2a          user [caption]                       -> model [audio]   (single-sound conversations, manifests)
+          caption      user [audio, a caption request]      -> model [caption]
+          asr / tts    user [audio, a transcribe request] -> model [transcript];  user [a say request] -> model [audio]
+          text         token ids of the text (draw_row adds <bos> ... <eos>, LM loss on every token)
+        Plans and captions are copilot.scene_to_json text; the layout joins the text parts of a turn by "\\n"."""
         kind, ref, k = item
         if kind == "record":
             if task == "text":
@@ -968,8 +929,12 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
 
 def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn until
-    one no longer fits (three times), each with its own doc id; the rest is padding (a document of its own)."""
+    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn with
+    random.Random("seed|step|row") until one no longer fits (three times), each with its own doc id (positions
+    restart, no attention across documents) and its CFG dropout, diffusion times and noise drawn from a generator
+    keyed by (seed, step, row, document); the rest is padding (a document of its own). A document longer than a
+    row is dropped and counted. CFG dropout replaces a document by the unconditional
+    `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>\\n` (diffusion.sample_uncond_span)."""
     rng, docs, used, misses, stats = random.Random("|".join(map(str, key))), [], 0, 0, {"dropped": 0, "docs": 0}
     while misses < 3:
         task = rng.choices(*mixture)[0]
@@ -979,10 +944,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             ex = text_example(doc[start: start + seq_len - 2], data.tok, data.audio_dim)
         else:
             ex = encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
-        if len(ex.ids) > seq_len:
-            stats["dropped"] += 1
-            misses += 1
-            continue
+        stats["dropped"] += len(ex.ids) > seq_len
         if used + len(ex.ids) > seq_len:
             misses += 1
             continue
@@ -999,10 +961,6 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
                                [torch.full((pad,), len(docs))])
     stats.update(docs=len(docs), tokens=used)
     return row, stats
-
-
-def collate(rows: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.stack([r[name] for r in rows]).to(device) for name in rows[0]}
 
 
 class TransfusionForcing(torch.nn.Module):
@@ -1027,6 +985,13 @@ class TransfusionForcing(torch.nn.Module):
 SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 
 
+def sct_from_state(ckpt: dict, path: Path) -> SCT:
+    """An SCT with the config and weights of a checkpoint dict (strict)."""
+    model = SCT(SCTConfig(**ckpt["config"]))
+    load_state_dict_strict(model, ckpt["model"], path)
+    return model
+
+
 def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
     """The stage's starting SCT: the previous stage's weights, else Gemma 2 (paper scale) or a fresh init."""
     mc = replace(cfg["sct_model"], vocab_size=trained_with["tokenizer_vocab_size"],
@@ -1041,17 +1006,14 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
             raise ValueError(f"{path} was trained with another tokenizer or VAE ({ckpt.get('trained_with')}, now "
                              f"{trained_with}); retrain {previous} or restore its tokenizer.model and vae.pt")
         return sct_from_state(ckpt, path)
-    if cfg["sct"].from_gemma:                                     # paper B.2: Gemma 2 2B + generation layers
-        return SCT.from_gemma(gemma_dir(cfg["data"]), mc.num_generation_layers, mc.audio_dim,
-                              attn_implementation=mc.attn_implementation)
-    return SCT(mc)
-
-
-def sct_from_state(ckpt: dict, path: Path) -> SCT:
-    """An SCT with the config and weights of a checkpoint dict (strict)."""
-    model = SCT(SCTConfig(**ckpt["config"]))
-    load_state_dict_strict(model, ckpt["model"], path)
-    return model
+    if not cfg["sct"].from_gemma:
+        return SCT(mc)
+    sct = SCT.from_gemma(gemma_dir(cfg["data"]), mc.num_generation_layers, mc.audio_dim,    # paper B.2
+                         attn_implementation=mc.attn_implementation)
+    if sct.config.vocab_size != mc.vocab_size:
+        raise ValueError(f"Gemma 2 in {cfg['data'].gemma_dir} has a vocabulary of {sct.config.vocab_size}, but "
+                         f"tokenizer.model has {mc.vocab_size} pieces; run --stage tokenizer with this gemma_dir")
+    return sct
 
 
 def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, stop_after: int | None = None) -> Path:
@@ -1061,139 +1023,119 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     if final.exists():
         print(f"{stage}: {final} exists; skipping")
         return final
-    per_rank = tc.batch_rows // d.world
     if tc.batch_rows % (tc.micro_rows * d.world):
         raise ValueError(f"--sct.batch_rows {tc.batch_rows} must be a multiple of --sct.micro_rows {tc.micro_rows} "
                          f"x {d.world} ranks")
+    per_rank = tc.batch_rows // d.world
     tok = TextTokenizer(out / "tokenizer.model")
-    vae_cfg = load_checkpoint(out / "vae.pt", "vae")["config"]
     trained_with = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": file_sha256(out / "tokenizer.model"),
-                    "vae_audio_dim": 2 * vae_cfg["latent_dim"], "vae_sha256": file_sha256(out / "vae.pt")}
-    settings = {"sct_model": asdict(cfg["sct_model"]), "sct": asdict(tc), "diffusion": asdict(dc), "stage": asdict(st),
-                "data": asdict(cfg["data"]), "seed": seed, "trained_with": trained_with}
-    ckpts = Checkpoints(out / stage, loop.keep_last)
-    ckpt = ckpts.load_latest()
+                    "vae_audio_dim": 2 * load_checkpoint(out / "vae.pt", "vae")["config"]["latent_dim"],
+                    "vae_sha256": file_sha256(out / "vae.pt")}
+    ckpts = Checkpoints(out / stage, loop.keep_last, {
+        "sct_model": asdict(cfg["sct_model"]), "sct": asdict(tc), "diffusion": asdict(dc), "stage": asdict(st),
+        "data": asdict(cfg["data"]), "seed": seed, "trained_with": trained_with})
+    ckpt = ckpts.resume()
     torch.manual_seed(seed)
-    if ckpt:
-        check_resume(ckpt, settings, ckpts.folder)
-    sct = sct_from_state(ckpt, ckpts.paths()[-1]) if ckpt else build_sct(stage, cfg, out, trained_with)
-    if (sct.config.vocab_size, sct.config.audio_dim) != (tok.vocab_size, trained_with["vae_audio_dim"]):
-        raise ValueError(f"the SCT has vocab {sct.config.vocab_size} and audio_dim {sct.config.audio_dim}, but "
-                         f"tokenizer.model has {tok.vocab_size} pieces and vae.pt audio_dim "
-                         f"{trained_with['vae_audio_dim']}; use the tokenizer and VAE the SCT was trained with")
+    sct = sct_from_state(ckpt, ckpts.path) if ckpt else build_sct(stage, cfg, out, trained_with)
     n_params = sum(p.numel() for p in sct.parameters())
     sct.gradient_checkpointing = tc.gradient_checkpointing
     core = TransfusionForcing(sct.to(d.device), dc.loss_weight)
-    model = wrap_model(core, d, tc.fsdp and d.world > 1)
+    model = wrap_model(core, d, tc.fsdp)
     forward = torch.compile(model) if tc.compile else model
     opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, st.steps, st.warmup_steps,
                                                                        tc.final_lr_fraction))
-    step = 0
+    step, history, evals = 0, [], []
     if ckpt:
         set_optimizer_state_dict(core, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        if d.main:
-            print(f"{stage}: resuming from step {step} ({ckpts.paths()[-1]})")
-    if d.main:
-        print(f"{stage}: SCT {n_params / 1e6:.1f} M parameters, {d.world} rank(s) on {d.device}, "
-              f"{tc.batch_rows} x {tc.seq_len} tokens per step, accumulation {per_rank // tc.micro_rows}")
-    latents = out / "latents"
-    train_data = TaskData(cfg["data"], data, latents, "train", tok, sct.config.audio_dim, st.validated_only)
-    eval_data = TaskData(cfg["data"], data, latents, "eval", tok, sct.config.audio_dim, st.validated_only)
+        step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
+    train_data, eval_data = (TaskData(cfg["data"], data, out / "latents", split, tok, sct.config.audio_dim,
+                                      st.validated_only) for split in ("train", "eval"))
     mixture, eval_mixture = train_data.mixture(st.mixture, strict=True), eval_data.mixture(st.mixture, strict=False)
     if d.main:
+        print(f"{stage}: resuming from step {step} ({ckpts.path})" if ckpt else f"{stage}: starting")
+        print(f"{stage}: SCT {n_params / 1e6:.1f} M parameters, {d.world} rank(s) on {d.device}, {tc.batch_rows} x "
+              f"{tc.seq_len} tokens per step, accumulation {per_rank // tc.micro_rows}")
         print(f"{stage}: training tasks {dict(zip(*mixture))}, held-out tasks {eval_mixture[0]} "
               f"(tasks without data are left out)")
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)     # gathered from FSDP2 shards: every rank
     bf16 = d.device.type == "cuda" and tc.dtype != "float32"
 
-    def autocast():
-        return torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if bf16 else contextlib.nullcontext()
-
-    def state_dicts():
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)     # gathered from FSDP2 shards
-        return get_model_state_dict(sct, options=full), get_optimizer_state_dict(core, opt, options=full)
-
-    def run_rows(rows_of, micro_rows, train: bool) -> torch.Tensor:
-        """Forward (and backward) over this rank's rows in micro-batches -> [lm, diff, text, audio, tokens, dropped]
-        summed over all ranks; the loss of every token is weighted as in one process with the global batch."""
-        rows = list(rows_of)
+    def run_rows(rows: list, train: bool) -> dict[str, float]:
+        """Forward (and backward) over this rank's rows in micro-batches, every token's loss weighted as in one
+        process with the global batch -> the global mean lm and diff losses, tokens and dropped documents."""
         counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
                                for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
-        counts = all_sum(counts.to(d.device)).cpu()
-        n_text, n_audio = (float(counts[i]) / d.world for i in (0, 1))   # DDP/FSDP average gradients over ranks
+        n_text, n_audio, tokens, dropped = all_sum(counts.to(d.device)).tolist()
         parts = torch.zeros(2, dtype=torch.float64)
-        chunks = [rows[i: i + micro_rows] for i in range(0, len(rows), micro_rows)]
+        chunks = [rows[i: i + tc.micro_rows] for i in range(0, len(rows), tc.micro_rows)]
         for i, chunk in enumerate(chunks):
-            batch = collate([r for r, _ in chunk], d.device)
-            with grad_sync(model, not train or i == len(chunks) - 1), autocast():
-                total, lm, diff = forward(batch, n_text, n_audio)
+            batch = {k: torch.stack([r[k] for r, _ in chunk]).to(d.device) for k in chunk[0][0]}
+            with grad_sync(model, not train or i == len(chunks) - 1), \
+                    torch.autocast(d.device.type, dtype=getattr(torch, tc.dtype), enabled=bf16):
+                total, lm, diff = forward(batch, n_text / d.world, n_audio / d.world)  # DDP/FSDP average over ranks
                 if train:
                     total.backward()
             parts += torch.tensor([lm.item(), diff.item()], dtype=torch.float64)
-        parts = all_sum(parts.to(d.device)).cpu() / d.world
-        return torch.cat([parts, counts])
+        lm, diff = (all_sum(parts.to(d.device)).cpu() / d.world).tolist()
+        return dict(lm=lm, diff=diff, tokens=tokens, dropped=dropped)
 
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
+    def evaluate() -> dict[str, float]:                                 # every rank evaluates its share of rows
         sct.eval()
-        mine = [j for j in range(tc.eval_rows) if j % d.world == d.rank]
-        r = run_rows((draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j) for j in mine),
-                     tc.micro_rows, train=False)
+        r = run_rows([draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j)
+                      for j in range(d.rank, tc.eval_rows, d.world)], train=False)
         sct.train()
-        return {"loss": float(r[0] + dc.loss_weight * r[1]), "lm": float(r[0]), "diff": float(r[1])}
+        return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]}
 
     flops_per_token = 6 * n_params + 12 * len(sct.model.layers) * \
         sct.config.num_attention_heads * sct.config.head_dim * tc.seq_len
-    log, history, evals = torch.zeros(7, dtype=torch.float64), ckpt["history"] if ckpt else [], \
-        ckpt["evals"] if ckpt else []
-    n, t0 = 0, time.perf_counter()
+    sums, n, t0 = {}, 0, time.perf_counter()
     sct.train()
-    bar = tqdm(range(step, st.steps), initial=step, total=st.steps, desc=stage, disable=not d.main, dynamic_ncols=True)
-    for step in bar:
-        mine = range(d.rank * per_rank, (d.rank + 1) * per_rank)             # deterministic sharding of the rows
-        r = run_rows((draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j) for j in mine),
-                     tc.micro_rows, train=True)
+    for step in tqdm(range(step, st.steps), initial=step, total=st.steps, desc=stage, disable=not d.main,
+                     dynamic_ncols=True):
+        r = run_rows([draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j)
+                      for j in range(d.rank * per_rank, (d.rank + 1) * per_rank)], train=True)   # rank's rows
         gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm      # a DTensor under FSDP2
+        r["gnorm"] = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()  # DTensor under FSDP2
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        log, n, done = log + torch.cat([r, gnorm.detach().double().cpu()[None]]), n + 1, step + 1
+        sums, n, done = {k: sums.get(k, 0.0) + v for k, v in r.items()}, n + 1, step + 1
         if done % loop.log_every == 0 or done == st.steps:
             dt = time.perf_counter() - t0
-            lm, diff = float(log[0] / n), float(log[1] / n)
-            rec = dict(step=done, loss=lm + dc.loss_weight * diff, lm=lm, diff=diff, gnorm=float(log[6] / n),
-                       lr=sched.get_last_lr()[0], ms_per_step=1000 * dt / n, tok_s=float(log[4]) / dt,
-                       dropped=int(log[5]))
-            history.append(rec)
-            mfu = f" | mfu {100 * flops_per_token * rec['tok_s'] / (tc.peak_tflops * 1e12 * d.world):.1f}%" \
-                if d.device.type == "cuda" else ""
+            lm, diff = sums["lm"] / n, sums["diff"] / n
+            h = dict(step=done, loss=lm + dc.loss_weight * diff, lm=lm, diff=diff, gnorm=sums["gnorm"] / n,
+                     lr=sched.get_last_lr()[0], ms_per_step=1000 * dt / n, tok_s=sums["tokens"] / dt,
+                     dropped=int(sums["dropped"]))
+            history.append(h)
+            mfu = flops_per_token * h["tok_s"] / (tc.peak_tflops * 1e12 * d.world)
             if d.main:
-                tqdm.write(f"{stage} step {done:6d} | loss {rec['loss']:.4f} lm {lm:.4f} diff {diff:.4f} | gnorm "
-                           f"{rec['gnorm']:.3f} | lr {rec['lr']:.2e} | {rec['ms_per_step']:.0f} ms/step | "
-                           f"{rec['tok_s']:.0f} tok/s{mfu} | dropped {rec['dropped']} too long")
-            log, n, t0 = torch.zeros(7, dtype=torch.float64), 0, time.perf_counter()
+                tqdm.write(f"{stage} step {done:6d} | loss {h['loss']:.4f} lm {lm:.4f} diff {diff:.4f} | gnorm "
+                           f"{h['gnorm']:.3f} | lr {h['lr']:.2e} | {h['ms_per_step']:.0f} ms/step | "
+                           f"{h['tok_s']:.0f} tok/s{f' | mfu {100 * mfu:.1f}%' if d.device.type == 'cuda' else ''} "
+                           f"| dropped {h['dropped']} too long")
+            sums, n, t0 = {}, 0, time.perf_counter()
         if done % loop.eval_every == 0 or done == st.steps:
             evals.append({"step": done, **evaluate()})
             if d.main:
                 tqdm.write(f"{stage} eval {done:6d} | " + " ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
                                                                   if k != "step"))
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()                                    # ms/step counts training only
         if done % loop.save_every == 0 and done < st.steps:
-            model_sd, optim_sd = state_dicts()                          # collective under FSDP: every rank
-            if d.main:
+            model_sd = get_model_state_dict(sct, options=full)                   # collectives: every rank
+            optim_sd = get_optimizer_state_dict(core, opt, options=full)
+            if d.main:                                                  # rank 0 saves, then every rank waits
                 ckpts.save(done, {"kind": "sct-train", "config": asdict(sct.config), "model": model_sd,
                                   "optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                                  "step": done, "settings": settings, "history": history, "evals": evals},
-                           {"stage": stage, "last": history[-1:], "evals": evals, "world_size": d.world,
-                            "settings": settings})
+                                  "history": history, "evals": evals},
+                           {"stage": stage, "last": history[-1:], "evals": evals, "world_size": d.world})
             barrier()
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"{stage}: stopped after step {done} (--stop-after)")
-    model_sd, _ = state_dicts()
+    model_sd = get_model_state_dict(sct, options=full)
     if d.main:
         save_checkpoint(final, {"kind": "sct", "config": asdict(sct.config), "model": model_sd, "stage": stage,
                                 "step": st.steps, "train_config": {k: asdict(v) for k, v in cfg.items()},
@@ -1215,9 +1157,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{d.world} rank(s)")
         for name, section in cfg.items():
             print(f"{name}: {json.dumps(asdict(section))}")
-    stages = PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,)
     try:
-        for stage in stages:
+        for stage in PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,):
             if stage == "data":
                 run_data(cfg["data"], args.data, d)
             elif stage == "tokenizer":
@@ -1225,8 +1166,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_tokenizer(cfg["data"], args.data, args.out, args.preset)
                 barrier()
             elif stage == "vae":
-                vae_done = (args.out / "vae.pt").exists() and load_checkpoint(args.out / "vae.pt", "vae")["done"]
-                if not vae_done:
+                if not ((args.out / "vae.pt").exists() and load_checkpoint(args.out / "vae.pt", "vae")["done"]):
                     single_process_stage("vae", d, args.out)
                 if d.main:
                     train_vae(cfg["vae_model"], cfg["vae"], cfg["vae_loop"], args.data, args.out, args.seed)
