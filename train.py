@@ -1055,7 +1055,8 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
                                       st.validated_only) for split in ("train", "eval"))
     mixture, eval_mixture = train_data.mixture(st.mixture, strict=True), eval_data.mixture(st.mixture, strict=False)
     if d.main:
-        print(f"{stage}: resuming from step {step} ({ckpts.path})" if ckpt else f"{stage}: starting")
+        if ckpt:
+            print(f"{stage}: resuming from step {step} ({ckpts.path})")
         print(f"{stage}: SCT {n_params / 1e6:.1f} M parameters, {d.world} rank(s) on {d.device}, {tc.batch_rows} x "
               f"{tc.seq_len} tokens per step, accumulation {per_rank // tc.micro_rows}")
         print(f"{stage}: training tasks {dict(zip(*mixture))}, held-out tasks {eval_mixture[0]} "
