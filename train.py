@@ -675,8 +675,8 @@ class Record:
 
 
 def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int) -> list[tuple[int, dict]]:
-    """(line number from 0, record) of one split of a JSONL file: every heldout_every-th record is "eval", the
-    rest "train". Every record must be an object with non-empty strings at `keys`: an error names the line."""
+    """(index, record) of one split of a JSONL file's records (blank lines skipped): every heldout_every-th is
+    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
@@ -795,7 +795,7 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"flam: stopped after step {done} (--stop-after)")
     quality = evaluate()
-    print(f"flam: held-out frame detection " + " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    print("flam: held-out frame detection " + " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
     save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": model.state_dict(), "detection": quality,
                             "step": tc.steps, "train_config": settings})
     print(f"flam: saved {final}")
