@@ -1098,7 +1098,7 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     for step in tqdm(range(step, st.steps), initial=step, total=st.steps, desc=stage, disable=not d.main,
                      dynamic_ncols=True):
         r = run_rows([draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j)
-                      for j in range(d.rank * per_rank, (d.rank + 1) * per_rank)], train=True)   # rank's rows
+                      for j in range(d.rank * per_rank, (d.rank + 1) * per_rank)], train=True)  # sharded rows
         gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip)
         r["gnorm"] = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()  # DTensor under FSDP2
         opt.step()
@@ -1112,12 +1112,12 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
                      lr=sched.get_last_lr()[0], ms_per_step=1000 * dt / n, tok_s=sums["tokens"] / dt,
                      dropped=int(sums["dropped"]))
             history.append(h)
-            mfu = flops_per_token * h["tok_s"] / (tc.peak_tflops * 1e12 * d.world)
+            mfu = f" | mfu {100 * flops_per_token * h['tok_s'] / (tc.peak_tflops * 1e12 * d.world):.1f}%" \
+                if d.device.type == "cuda" else ""
             if d.main:
                 tqdm.write(f"{stage} step {done:6d} | loss {h['loss']:.4f} lm {lm:.4f} diff {diff:.4f} | gnorm "
                            f"{h['gnorm']:.3f} | lr {h['lr']:.2e} | {h['ms_per_step']:.0f} ms/step | "
-                           f"{h['tok_s']:.0f} tok/s{f' | mfu {100 * mfu:.1f}%' if d.device.type == 'cuda' else ''} "
-                           f"| dropped {h['dropped']} too long")
+                           f"{h['tok_s']:.0f} tok/s{mfu} | dropped {h['dropped']} too long")
             sums, n, t0 = {}, 0, time.perf_counter()
         if done % loop.eval_every == 0 or done == st.steps:
             evals.append({"step": done, **evaluate()})
