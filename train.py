@@ -1026,6 +1026,8 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     if tc.batch_rows % (tc.micro_rows * d.world):
         raise ValueError(f"--sct.batch_rows {tc.batch_rows} must be a multiple of --sct.micro_rows {tc.micro_rows} "
                          f"x {d.world} ranks")
+    if tc.eval_rows % d.world:    # with FSDP every rank must run the same number of forwards, or collectives hang
+        raise ValueError(f"--sct.eval_rows {tc.eval_rows} must be a multiple of the {d.world} ranks")
     per_rank = tc.batch_rows // d.world
     tok = TextTokenizer(out / "tokenizer.model")
     trained_with = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": file_sha256(out / "tokenizer.model"),
