@@ -146,11 +146,18 @@ class VAEConfig:
     disc_dim: int = 32           # base width of each sub-discriminator
     disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)  # multi-period discriminator (HiFi-GAN)
     disc_ffts: tuple[int, ...] = (2048, 1024, 512)    # multi-resolution STFT discriminator (EnCodec)
+    # Gain-shape coding (CELT/Opus): latent dim 0 of each channel is the frame's log RMS, not learned;
+    # the networks code the waveform divided by its smooth level envelope and the decoder multiplies
+    # it back. Levels, hence the stereo image of a panned sound, survive by construction: a small,
+    # briefly trained VAE otherwise loses quiet channels first. Off at paper scale (B.1 is plain DAC-VAE).
+    gain_shape: bool = False
 
     def __post_init__(self):
         if math.prod(self.strides) != HOP:
             raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, "
                              f"but one latent frame is HOP = {HOP} samples; choose strides whose product is {HOP}")
+        if self.gain_shape and self.latent_dim < 2:
+            raise ValueError("VAEConfig.gain_shape spends one latent dim on the level; latent_dim must be >= 2")
         if len(self.mel_windows) != len(self.mel_bins):
             raise ValueError(f"mel_windows {self.mel_windows} and mel_bins {self.mel_bins} need the same length")
 
@@ -163,7 +170,7 @@ VAE_PRESETS = {
     # channels and each block has two residual units. GAN off: its 41 M-parameter discriminator would
     # multiply the step cost, and it pays off late (DAC trains 400 k steps).
     "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
-                     stft_ffts=(1024, 512, 256, 128), gan=False),
+                     stft_ffts=(1024, 512, 256, 128), gan=False, gain_shape=True),
     # Paper scale (B.1): DAC widths and four-block layout (DAC-VAE uses 2*8*10*12 for 25 Hz), strides
     # re-chosen for 40 Hz, 128 dims per channel. `python tokenizer.py --params` prints its size.
     "audiochat": VAEConfig(),
@@ -215,11 +222,23 @@ def DecoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module
     return nn.Sequential(Snake1d(dim), up, *[ResidualUnit(dim // 2, d) for d in dilations])
 
 
+GAIN_FLOOR = 1e-5   # gain_shape: RMS floor (-100 dBFS) of a frame's level, so silence normalises to silence
+
+
+def gain_envelope(log_gain: torch.Tensor) -> torch.Tensor:
+    """Per-frame log RMS [N, 1, F] -> smooth gain [N, 1, F * HOP]: each frame takes the loudest of itself and
+    its neighbours (so an onset or a release is never divided by a silent neighbour's level), then the log
+    level is interpolated linearly between frame centres."""
+    peak = F.max_pool1d(log_gain, 3, stride=1, padding=1)
+    return F.interpolate(peak, scale_factor=HOP, mode="linear", align_corners=False).exp()
+
+
 class StereoVAE(nn.Module):
     """DAC-VAE-like autoencoder: one mono encoder/decoder shared by both channels, Gaussian posterior at 40 Hz.
 
     Channel c of [B, 2, S] is encoded alone into latent_dim dims per frame; the two are stacked so
-    frame f of the latent is [left dims | right dims] (audio_dim = 2 * latent_dim). encode() returns
+    frame f of the latent is [left dims | right dims] (audio_dim = 2 * latent_dim). With gain_shape,
+    dim 0 of each channel is the frame's log RMS and the networks code the level-normalised waveform. encode() returns
     the posterior mean normalised by per-dimension statistics (buffers latent_shift/latent_scale,
     identity until fit_latent_stats() is run after training); decode() takes normalised latents.
     """
@@ -232,13 +251,14 @@ class StereoVAE(nn.Module):
         for s in c.strides:
             d *= 2
             enc.append(EncoderBlock(d, s, c.dilations))
-        enc += [Snake1d(d), WNConv1d(d, 2 * c.latent_dim, 3, padding=1)]      # mean | pre-softplus scale
+        self.learned_dim = c.latent_dim - c.gain_shape              # dims the encoder produces per channel
+        enc += [Snake1d(d), WNConv1d(d, 2 * self.learned_dim, 3, padding=1)]   # mean | pre-softplus scale
         self.encoder = nn.Sequential(*enc)
         # Start the posterior near its floor (std = softplus(-10) + 1e-4 ~ 1.5e-4): at softplus(0) = 0.69
         # the noise drowns a fresh encoder's ~0.01-scale means and the decoder learns to ignore z.
-        nn.init.constant_(self.encoder[-1].bias[c.latent_dim:], -10.0)
+        nn.init.constant_(self.encoder[-1].bias[self.learned_dim:], -10.0)
         d = c.decoder_dim
-        dec = [WNConv1d(c.latent_dim, d, 7, padding=3)]
+        dec = [WNConv1d(self.learned_dim, d, 7, padding=3)]
         for s in reversed(c.strides):
             dec.append(DecoderBlock(d, s, c.dilations))
             d //= 2
@@ -262,8 +282,13 @@ class StereoVAE(nn.Module):
         B, _, S = audio.shape
         n = math.ceil(S / HOP)
         x = F.pad(audio, (0, n * HOP - S)).reshape(B * 2, 1, n * HOP)       # each channel on its own
-        mean, scale = self.encoder(x).chunk(2, dim=1)                        # [B*2, latent_dim, F] each
+        if self.config.gain_shape:
+            log_gain = 0.5 * torch.log(x.reshape(B * 2, 1, n, HOP).pow(2).mean(-1) + GAIN_FLOOR ** 2)
+            x = x / gain_envelope(log_gain)
+        mean, scale = self.encoder(x).chunk(2, dim=1)                        # [B*2, learned_dim, F] each
         std = F.softplus(scale) + 1e-4
+        if self.config.gain_shape:                                           # the level dim: exact, no noise
+            mean, std = torch.cat([log_gain, mean], 1), torch.cat([torch.full_like(log_gain, 1e-4), std], 1)
 
         def stack(t):  # [B*2, D, F] -> [B, F, 2*D], left channel first
             return t.reshape(B, 2, self.latent_dim, n).permute(0, 3, 1, 2).reshape(B, n, self.audio_dim)
@@ -273,7 +298,12 @@ class StereoVAE(nn.Module):
         """Unnormalised latents [B, F, audio_dim] -> audio [B, 2, F * HOP], in one pass."""
         B, n, _ = z.shape
         x = z.reshape(B, n, 2, self.latent_dim).permute(0, 2, 3, 1).reshape(B * 2, self.latent_dim, n)
-        return self.decoder(x).reshape(B, 2, n * HOP)
+        if not self.config.gain_shape:
+            return self.decoder(x).reshape(B, 2, n * HOP)
+        # The decoder sees the shape dims only, so two channels differing by a gain decode to the same
+        # shape; the level is clamped at +12 dBFS so a wild generated latent cannot blow up.
+        y = self.decoder(x[:, 1:]) * gain_envelope(x[:, :1].clamp(max=math.log(4.0)))
+        return y.reshape(B, 2, n * HOP)
 
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: [B, 2, S] -> (reconstruction [B, 2, S] from a posterior sample, mean, std)."""
@@ -505,7 +535,11 @@ def vae_loss(vae: StereoVAE, audio: torch.Tensor, disc: Discriminator | None = N
     c = vae.config
     recon, mean, std = vae(audio)
     parts = {"stft": stereo_stft_loss(recon, audio, c.stft_ffts),
-             "mel": mel_loss(recon, audio, c.mel_windows, c.mel_bins), "kl": kl_loss(mean, std)}
+             "mel": mel_loss(recon, audio, c.mel_windows, c.mel_bins)}
+    if c.gain_shape:                    # the level dims are computed, not learned: no KL on them
+        learned = torch.arange(vae.audio_dim, device=mean.device) % c.latent_dim != 0
+        mean, std = mean[..., learned], std[..., learned]
+    parts["kl"] = kl_loss(mean, std)
     weights = {"stft": c.stft_weight, "mel": c.mel_weight, "kl": c.kl_weight}
     if disc is not None:
         adv, feat = 0.0, 0.0

@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --preset audiochat --stage sct1 --data.gemma_dir DIR
 
 Stages (--stage; `all` runs the preset's list; each leaves its final file in --out, default checkpoints/<preset>):
-  data       copilot.write_dataset into --data (toy only: 2000 + 60 conversations, seed 0)   -> data/toy/
+  data       copilot.write_dataset into --data (toy only: 600 + 60 conversations, seed 0)   -> data/toy/
   tokenizer  toy: a sentencepiece model trained on the training split's text; audiochat: Gemma's -> tokenizer.model
   vae        the stereo VAE (tokenizer.py) on random crops of every audio file under --data -> vae.pt
   latents    every turn's audio encoded once by the frozen VAE, normalised, cached per item     -> latents/
@@ -91,7 +91,7 @@ class LoopConfig:
 
 @dataclass
 class DataConfig:
-    copilot_n: int = 2000               # `data` stage: training conversations copilot.write_dataset writes
+    copilot_n: int = 600                # `data` stage: training conversations copilot.write_dataset writes
     copilot_eval_n: int = 60            # `data` stage: evaluation conversations
     copilot_seed: int = 0               # `data` stage: dataset seed (conversation i depends on seed, split, i)
     copilot_workers: int = 1            # `data` stage: processes (the output does not depend on it)
@@ -154,19 +154,19 @@ PRESET_STAGES = {
     "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3"),   # the VAE: `--stage vae` first, one process
 }
 PRESETS = {
-    # Toy: ~2.5 h on a 2-core CPU. The toy world has no separate speech corpus (asr/tts weights are unused)
-    # and trains from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
+    # Toy: about 1.5 h on a 2-core CPU (the README has the measured run). The toy world has no separate
+    # speech corpus (asr/tts weights are unused) and trains from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
-        flam=FLAMTrainConfig(steps=2000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
+        flam=FLAMTrainConfig(steps=1000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
         flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
         sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50),
         diffusion=DiffusionConfig(),
-        sct1=StageConfig(steps=100, lr=1e-3, warmup_steps=30, mixture=dict(STAGE1, text=0.5)),
-        sct2=StageConfig(steps=360, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
-        sct3=StageConfig(steps=80, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True),
+        sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5)),
+        sct2=StageConfig(steps=200, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
+        sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True),
     ),
     # Paper scale (Table 5; batch size and sequence length are not given in the paper: 64 x 8192 tokens).
     "audiochat": dict(
@@ -548,8 +548,8 @@ class VAETrainConfig:
 
 
 VAE_TRAIN_PRESETS = {
-    # ~40 min on 2 free CPU cores at ~1 s/step (the VAE's 48 kHz convs dominate).
-    "toy": VAETrainConfig(steps=2400, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100,
+    # ~25 min on 2 free CPU cores at ~1 s/step (the VAE's 48 kHz convs dominate).
+    "toy": VAETrainConfig(steps=1500, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100,
                           stats_crops=64),
     "audiochat": VAETrainConfig(),
 }

@@ -8,7 +8,7 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 
-from tokenizer import (HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
+from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
                        VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
                        kl_loss, load_audio, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
                        stft_distance, train_text_tokenizer, vae_loss)
@@ -114,10 +114,10 @@ def test_save_then_load_round_trip(tmp_path):
 # -----------------------------------------------------------------------------
 # The stereo VAE
 
-@pytest.fixture(scope="module")
-def tiny_vae():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "gain_shape"])
+def tiny_vae(request):
     torch.manual_seed(0)
-    return StereoVAE(TINY).eval()
+    return StereoVAE(replace(TINY, gain_shape=request.param)).eval()
 
 
 def test_mel_filterbank_matches_transformers():
@@ -181,7 +181,7 @@ def test_chunked_decoding_equals_one_shot(tiny_vae):
     z = torch.randn(1, 57, tiny_vae.audio_dim)
     with torch.no_grad():
         one_shot = tiny_vae.decode(z)
-        chunked = StereoVAE(replace(TINY, chunk_frames=10))
+        chunked = StereoVAE(replace(tiny_vae.config, chunk_frames=10))
         chunked.load_state_dict(tiny_vae.state_dict())
         pieces = chunked.decode(z)
     assert pieces.shape == one_shot.shape == (1, 2, 57 * HOP)
@@ -269,6 +269,8 @@ def test_fresh_posterior_does_not_drown_the_latent():
     vae = StereoVAE(VAE_PRESETS["toy"])
     with torch.no_grad():
         mean, std = vae.posterior(torch.randn(2, 2, 4 * HOP) * 0.1)
+    learned = torch.arange(vae.audio_dim) % vae.latent_dim != 0          # the toy's dim 0 is the level
+    mean, std = mean[..., learned], std[..., learned]
     snr = (mean.std() / std.mean()).item()
     assert snr > 10, f"posterior std {std.mean():.3g} vs latent spread {mean.std():.3g}: the decoder would ignore z"
 
@@ -278,6 +280,35 @@ def test_silence_maps_to_silence_at_init():
     with torch.no_grad():
         assert torch.equal(vae.posterior(torch.zeros(1, 2, 2 * HOP))[0], torch.zeros(1, 2, 8))
         assert torch.equal(vae.decode_raw(torch.zeros(1, 3, 8)), torch.zeros(1, 2, 3 * HOP))
+        gs = StereoVAE(replace(TINY, gain_shape=True))
+        z = gs.posterior(torch.zeros(1, 2, 2 * HOP))[0]
+        assert torch.allclose(z[..., [0, 4]], torch.tensor(math.log(GAIN_FLOOR))) and not z[..., [1, 2, 3, 5, 6, 7]].any()
+        assert gs.decode_raw(z).abs().max() == 0
+
+
+@pytest.mark.parametrize("pan", [-1.0, -0.5, 0.0, 0.5, 1.0])
+def test_gain_shape_keeps_the_stereo_image_by_construction(pan):
+    """A mono sound panned with constant power, fading in from silence and out again: an untrained
+    gain-shape VAE decodes both channels from the same level-normalised shape, so the left/right level
+    difference survives exactly and a hard-panned silent channel stays silent."""
+    torch.manual_seed(0)
+    vae = StereoVAE(replace(TINY, gain_shape=True)).eval()
+    n = 12 * HOP
+    mono = torch.randn(n) * 0.1 * torch.cat([torch.zeros(2 * HOP), torch.linspace(0, 1, 4 * HOP),
+                                             torch.ones(4 * HOP), torch.linspace(1, 0, 2 * HOP)])
+    gains = torch.tensor([math.cos((pan + 1) * math.pi / 4), math.sin((pan + 1) * math.pi / 4)])
+    audio = (gains[:, None] * mono)[None]
+    with torch.no_grad():
+        out = vae.decode(vae.encode(audio), n)[0]
+    assert out.abs().max() > 0
+    level = out.pow(2).mean(-1)
+    for c in (0, 1):
+        if gains[c] < 1e-6:
+            assert level[c] < 1e-12 * level[1 - c], f"pan {pan}: silent channel decoded at {level[c]:.3g}"
+    if gains.min() > 1e-6:
+        ild_in = 20 * torch.log10(gains[0] / gains[1])
+        ild_out = 10 * torch.log10(level[0] / level[1])
+        assert abs(ild_out - ild_in) < 1e-3, f"pan {pan}: ILD {ild_in:.3f} dB in, {ild_out:.3f} dB out"
 
 
 def test_vae_learns_to_use_its_latent():
