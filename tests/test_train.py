@@ -26,7 +26,7 @@ from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
-                 stft_ffts=(256,), mel_windows=(256,), mel_bins=(20,), gan=False)
+                 stft_ffts=(256,), mel_windows=(256,), mel_bins=(20,), gan=False, gain_shape=True)   # as the toy preset
 TINY_SCT = ("--sct_model.hidden_size 32 --sct_model.intermediate_size 64 --sct_model.num_hidden_layers 2 "
             "--sct_model.num_generation_layers 1 --sct_model.num_attention_heads 2 --sct_model.num_key_value_heads 1 "
             "--sct_model.head_dim 16 --sct_model.query_pre_attn_scalar 16 --sct.seq_len 1024 --sct.batch_rows 4 "
