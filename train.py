@@ -1162,6 +1162,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {json.dumps(asdict(section))}")
     try:
         for stage in PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,):
+            start = time.time()
             if stage == "data":
                 run_data(cfg["data"], args.data, d)
             elif stage == "tokenizer":
@@ -1183,6 +1184,8 @@ def main(argv: list[str] | None = None) -> None:
                                args.stop_after)
             else:
                 train_sct(stage, cfg, args.data, args.out, args.seed, d, args.stop_after)
+            if d.main:
+                print(f"{stage}: stage took {(time.time() - start) / 60:.1f} min wall time")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
