@@ -238,9 +238,10 @@ class StereoVAE(nn.Module):
 
     Channel c of [B, 2, S] is encoded alone into latent_dim dims per frame; the two are stacked so
     frame f of the latent is [left dims | right dims] (audio_dim = 2 * latent_dim). With gain_shape,
-    dim 0 of each channel is the frame's log RMS and the networks code the level-normalised waveform. encode() returns
-    the posterior mean normalised by per-dimension statistics (buffers latent_shift/latent_scale,
-    identity until fit_latent_stats() is run after training); decode() takes normalised latents.
+    dim 0 of each channel is the frame's log RMS and the networks code the level-normalised waveform.
+    encode() returns the posterior mean normalised by per-dimension statistics (buffers latent_shift/
+    latent_scale, identity until fit_latent_stats() is run after training); decode() takes normalised
+    latents.
     """
 
     def __init__(self, config: VAEConfig):
