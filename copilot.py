@@ -185,10 +185,10 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
         (scene.sounds and not ambience_ids(scene), "scene: no ambience (an sfx at start_time 0 with |panning| <= 0.1 "
                                                    "lasting as long as every other sound)")) if bad]
     ids = [s.id for s in scene.sounds]
-    for s in scene.sounds:
+    for i, s in enumerate(scene.sounds):
         tts = s.tool == "tts"
-        errors += [f"sound {s.id}: {m}" for bad, m in (
-            (ids.count(s.id) > 1, f"id used by {ids.count(s.id)} sounds (ids must be unique)"),
+        errors += [f"sound {s.id}: {m}" for bad, m in (     # a shared id is reported once, at its first sound
+            (ids.count(s.id) > 1 and ids.index(s.id) == i, f"id used by {ids.count(s.id)} sounds (ids must be unique)"),
             (s.tool not in ("sfx", "tts"), f"tool {s.tool!r} unknown (use \"sfx\" or \"tts\")"),
             (not s.text.strip(), "text is empty (give a caption or a transcript)"),
             (not -30 <= s.loudness <= -10, f"loudness {s.loudness} dB outside [-30, -10]"),

@@ -117,6 +117,12 @@ def test_each_rule_rejects_a_crafted_scene(sounds, lists, message):
     assert errors and all(message in e for e in errors), f"expected only violations containing {message!r}, got {errors}"
 
 
+def test_a_shared_id_is_reported_once():
+    errors = cp.validate_scene(scene(sfx(0), sfx(4, "a dog barking", dur=2), sfx(4, "a thunderclap", dur=2),
+                                     sfx(4, "a cat meowing", dur=1)))
+    assert errors == ["sound 4: id used by 3 sounds (ids must be unique)"], errors
+
+
 def test_edit_lists_must_match_the_difference():
     before = scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 3.0), sfx(2, "a clock ticking", -25, 0.4, 0.0, 5.0))
     def check(sounds, **lists):
