@@ -154,7 +154,7 @@ PRESET_STAGES = {
     "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3"),   # the VAE: `--stage vae` first, one process
 }
 PRESETS = {
-    # Toy: about 1.5 h on a 2-core CPU (the README has the measured run). The toy world has no separate
+    # Toy: about 1 h on a 2-core CPU (the README has the measured run). The toy world has no separate
     # speech corpus (asr/tts weights are unused) and trains from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),

@@ -3,6 +3,7 @@ sampling against a full-sequence reference, input and checkpoint checks, chat co
 The command line itself is driven end to end in tests/test_end_to_end.py."""
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import sample
 from copilot import parse_scene, read_conversations, scene_to_json, validate_scene
 from diffusion import DiffusionConfig, guided
 from diffusion import sample as diffusion_sample
+from metrics import SmallFLAM
 from model import SCT, SCTConfig
 from test_end_to_end import CAPTION, INSTRUCTIONS, SCENES, TINY_VAE, save_checkpoints, write_eval_split
 from tokenizer import SAMPLE_RATE, StereoVAE, Turn, encode_conversation, save_audio, train_text_tokenizer
@@ -236,3 +238,14 @@ def test_eval_records_unusable_plans_and_resumes(tiny, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert sample.main(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "finished outputs were computed again"
+
+
+def test_the_shipped_toy_model_loads_and_plans():
+    """checkpoints/toy ships with the repository for the README's first command: it must keep loading with
+    this code (configs and weights are checked strictly), and its greedy storytelling plan must parse."""
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "toy"
+    m = sample.load_models(ckpt)
+    SmallFLAM.from_checkpoint(ckpt / "flam.pt")
+    text, stop = sample.decode_text(m, [Turn("user", ["Make an audio scene with steady rain falling."])], 600)
+    assert stop == m.tok.audio_start_id, f"the plan should end where its audio starts, got {text!r}"
+    assert parse_scene(text).sounds
