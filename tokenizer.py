@@ -167,8 +167,8 @@ VAE_PRESETS = {
     # tones, clicks, formant speech) is simple, so 16 dims per channel at 40 Hz (1 280 numbers/s for
     # stereo, about Stable Audio's VAE rate), one of them the level (gain_shape), keep the toy SCT's
     # audio_dim at 32. The convs at 48 kHz dominate the cost, so the first stride is 4 (not 2), the
-    # encoder starts at 8 channels and each block has two residual units. GAN off: its 41 M-parameter discriminator would
-    # multiply the step cost, and it pays off late (DAC trains 400 k steps).
+    # encoder starts at 8 channels and each block has two residual units. GAN off: its 41 M-parameter
+    # discriminator would multiply the step cost, and it pays off late (DAC trains 400 k steps).
     "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
                      stft_ffts=(1024, 512, 256, 128), gan=False, gain_shape=True),
     # Paper scale (B.1): DAC widths and four-block layout (DAC-VAE uses 2*8*10*12 for 25 Hz), strides
