@@ -155,7 +155,8 @@ PRESET_STAGES = {
 }
 PRESETS = {
     # Toy: about 1 h on a 2-core CPU (the README has the measured run). The toy world has no separate
-    # speech corpus (asr/tts weights are unused) and trains from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
+    # speech corpus (asr/tts weights are unused) and trains from scratch, hence larger learning rates
+    # than Table 5's fine-tuning of Gemma.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),

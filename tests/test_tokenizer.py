@@ -8,8 +8,8 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 
-from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
-                       VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
+from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer,
+                       Turn, VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
                        kl_loss, load_audio, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
                        stft_distance, train_text_tokenizer, vae_loss)
 
@@ -282,7 +282,8 @@ def test_silence_maps_to_silence_at_init():
         assert torch.equal(vae.decode_raw(torch.zeros(1, 3, 8)), torch.zeros(1, 2, 3 * HOP))
         gs = StereoVAE(replace(TINY, gain_shape=True))
         z = gs.posterior(torch.zeros(1, 2, 2 * HOP))[0]
-        assert torch.allclose(z[..., [0, 4]], torch.tensor(math.log(GAIN_FLOOR))) and not z[..., [1, 2, 3, 5, 6, 7]].any()
+        level, shape = z[..., [0, 4]], z[..., [1, 2, 3, 5, 6, 7]]          # dim 0 of each channel is the level
+        assert torch.allclose(level, torch.tensor(math.log(GAIN_FLOOR))) and not shape.any()
         assert gs.decode_raw(z).abs().max() == 0
 
 
