@@ -614,10 +614,10 @@ def evaluate(conversations, system_dir: str | Path, scorer: FrameScorer, embed: 
 def format_tables(results: dict) -> str:
     """The paper's tables (Tables 1-3 and Fig. 5's per-kind split), FLAM metrics and tcpWER x100."""
     def cell(v, scale=1.0):
-        return f"{v * scale:>12.2f}" if v is not None else f"{'-':>12}"
+        return f"{v * scale:>14.2f}" if v is not None else f"{'-':>14}"
 
     def table(title, columns, rows):
-        lines = [f"{title:<24}" + "".join(f"{c:>12}" for c in columns)]
+        lines = [f"{title:<24}" + "".join(f"{c:>14}" for c in columns)]
         return "\n".join(lines + [f"  {name:<22}" + "".join(cells) for name, cells in rows])
 
     st, ed, un = results["storytelling"], results["editing"], results["understanding"]
@@ -627,7 +627,7 @@ def format_tables(results: dict) -> str:
                      [(r, [cell(ed[r]["all"].get("kad")), cell(ed[r]["all"].get("fad")),
                            cell(ed[r]["all"]["delta_multiflam"], 100), cell(ed[r]["all"]["editflam"], 100)]) for r in ROWS]))
     out.append(table("Editing per kind", ["n", "GT ΔmFLAM", "Sys ΔmFLAM", "GT editFLAM", "Sys editFLAM"],
-                     [(k, [f"{ed['System'][k]['n']:>12}"] + [cell(ed[r][k][m], 100) for m in ("delta_multiflam", "editflam")
+                     [(k, [f"{ed['System'][k]['n']:>14}"] + [cell(ed[r][k][m], 100) for m in ("delta_multiflam", "editflam")
                                                             for r in ROWS]) for k in ed["System"] if k != "all"]))
     out.append(table("Understanding", ["tcpWER↓", "multiFLAM↑"],
                      [(r, [cell(un[r]["tcpwer"], 100), cell(un[r]["multiflam"], 100)]) for r in ROWS]))
