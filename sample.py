@@ -298,6 +298,7 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)                         # mkstemp makes it private; plans sit beside their WAVs
     os.replace(tmp, path)
 
 

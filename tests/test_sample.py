@@ -249,3 +249,11 @@ def test_the_shipped_toy_model_loads_and_plans():
     text, stop = sample.decode_text(m, [Turn("user", ["Make an audio scene with steady rain falling."])], 600)
     assert stop == m.tok.audio_start_id, f"the plan should end where its audio starts, got {text!r}"
     assert parse_scene(text).sounds
+
+
+def test_write_text_is_atomic_and_readable_by_all(tmp_path):
+    path = tmp_path / "a" / "plan.json"
+    sample.write_text(path, "{}\n")
+    sample.write_text(path, "{\"x\": 1}\n")
+    assert path.read_text() == "{\"x\": 1}\n" and path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"], "no temporary file may be left behind"
