@@ -276,6 +276,11 @@ class StereoVAE(nn.Module):
     def audio_dim(self) -> int:
         return 2 * self.config.latent_dim
 
+    @property
+    def learned(self) -> torch.Tensor:
+        """[audio_dim] bool: the latent dims the encoder learns (all but each channel's level dim with gain_shape)."""
+        return torch.arange(self.audio_dim) % self.latent_dim >= int(self.config.gain_shape)
+
     def posterior(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 2, S] -> (mean, std), each [B, F, audio_dim] with F = ceil(S / HOP); unnormalised."""
         if audio.dim() != 3 or audio.shape[1] != 2 or audio.shape[2] == 0:
@@ -537,10 +542,8 @@ def vae_loss(vae: StereoVAE, audio: torch.Tensor, disc: Discriminator | None = N
     recon, mean, std = vae(audio)
     parts = {"stft": stereo_stft_loss(recon, audio, c.stft_ffts),
              "mel": mel_loss(recon, audio, c.mel_windows, c.mel_bins)}
-    if c.gain_shape:                    # the level dims are computed, not learned: no KL on them
-        learned = torch.arange(vae.audio_dim, device=mean.device) % c.latent_dim != 0
-        mean, std = mean[..., learned], std[..., learned]
-    parts["kl"] = kl_loss(mean, std)
+    learned = vae.learned.to(mean.device)       # gain_shape's level dims are computed, not learned: no KL on them
+    parts["kl"] = kl_loss(mean[..., learned], std[..., learned])
     weights = {"stft": c.stft_weight, "mel": c.mel_weight, "kl": c.kl_weight}
     if disc is not None:
         adv, feat = 0.0, 0.0
