@@ -16,7 +16,7 @@ At inference (sample.py): x0 = sample(guided(v_both, cfg.cfg_weight), (B, F, D),
 Test: python -m pytest -q tests/test_diffusion.py
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,29 +29,26 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # denoise(x [B,
 
 @dataclass
 class DiffusionConfig:
-    # lambda of Eq. 12, L = L_LM + lambda * L_diffusion; the paper found 5.0 to work well (section 4.2).
-    loss_weight: float = 5.0
-    # Probability that a training conversation is laid out as at inference: every audio span clean
-    # but its last model span; otherwise each span draws its own t ~ U(0, 1) (Eq. 11; sample_span_times).
-    clean_context_prob: float = 0.25
-    # CFG training dropout (appendix D uses CFG): probability that a conversation is replaced by the
-    # unconditional document of one model span (sample_uncond_span). 0.1 as lucidrains' Transfusion,
-    # stable-audio-tools and BAGEL's text dropout.
-    cfg_dropout: float = 0.1
-    # Guidance weight w of v = v_u + w (v_c - v_u); appendix D: 3.0. w = 1 means no guidance.
-    cfg_weight: float = 3.0
-    # DPM-Solver++(2M) steps = denoiser calls per span (each a 2B batch with CFG); appendix D: 150.
-    steps: int = 150
-    # Smallest non-zero VE sigma of the Karras schedule (appendix D), t = 0.0013. Detail with a std
-    # near sigma_min is shrunk by the last denoiser call: at 150 steps 0.002 keeps a std of 0.01 (-40 dB
-    # of unit-variance latents) within 4 % in variance, 0.01 halves it (bench/diffusion_schedule.py).
-    sigma_min: float = 0.002
-    # Largest VE sigma, t = 0.9936. The first x = sigma_max * noise lacks the data mean; that gap
-    # reaches the output shrunk by std / sigma_max (1 % of the mean at std 1). 500 would cut it to
-    # 0.2 % but doubles the variance error at 25 steps (bench/diffusion_schedule.py).
-    sigma_max: float = 100.0
-    # rho of the Karras schedule (Karras et al. 2022, Eq. 5); 7 as in their paper and k-diffusion.
-    rho: float = 7.0
+    loss_weight: float = field(default=5.0, metadata={
+        "help": "lambda of Eq. 12, L = L_LM + lambda * L_diffusion; 5.0 worked best in the paper (section 4.2)"})
+    clean_context_prob: float = field(default=0.25, metadata={
+        "help": "probability that a training conversation is laid out as at inference: every audio span clean but "
+                "its last model span; otherwise each span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
+    cfg_dropout: float = field(default=0.1, metadata={
+        "help": "probability that a conversation is replaced by the unconditional document of one model span "
+                "(sample_uncond_span); 0.1 as lucidrains' Transfusion, stable-audio-tools, BAGEL"})
+    cfg_weight: float = field(default=3.0, metadata={
+        "help": "guidance weight w of v = v_u + w (v_c - v_u); appendix D: 3.0; 1 = no guidance"})
+    steps: int = field(default=150, metadata={
+        "help": "DPM-Solver++(2M) steps = denoiser calls per span, each a 2B batch with CFG; appendix D: 150"})
+    # Detail with a std near sigma_min is shrunk by the last denoiser call: at 150 steps 0.002 keeps a std of
+    # 0.01 (-40 dB of unit-variance latents) within 4 % in variance, 0.01 halves it (bench/diffusion_schedule.py).
+    sigma_min: float = field(default=0.002, metadata={
+        "help": "smallest non-zero VE sigma of the Karras schedule (appendix D), t = 0.0013"})
+    # The first x = sigma_max * noise lacks the data mean; that gap reaches the output shrunk by std / sigma_max
+    # (1 % of the mean at std 1). 500 would cut it to 0.2 % but doubles the variance error at 25 steps.
+    sigma_max: float = field(default=100.0, metadata={"help": "largest VE sigma of the Karras schedule, t = 0.9936"})
+    rho: float = field(default=7.0, metadata={"help": "rho of the Karras schedule (Karras et al. 2022, Eq. 5)"})
 
     def __post_init__(self):
         for name in ("clean_context_prob", "cfg_dropout"):

@@ -39,7 +39,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import SAMPLE_RATE, load_audio
+from tokenizer import SAMPLE_RATE, load_audio, load_model, mel_filterbank
 
 # (audio [2, S] at 48 kHz, captions) -> probabilities [n_captions, n_frames], frames tiling the clip evenly
 FrameScorer = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -150,8 +150,8 @@ class OpenFLAMScorer:
         try:
             import openflam
         except ImportError as e:
-            raise ImportError("OpenFLAMScorer needs the `openflam` package: `pip install openflam` (its pinned torch and "
-                              "transformers versions call for a separate virtual environment), or use SmallFLAM") from e
+            raise ImportError("OpenFLAMScorer needs the `openflam` package: `pip install openflam` (its pinned torch "
+                              "and transformers call for a separate virtual environment), or use SmallFLAM") from e
         ckpt = Path(ckpt_dir) / "open_flam_oct17.pth"
         if not ckpt.is_file():
             raise FileNotFoundError(f"{ckpt}: OpenFLAM weights not found; download open_flam_oct17.pth from "
@@ -182,20 +182,22 @@ class OpenFLAMScorer:
 
 @dataclass
 class FLAMConfig:
-    n_fft: int = 2048              # STFT size at 48 kHz (43 ms window)
-    mel_hop: int = 480             # STFT hop in samples: 100 mel frames per second
-    n_mels: int = 64               # mel bands (as OpenFLAM)
-    f_min: float = 50.0            # lowest mel band edge, Hz (as OpenFLAM)
-    f_max: float = 14_000.0        # highest mel band edge, Hz (as OpenFLAM)
-    pool: int = 10                 # mel frames per output frame: 48000 / (480 * 10) = 10 frames per second
-    width: int = 128               # channels of the audio encoder and width of the text encoder
-    audio_layers: int = 4          # dilated residual conv blocks at the output frame rate (dilations 1, 2, 4, ...)
-    text_layers: int = 2           # transformer layers over the caption's UTF-8 bytes
-    text_heads: int = 4            # attention heads of the text encoder
-    max_text_len: int = 128        # bytes per caption; longer captions are truncated
-    embed_dim: int = 128           # shared audio-text embedding size
-    logit_scale_init: float = math.log(10.0)  # log alpha(t) at init (FLAM: alpha = 10)
-    logit_bias_init: float = -4.0  # beta(t) at init; negative since most (frame, caption) pairs are negatives
+    """SmallFLAM: a log-mel conv audio encoder and a byte transformer text encoder, scored frame by frame."""
+    n_fft: int = field(default=2048, metadata={"help": "STFT size at 48 kHz (43 ms window)"})
+    mel_hop: int = field(default=480, metadata={"help": "STFT hop in samples: 100 mel frames per second"})
+    n_mels: int = field(default=64, metadata={"help": "mel bands (as OpenFLAM)"})
+    f_min: float = field(default=50.0, metadata={"help": "lowest mel band edge, Hz (as OpenFLAM)"})
+    f_max: float = field(default=14_000.0, metadata={"help": "highest mel band edge, Hz (as OpenFLAM)"})
+    pool: int = field(default=10, metadata={"help": "mel frames per output frame: 10 output frames per second"})
+    width: int = field(default=128, metadata={"help": "channels of the audio encoder, width of the text encoder"})
+    audio_layers: int = field(default=4, metadata={"help": "dilated residual conv blocks (dilations 1, 2, 4, ...)"})
+    text_layers: int = field(default=2, metadata={"help": "transformer layers over the caption's UTF-8 bytes"})
+    text_heads: int = field(default=4, metadata={"help": "attention heads of the text encoder"})
+    max_text_len: int = field(default=128, metadata={"help": "bytes per caption; longer captions are truncated"})
+    embed_dim: int = field(default=128, metadata={"help": "shared audio-text embedding size"})
+    logit_scale_init: float = field(default=math.log(10.0), metadata={"help": "log alpha(t) at init (FLAM: 10)"})
+    logit_bias_init: float = field(default=-4.0, metadata={
+        "help": "beta(t) at init; negative since most (frame, caption) pairs are negatives"})
 
     @property
     def hop_samples(self) -> int:  # samples per output frame
@@ -208,26 +210,19 @@ FLAM_PRESETS = {
 }
 
 
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_max: float) -> torch.Tensor:
-    """[n_mels, n_fft // 2 + 1] triangular filters spaced evenly on the HTK mel scale 2595 log10(1 + f / 700)."""
-    m_lo, m_hi = (2595 * math.log10(1 + f / 700) for f in (f_min, f_max))
-    edges = 700 * (10 ** (torch.linspace(m_lo, m_hi, n_mels + 2, dtype=torch.float64) / 2595) - 1)  # Hz
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    return torch.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)).clamp(min=0).float()
-
-
 class SmallFLAM(nn.Module):
     """Log-mel conv encoder (frames at 10 Hz) + byte transformer text encoder, scored as FLAM does:
     p = sigmoid(alpha(t) cos(a, t) + beta(t)) with per-text learned scale and bias, trained with a
     frame-wise binary cross-entropy; at inference the unbiased frame map s = p / (p + sigmoid(beta(t))),
     which removes the caption's prior: s >= 0.5 exactly where cos(a, t) >= 0."""
+    kind, config_class = "flam", FLAMConfig          # what tokenizer.load_model reads from a flam.pt
 
     def __init__(self, config: FLAMConfig):
         super().__init__()
         c = self.config = config
         self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
-        self.register_buffer("mel_fb", mel_filterbank(c.n_fft, c.n_mels, SAMPLE_RATE, c.f_min, c.f_max), persistent=False)
+        fb = mel_filterbank(c.n_fft, c.n_mels, SAMPLE_RATE, c.f_min, c.f_max)
+        self.register_buffer("mel_fb", fb, persistent=False)
         self.audio_in = nn.Conv1d(c.n_mels, c.width, kernel_size=3, padding=1)
         self.audio_pool = nn.Conv1d(c.width, c.width, kernel_size=c.pool, stride=c.pool)
         self.audio_blocks = nn.ModuleList(nn.Sequential(
@@ -309,22 +304,6 @@ class SmallFLAM(nn.Module):
     def clip_embedding(self, audio: torch.Tensor) -> torch.Tensor:
         """Audio [2, S] -> [embed_dim], the mean of the frame embeddings (for KAD/FAD)."""
         return self.embed_audio(audio[None].to(self.window.device))[0].mean(0).cpu()
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "SmallFLAM":
-        """Load {"kind": "flam", "config": asdict(FLAMConfig), "model": state_dict} (written by train.py)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no FLAM checkpoint; train one with `python train.py --preset toy` or pass its path")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        if ckpt.get("kind") != "flam":
-            raise ValueError(f"{path}: a {ckpt.get('kind')!r} checkpoint, not 'flam'; pass the flam.pt of a training run")
-        try:
-            model = cls(FLAMConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"], strict=True)
-        except (TypeError, RuntimeError) as e:
-            raise ValueError(f"{path}: checkpoint does not match this SmallFLAM code ({e}); retrain it") from e
-        return model.to(map_location).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -535,12 +514,14 @@ def _scene(scene) -> dict:
 def _speech(scene: dict | None) -> list[Segment]:
     """The speech sounds of a scene as tcpWER segments; case and punctuation do not count."""
     return [(s.get("speaker", "?"), s["start_time"], s["start_time"] + s["duration"],
-             re.sub(r"[^\w' ]+", " ", s["text"].lower())) for s in (scene or {"text": []})["text"] if s["tool"] == "tts"]
+             re.sub(r"[^\w' ]+", " ", s["text"].lower()))
+            for s in (scene or {"text": []})["text"] if s["tool"] == "tts"]
 
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing system output; produce it with sample.py (layout in metrics.py's docstring)")
+        raise FileNotFoundError(f"{path}: missing system output; produce it with sample.py (layout: metrics.py's "
+                                f"docstring)")
     return path
 
 
@@ -622,13 +603,16 @@ def format_tables(results: dict) -> str:
 
     st, ed, un = results["storytelling"], results["editing"], results["understanding"]
     out = [table(f"Storytelling (n={st['n']})", ["KAD↓", "multiFLAM↑", "latency s↓"],
-                 [(r, [cell(st[r].get("kad")), cell(st[r]["multiflam"], 100), cell(st[r].get("latency"))]) for r in ROWS])]
+                 [(r, [cell(st[r].get("kad")), cell(st[r]["multiflam"], 100), cell(st[r].get("latency"))])
+                  for r in ROWS])]
     out.append(table(f"Editing (n={ed['System']['all']['n']})", ["KAD↓", "FAD↓", "ΔmultiFLAM↓", "editFLAM↑"],
                      [(r, [cell(ed[r]["all"].get("kad")), cell(ed[r]["all"].get("fad")),
-                           cell(ed[r]["all"]["delta_multiflam"], 100), cell(ed[r]["all"]["editflam"], 100)]) for r in ROWS]))
+                           cell(ed[r]["all"]["delta_multiflam"], 100), cell(ed[r]["all"]["editflam"], 100)])
+                      for r in ROWS]))
+    metrics = ("delta_multiflam", "editflam")
     out.append(table("Editing per kind", ["n", "GT ΔmFLAM", "Sys ΔmFLAM", "GT editFLAM", "Sys editFLAM"],
-                     [(k, [f"{ed['System'][k]['n']:>14}"] + [cell(ed[r][k][m], 100) for m in ("delta_multiflam", "editflam")
-                                                            for r in ROWS]) for k in ed["System"] if k != "all"]))
+                     [(k, [f"{ed['System'][k]['n']:>14}"] + [cell(ed[r][k][m], 100) for m in metrics for r in ROWS])
+                      for k in ed["System"] if k != "all"]))
     out.append(table("Understanding", ["tcpWER↓", "multiFLAM↑"],
                      [(r, [cell(un[r]["tcpwer"], 100), cell(un[r]["multiflam"], 100)]) for r in ROWS]))
     return "\n\n".join(out)
@@ -637,7 +621,8 @@ def format_tables(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="StoryGen-Eval style tables (paper Tables 1-3) for a system's outputs "
                                             "on the copilot eval split; the output layout is in this file's docstring.")
-    p.add_argument("--data", type=Path, required=True, help="dataset root written by `python copilot.py --out DIR`; DIR/eval is read")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset root written by `python copilot.py --out DIR`; DIR/eval is read")
     p.add_argument("--system", type=Path, required=True, help="directory of system outputs written by sample.py")
     p.add_argument("--flam", type=Path, default=Path("checkpoints/toy/flam.pt"),
                    help="SmallFLAM checkpoint: the frame scorer and the KAD/FAD embedding")
@@ -653,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
         scorer = OpenFLAMScorer(args.openflam, args.device)
         embed = scorer.clip_embedding
     else:
-        flam = SmallFLAM.from_checkpoint(args.flam, map_location=args.device)
+        flam = load_model(SmallFLAM, args.flam, args.device)
         scorer, embed = flam.score, flam.clip_embedding
     results = evaluate(conversations, args.system, scorer, embed, args.collar)
     print(format_tables(results))

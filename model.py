@@ -33,7 +33,7 @@ import json
 import math
 import struct
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -49,35 +49,41 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class SCTConfig:
     """Field names follow Hugging Face's Gemma2Config, so a Gemma 2 config.json maps one to one."""
-    vocab_size: int = 256_000            # text vocabulary (Gemma's sentencepiece; the toy's is set by train.py)
-    hidden_size: int = 2304              # residual width H
-    intermediate_size: int = 9216        # GeGLU width of every MLP
-    num_hidden_layers: int = 26          # U: understanding layers (Gemma's), read by the LM head
-    num_generation_layers: int = 13      # K - U: generation layers on top, read by the diffusion head only
-    num_attention_heads: int = 8         # query heads
-    num_key_value_heads: int = 4         # key/value heads (grouped-query attention)
-    head_dim: int = 256                  # per head; need not be hidden_size / heads
-    query_pre_attn_scalar: float = 256   # scores are scaled by query_pre_attn_scalar ** -0.5
-    sliding_window: int | None = 4096    # even layers (HF layer_types) only see keys closer than this
-    attn_logit_softcapping: float | None = 50.0   # scores -> cap * tanh(scores / cap); None = off
-    final_logit_softcapping: float | None = 30.0  # LM logits -> cap * tanh(logits / cap); None = off
-    rope_theta: float = 10_000.0         # RoPE base, rotate-half layout over the whole head
-    rms_norm_eps: float = 1e-6           # added to the mean square in every RMSNorm
-    max_position_embeddings: int = 8192  # longest document Gemma 2 was trained on (positions restart per document)
-    hidden_activation: str = "gelu_pytorch_tanh"  # GeGLU gate; the only activation Gemma 2 uses
-    audio_dim: int = 256                 # latent size per 40 Hz frame (2 channels x 128, paper B.1)
-    attn_implementation: str = "eager"   # "eager" (exact) | "sdpa" (needs no soft-cap) | "flex" (exact, GPU); see top
+    vocab_size: int = field(default=256_000, metadata={"help": "text vocabulary (the toy's: set by train.py)"})
+    hidden_size: int = field(default=2304, metadata={"help": "residual width H"})
+    intermediate_size: int = field(default=9216, metadata={"help": "GeGLU width of every MLP"})
+    num_hidden_layers: int = field(default=26, metadata={"help": "U: understanding layers (Gemma's), LM head"})
+    num_generation_layers: int = field(default=13, metadata={"help": "K - U: generation layers, diffusion head only"})
+    num_attention_heads: int = field(default=8, metadata={"help": "query heads"})
+    num_key_value_heads: int = field(default=4, metadata={"help": "key/value heads (grouped-query attention)"})
+    head_dim: int = field(default=256, metadata={"help": "per head; need not be hidden_size / heads"})
+    query_pre_attn_scalar: float = field(default=256, metadata={"help": "scores are scaled by its ** -0.5"})
+    sliding_window: int | None = field(default=4096, metadata={"help": "even layers only see keys closer than this"})
+    attn_logit_softcapping: float | None = field(default=50.0, metadata={
+        "help": "attention scores -> cap * tanh(scores / cap); none = off"})
+    final_logit_softcapping: float | None = field(default=30.0, metadata={
+        "help": "LM logits -> cap * tanh(logits / cap); none = off"})
+    rope_theta: float = field(default=10_000.0, metadata={"help": "RoPE base, rotate-half layout over the whole head"})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "added to the mean square in every RMSNorm"})
+    max_position_embeddings: int = field(default=8192, metadata={
+        "help": "longest document Gemma 2 was trained on (positions restart per packed document)"})
+    hidden_activation: str = field(default="gelu_pytorch_tanh", metadata={"help": "GeGLU gate; Gemma 2's only one"})
+    audio_dim: int = field(default=256, metadata={"help": "latent size per 40 Hz frame (2 x 128, B.1; train.py sets)"})
+    attn_implementation: str = field(default="eager", metadata={
+        "help": "eager (exact) | sdpa (needs no soft-cap) | flex (exact, GPU); see the module docstring"})
 
     def __post_init__(self):
         if self.attn_implementation not in ("eager", "sdpa", "flex"):
             raise ValueError(f"attn_implementation={self.attn_implementation!r}; use 'eager', 'sdpa' or 'flex'")
         if self.attn_implementation == "sdpa" and self.attn_logit_softcapping is not None:
             raise ValueError(f"attn_implementation='sdpa' cannot soft-cap attention logits (attn_logit_softcapping="
-                             f"{self.attn_logit_softcapping}): use 'eager' (exact), 'flex' (exact, GPU), or set the cap to None")
+                             f"{self.attn_logit_softcapping}): use 'eager' (exact), 'flex' (exact, GPU), or set the "
+                             f"cap to None")
         if self.hidden_activation != "gelu_pytorch_tanh":
             raise ValueError(f"hidden_activation={self.hidden_activation!r}; Gemma 2 uses 'gelu_pytorch_tanh'")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{self.num_attention_heads} query heads are not a multiple of {self.num_key_value_heads} KV heads")
+            raise ValueError(f"{self.num_attention_heads} query heads are not a multiple of "
+                             f"{self.num_key_value_heads} KV heads")
         if self.num_hidden_layers < 1 or self.num_generation_layers < 0:
             raise ValueError(f"need U >= 1 understanding and >= 0 generation layers, got "
                              f"{self.num_hidden_layers} and {self.num_generation_layers}")
@@ -174,7 +180,8 @@ def build_block_masks(span_ids: torch.Tensor, doc_ids: torch.Tensor, sliding_win
 
     B, T = span_ids.shape
     full = create_block_mask(mask_mod, B, None, T, T, device=span_ids.device)
-    return full, full if sliding_window is None else create_block_mask(sliding_mod, B, None, T, T, device=span_ids.device)
+    sliding = full if sliding_window is None else create_block_mask(sliding_mod, B, None, T, T, device=span_ids.device)
+    return full, sliding
 
 
 @functools.cache
@@ -306,6 +313,7 @@ class TimestepEmbedder(nn.Module):
 
 class SCT(nn.Module):
     """Gemma 2 (model.*, HF state-dict names) with K - U generation layers after its U layers (paper B.2)."""
+    kind, config_class = "sct", SCTConfig     # what tokenizer.load_model reads from an sct.pt
 
     def __init__(self, config: SCTConfig):
         super().__init__()
@@ -369,7 +377,8 @@ class SCT(nn.Module):
             raise ValueError("SCT.forward: audio needs audio_mask and t (leave all three None for text-only batches)")
         given = [("span_ids", span_ids, (B, T)), ("doc_ids", doc_ids, (B, T))]
         if audio is not None:
-            given += [("audio", audio, (B, T, self.config.audio_dim)), ("audio_mask", audio_mask, (B, T)), ("t", t, (B, T))]
+            given += [("audio", audio, (B, T, self.config.audio_dim)), ("audio_mask", audio_mask, (B, T)),
+                      ("t", t, (B, T))]
         for name, x, shape in given:
             if x is not None and tuple(x.shape) != shape:
                 raise ValueError(f"SCT.forward: {name} has shape {tuple(x.shape)}, expected {shape} "
@@ -428,7 +437,8 @@ class SCT(nn.Module):
         """Rows of 1-D tensors -> left-padded ids, latents (B, T, audio_dim), audio mask, span ids, doc ids."""
         latents = latents or [torch.zeros(0, self.config.audio_dim)] * len(ids)   # None: text-only rows
         if not (len(ids) == len(latents) == len(span_ids)) or not ids:
-            raise ValueError(f"need as many ids, latents and span_ids rows (>= 1), got {len(ids)}, {len(latents)}, {len(span_ids)}")
+            raise ValueError(f"need as many ids, latents and span_ids rows (>= 1), got {len(ids)}, {len(latents)}, "
+                             f"{len(span_ids)}")
         dev, A = self.model.embed_tokens.weight.device, self.config.audio_dim
         B, T = len(ids), max(len(r) for r in ids)
         out = dict(ids=torch.zeros(B, T, dtype=torch.long), span=torch.zeros(B, T, dtype=torch.long),
@@ -480,7 +490,8 @@ class SCT(nn.Module):
             raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
         cache, h = self._prefill(ids, latents, span_ids, U, max_new_tokens)
         B, dev = h.shape[0], h.device
-        stop, zeros = torch.tensor(list(stop_ids), dtype=torch.long, device=dev), torch.zeros(B, 1, dtype=torch.long, device=dev)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        zeros = torch.zeros(B, 1, dtype=torch.long, device=dev)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
             token = self.lm_logits(self.model.norm(h[:, -1])).argmax(-1)     # (B,)
@@ -515,26 +526,6 @@ class SCT(nn.Module):
     # ---- loading -------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> "SCT":
-        """A checkpoint written by train.py: {"kind": "sct", "config": asdict(SCTConfig), "model": state_dict}."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"SCT checkpoint {path} not found; train one with `python train.py --preset toy`")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != "sct":
-            kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path} holds kind={kind!r}, not an SCT checkpoint (kind 'sct')")
-        unknown = set(ckpt["config"]) - {f.name for f in fields(SCTConfig)}
-        if unknown:
-            raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to this model.py (code/checkpoint mismatch)")
-        with torch.device("meta"):
-            model = cls(SCTConfig(**ckpt["config"]))
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match SCT({ckpt['config']}): missing {missing}, unexpected {unexpected}")
-        return model
-
-    @classmethod
     def from_gemma(cls, hf_dir, num_generation_layers: int, audio_dim: int, **overrides) -> "SCT":
         """An SCT whose Gemma part (embeddings, U layers, final norm) is loaded strictly from a Hugging Face
         Gemma 2 directory (config.json + model.safetensors or shards with model.safetensors.index.json);
@@ -551,16 +542,17 @@ class SCT(nn.Module):
                 if name not in targets:
                     unexpected.append(f"{name} (in {file.name})")
                 elif tensor.shape != targets[name].shape:
-                    bad_shapes.append(f"{name}: {tuple(tensor.shape)} in {file.name}, expected {tuple(targets[name].shape)}")
+                    bad_shapes.append(f"{name}: {tuple(tensor.shape)} in {file.name}, "
+                                      f"expected {tuple(targets[name].shape)}")
                 else:
                     targets[name].copy_(tensor)
                     loaded.add(name)
         missing = sorted(set(targets) - loaded)
         if missing or unexpected or bad_shapes:
-            raise ValueError(f"{hf_dir} is not a Gemma 2 checkpoint matching its config.json:\n"
-                             + "".join(f"  {label}: {items[:20]}{' ...' if len(items) > 20 else ''} ({len(items)})\n"
-                                       for label, items in [("missing tensors", missing), ("unknown tensors", unexpected),
-                                                            ("wrong shapes", bad_shapes)] if items))
+            problems = [("missing tensors", missing), ("unknown tensors", unexpected), ("wrong shapes", bad_shapes)]
+            raise ValueError(f"{hf_dir} is not a Gemma 2 checkpoint matching its config.json:\n" + "".join(
+                f"  {label}: {items[:20]}{' ...' if len(items) > 20 else ''} ({len(items)})\n"
+                for label, items in problems if items))
         return model
 
 
@@ -584,10 +576,12 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
             if name == "__metadata__":
                 continue
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: {list(SAFETENSORS_DTYPES)}")
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; "
+                                 f"supported: {list(SAFETENSORS_DTYPES)}")
             dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
             if end - begin != math.prod(info["shape"]) * dtype.itemsize:
-                raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} {info['dtype']}; the file is corrupt")
+                raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} "
+                                 f"{info['dtype']}; the file is corrupt")
             f.seek(8 + n + begin)
             tensors[name] = torch.frombuffer(bytearray(f.read(end - begin)), dtype=dtype).reshape(info["shape"])
     return tensors
@@ -616,14 +610,15 @@ def gemma_config(hf_dir: Path, **overrides) -> SCTConfig:
         raise FileNotFoundError(f"{path} not found; point at a Hugging Face Gemma 2 directory")
     hf = json.loads(path.read_text())
     rope = hf.get("rope_parameters") or {}
+    layers = hf.get("layer_types") and ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                        for i in range(hf["num_hidden_layers"])]
     problems = [f"{key}={got!r} (need {want!r})" for key, got, want in [
         ("model_type", hf.get("model_type"), "gemma2"),
         ("hidden_activation", hf.get("hidden_activation") or hf.get("hidden_act"), "gelu_pytorch_tanh"),
         ("tie_word_embeddings", hf.get("tie_word_embeddings", True), True),
         ("attention_bias", hf.get("attention_bias", False), False),
         ("rope_type", rope.get("rope_type", "default"), "default"),
-        ("layer_types", hf.get("layer_types"), hf.get("layer_types") and
-         ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(hf["num_hidden_layers"])])] if got != want]
+        ("layer_types", hf.get("layer_types"), layers)] if got != want]
     if problems:
         raise ValueError(f"{path}: not a Gemma 2 architecture this model reproduces: {', '.join(problems)}")
     kwargs = {f.name: hf[f.name] for f in fields(SCTConfig) if f.name in hf and f.name != "attn_implementation"}

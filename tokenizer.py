@@ -1,15 +1,16 @@
 """Everything that turns raw data into model inputs and back (paper section 4.1 and appendix B.1).
 
 Top to bottom:
-  audio I/O       load_audio, save_audio, resample: float32 [2, S] at 48 kHz, Kaiser-windowed sinc resampling
-  the stereo VAE  StereoVAE: a DAC-style mono encoder/decoder shared by both channels, a Gaussian posterior
-                  at 40 Hz with latent_dim dims per channel, stacked to audio_dim = 2 * latent_dim; its
-                  losses (multi-resolution STFT on L/R and mid/side, multi-scale mel, KL, multi-period and
-                  STFT discriminators with feature matching) and latent normalisation statistics
-  text            TextTokenizer over a sentencepiece model (Gemma's tokenizer.model or a toy one made by
-                  train_text_tokenizer); audio spans are marked by "<unused0>" / "<unused1>", by name
-  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans, the LM
-                  labels of model tokens, and the span ids the diffusion loss needs
+  audio I/O       load_audio, save_audio, resample: float32 [2, S] at 48 kHz; write_atomic, the one file writer
+  the stereo VAE  StereoVAE: one DAC-style mono encoder/decoder for both channels, a Gaussian posterior at 40 Hz
+                  with latent_dim dims per channel, stacked to audio_dim = 2 * latent_dim; latent normalisation
+  checkpoints     load_checkpoint and load_model, the one loader of every .pt file (strict, errors named)
+  VAE losses      multi-resolution STFT on L/R and mid/side, multi-scale mel, KL, multi-period and STFT
+                  discriminators with feature matching
+  text            TextTokenizer over a sentencepiece model (Gemma's tokenizer.model, or a toy one made by
+                  train_text_tokenizer); audio spans open with "<unused0>" and close with "<unused1>"
+  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans, the LM labels of
+                  model tokens, the span ids of the diffusion loss; task_turns lays out every task (train and sample)
 
     python tokenizer.py --params                                        # VAE preset sizes
     python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
@@ -21,9 +22,9 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import sentencepiece as spm
 import soundfile as sf
@@ -46,13 +47,9 @@ class AudioError(ValueError):
 
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int, zeros: int = 24, rolloff: float = 0.94,
              beta: float = 8.6) -> torch.Tensor:
-    """Band-limited resampling of [..., S] from orig_sr to new_sr Hz (Kaiser-windowed sinc, polyphase).
-
-    The ratio is reduced to new/orig = L/M. Output sample n sits at input time n*M/L; it is the input
-    convolved with a sinc low-pass whose cutoff is rolloff * min(orig_sr, new_sr) / 2, truncated to
-    `zeros` zero crossings on each side and tapered by a Kaiser window (beta 8.6 gives about 80 dB of
-    stop-band attenuation). The L phases of the filter are applied as one strided conv1d.
-    """
+    """Band-limited resampling of [..., S] from orig_sr to new_sr Hz (Kaiser-windowed sinc, polyphase): with
+    new/orig = L/M, output n is the input at time n*M/L through a sinc low-pass at rolloff * min(orig_sr, new_sr) / 2,
+    `zeros` zero crossings per side, Kaiser window (beta 8.6: ~80 dB stop band); the L phases are one strided conv1d."""
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {new_sr}")
     if orig_sr == new_sr:
@@ -98,25 +95,32 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
     return resample(audio, sr, SAMPLE_RATE)
 
 
-def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None = None) -> None:
-    """Write float [2, S] at 48 kHz atomically (temporary file, then rename); format from the suffix."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """The one way this project writes a file: write(tmp) fills a temporary file beside `path`, which then
+    replaces it (os.replace is atomic), so a crash never leaves half a file; readable by all (0o644)."""
     path = Path(path)
-    if audio.dim() != 2 or audio.shape[0] != 2:
-        raise ValueError(f"save_audio expects a [2, samples] tensor, got shape {tuple(audio.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        fmt = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use .wav or .flac")
-        data = audio.detach().to("cpu", torch.float32).T.numpy()
-        sf.write(tmp, data, SAMPLE_RATE, format=fmt, subtype=subtype or ("FLOAT" if fmt == "WAV" else "PCM_16"))
-        os.chmod(tmp, 0o644)                         # mkstemp makes it private; audio is for everyone to read
+        write(tmp)
+        os.chmod(tmp, 0o644)                         # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None = None) -> None:
+    """Write float [2, S] at 48 kHz atomically; WAV float32 or FLAC 16-bit by the suffix."""
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported suffix {Path(path).suffix!r}; use .wav or .flac")
+    if audio.dim() != 2 or audio.shape[0] != 2:
+        raise ValueError(f"save_audio expects a [2, samples] tensor, got shape {tuple(audio.shape)}")
+    data = audio.detach().to("cpu", torch.float32).T.numpy()
+    subtype = subtype or ("FLOAT" if fmt == "WAV" else "PCM_16")
+    write_atomic(path, lambda tmp: sf.write(tmp, data, SAMPLE_RATE, format=fmt, subtype=subtype))
 
 
 # -----------------------------------------------------------------------------
@@ -124,33 +128,40 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None
 
 @dataclass
 class VAEConfig:
-    latent_dim: int = 128        # dims per channel; stacked to audio_dim = 2 * latent_dim (B.1: 128 -> 256)
-    encoder_dim: int = 64        # channels after the first encoder conv; each downsampling block doubles them
-    decoder_dim: int = 1536      # channels into the first decoder block; each upsampling block halves them
-    strides: tuple[int, ...] = (2, 6, 10, 10)   # encoder downsampling (decoder: reversed); product = HOP, 40 Hz
-    dilations: tuple[int, ...] = (1, 3, 9)      # one residual unit (kernel 7) per dilation in each block (DAC)
-    chunk_frames: int = 400      # decode() runs at most this many frames at once: bounded memory for long audio
-    # Context decoded on each side of a chunk and dropped; >= the decoder's receptive field (6 frames for
-    # the toy, 8 at paper size), so chunked decoding equals one-shot decoding.
-    overlap_frames: int = 16
-    # Multi-resolution STFT loss on L, R, mid and side (Oobleck's L/R + sum/difference); hop fft / 4.
-    stft_ffts: tuple[int, ...] = (2048, 1024, 512, 256, 128)
-    mel_windows: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)  # multi-scale mel L1 (DAC), hop / 4
-    mel_bins: tuple[int, ...] = (5, 10, 20, 40, 80, 160, 320)           # mel bands at each scale
-    stft_weight: float = 1.0     # weight of the multi-resolution STFT term (Oobleck 1.0)
-    mel_weight: float = 15.0     # weight of the multi-scale mel term (DAC 15.0)
-    kl_weight: float = 1e-4      # KL to N(0, I), kept tiny so the latent stays informative (Oobleck 1e-4)
-    gan: bool = True             # multi-period + STFT discriminators with feature matching (DAC, HiFi-GAN)
-    adv_weight: float = 1.0      # LSGAN generator term (DAC 1.0)
-    feature_weight: float = 2.0  # discriminator feature-matching L1 (DAC 2.0)
-    disc_dim: int = 32           # base width of each sub-discriminator
-    disc_periods: tuple[int, ...] = (2, 3, 5, 7, 11)  # multi-period discriminator (HiFi-GAN)
-    disc_ffts: tuple[int, ...] = (2048, 1024, 512)    # multi-resolution STFT discriminator (EnCodec)
-    # Gain-shape coding (CELT/Opus): latent dim 0 of each channel is the frame's log RMS, not learned;
-    # the networks code the waveform divided by its smooth level envelope and the decoder multiplies
-    # it back. Levels, hence the stereo image of a panned sound, survive by construction: a small,
-    # briefly trained VAE otherwise loses quiet channels first. Off at paper scale (B.1 is plain DAC-VAE).
-    gain_shape: bool = False
+    """The stereo VAE and its losses (paper B.1; building blocks after DAC, bottleneck after Oobleck)."""
+    latent_dim: int = field(default=128, metadata={"help": "dims per channel; audio_dim = 2 * latent_dim (B.1: 128)"})
+    encoder_dim: int = field(default=64, metadata={"help": "channels after the first conv; each encoder block doubles"})
+    decoder_dim: int = field(default=1536, metadata={"help": "channels into the first decoder block; each halves them"})
+    strides: tuple[int, ...] = field(default=(2, 6, 10, 10), metadata={
+        "help": "encoder downsampling (the decoder's, reversed); their product is HOP = 1200 samples (40 Hz)"})
+    dilations: tuple[int, ...] = field(default=(1, 3, 9), metadata={
+        "help": "one residual unit (kernel 7) per dilation in each block (DAC)"})
+    chunk_frames: int = field(default=400, metadata={"help": "decode() runs at most this many frames at once"})
+    overlap_frames: int = field(default=16, metadata={
+        "help": "frames of context decoded on each side of a chunk and dropped; at least the decoder's receptive "
+                "field (6 frames toy, 8 paper size), so chunked decoding equals one-shot decoding"})
+    stft_ffts: tuple[int, ...] = field(default=(2048, 1024, 512, 256, 128), metadata={
+        "help": "FFT sizes of the multi-resolution STFT loss on L, R, mid and side (Oobleck), hop fft / 4"})
+    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata={
+        "help": "windows of the multi-scale mel L1 loss (DAC), hop window / 4"})
+    mel_bins: tuple[int, ...] = field(default=(5, 10, 20, 40, 80, 160, 320), metadata={
+        "help": "mel bands at each scale"})
+    stft_weight: float = field(default=1.0, metadata={"help": "weight of the STFT term (Oobleck 1.0)"})
+    mel_weight: float = field(default=15.0, metadata={"help": "weight of the mel term (DAC 15.0)"})
+    kl_weight: float = field(default=1e-4, metadata={"help": "KL to N(0, I), tiny so z stays informative (Oobleck)"})
+    gan: bool = field(default=True, metadata={"help": "multi-period + STFT discriminators, feature matching (DAC)"})
+    adv_weight: float = field(default=1.0, metadata={"help": "LSGAN generator term (DAC 1.0)"})
+    feature_weight: float = field(default=2.0, metadata={"help": "discriminator feature-matching L1 (DAC 2.0)"})
+    disc_dim: int = field(default=32, metadata={"help": "base width of each sub-discriminator"})
+    disc_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={
+        "help": "periods of the multi-period discriminator (HiFi-GAN)"})
+    disc_ffts: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={
+        "help": "FFT sizes of the multi-resolution STFT discriminator (EnCodec)"})
+    # Why gain-shape: a small, briefly trained VAE loses quiet channels first; coding the level apart keeps
+    # the level, hence the stereo image of a panned sound, by construction. B.1 is a plain DAC-VAE.
+    gain_shape: bool = field(default=False, metadata={
+        "help": "gain-shape coding (CELT/Opus): latent dim 0 of each channel is the frame's log RMS, not learned, "
+                "and the networks code the waveform divided by its smooth level envelope"})
 
     def __post_init__(self):
         if math.prod(self.strides) != HOP:
@@ -163,16 +174,12 @@ class VAEConfig:
 
 
 VAE_PRESETS = {
-    # Toy: 20 min of training on 2 CPU cores (3 000 steps at ~0.4 s). The sound world (noise beds,
-    # tones, clicks, formant speech) is simple, so 16 dims per channel at 40 Hz (1 280 numbers/s for
-    # stereo, about Stable Audio's VAE rate), one of them the level (gain_shape), keep the toy SCT's
-    # audio_dim at 32. The convs at 48 kHz dominate the cost, so the first stride is 4 (not 2), the
-    # encoder starts at 8 channels and each block has two residual units. GAN off: its 41 M-parameter
-    # discriminator would multiply the step cost, and it pays off late (DAC trains 400 k steps).
+    # Toy: sized for ~20 min on 2 CPU cores. A simple world fits 16 dims per channel (one the level) at 40 Hz,
+    # about Stable Audio's rate; the 48 kHz convs dominate the cost, hence stride 4 first and 8 channels. GAN
+    # off: its discriminator multiplies the step cost and pays off late (DAC trains 400 k steps).
     "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
                      stft_ffts=(1024, 512, 256, 128), gan=False, gain_shape=True),
-    # Paper scale (B.1): DAC widths and four-block layout (DAC-VAE uses 2*8*10*12 for 25 Hz), strides
-    # re-chosen for 40 Hz, 128 dims per channel. `python tokenizer.py --params` prints its size.
+    # Paper scale (B.1): DAC's widths and four blocks, strides re-chosen for 40 Hz, 128 dims per channel.
     "audiochat": VAEConfig(),
 }
 
@@ -234,15 +241,11 @@ def gain_envelope(log_gain: torch.Tensor) -> torch.Tensor:
 
 
 class StereoVAE(nn.Module):
-    """DAC-VAE-like autoencoder: one mono encoder/decoder shared by both channels, Gaussian posterior at 40 Hz.
-
-    Channel c of [B, 2, S] is encoded alone into latent_dim dims per frame; the two are stacked so
-    frame f of the latent is [left dims | right dims] (audio_dim = 2 * latent_dim). With gain_shape,
-    dim 0 of each channel is the frame's log RMS and the networks code the level-normalised waveform.
-    encode() returns the posterior mean normalised by per-dimension statistics (buffers latent_shift/
-    latent_scale, identity until fit_latent_stats() is run after training); decode() takes normalised
-    latents.
-    """
+    """DAC-VAE-like autoencoder: each channel of [B, 2, S] is encoded alone into latent_dim dims per 40 Hz frame,
+    stacked as [left | right] (audio_dim = 2 * latent_dim); with gain_shape dim 0 of each is the frame's log RMS.
+    encode() gives the posterior mean normalised per dim (buffers latent_shift/latent_scale, fitted after training
+    by fit_latent_stats); decode() takes normalised latents."""
+    kind, config_class = "vae", VAEConfig            # what load_model reads from a vae.pt
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -323,12 +326,8 @@ class StereoVAE(nn.Module):
         return (mean - self.latent_shift) / self.latent_scale
 
     def decode(self, z: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        """Normalised latents [B, F, audio_dim] -> audio [B, 2, num_samples or F * HOP].
-
-        Long inputs are decoded chunk_frames at a time; each chunk is decoded with overlap_frames of
-        context on both sides which are then dropped, so chunk edges match one-shot decoding (no
-        clicks) while memory stays bounded by chunk_frames + 2 * overlap_frames.
-        """
+        """Normalised latents [B, F, audio_dim] -> audio [B, 2, num_samples or F * HOP], chunk_frames at a time
+        with overlap_frames of context decoded on each side and dropped: bounded memory, no clicks at the edges."""
         if z.dim() != 3 or z.shape[-1] != self.audio_dim:
             raise ValueError(f"decode expects latents [batch, frames, {self.audio_dim}], got {tuple(z.shape)}")
         z = z * self.latent_scale + self.latent_shift
@@ -355,22 +354,23 @@ class StereoVAE(nn.Module):
         self.latent_shift.copy_(shift)
         self.latent_scale.copy_(scale)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location="cpu") -> "StereoVAE":
-        """Load a checkpoint written by train.py ({"kind": "vae", "config", "model"}), strictly."""
-        ckpt = load_checkpoint(path, "vae", map_location)
-        model = cls(config_from_dict(VAEConfig, ckpt["config"], path))
-        load_state_dict_strict(model, ckpt["model"], path)
-        return model.eval()
 
+# -----------------------------------------------------------------------------
+# Checkpoints: the one loader of every model file ({"kind", "config", "model"}) and of training checkpoints
 
-def load_checkpoint(path: str | os.PathLike, kind: str, map_location="cpu") -> dict:
-    """torch.load(weights_only=True) of a checkpoint dict, checking it exists and holds `kind`."""
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """torch.load(weights_only=True) of a checkpoint dict on the CPU; a missing, unreadable or other-`kind`
+    file is an error naming it and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; train it first (python train.py --stage {kind})")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).split("\n")[0][:200]
+        raise RuntimeError(f"{path} is corrupt or unreadable ({type(e).__name__}: {why}); delete it (or restore a "
+                           f"good copy) and train again") from e
+    if kind is not None and (not isinstance(ckpt, dict) or ckpt.get("kind") != kind):
         got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a {kind!r} checkpoint, found {got!r}; pass the {kind}.pt file")
     return ckpt
@@ -387,12 +387,25 @@ def config_from_dict(cls, d: dict, path="config"):
 
 
 def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> None:
-    """load_state_dict(strict=True) with an error that lists the missing and unexpected keys."""
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match {type(model).__name__}: missing {sorted(missing)[:10]}, "
-                         f"unexpected {sorted(unexpected)[:10]} ({len(missing)} and {len(unexpected)} in all)")
+    """load_state_dict(strict=True) with an error that lists the missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: weights do not match {type(model).__name__}: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}, wrong shapes {shapes[:10]} ({len(missing)}, {len(unexpected)} and "
+                         f"{len(shapes)} in all)")
     model.load_state_dict(state, strict=True)
+
+
+def load_model(cls, path: str | os.PathLike, device="cpu", ckpt: dict | None = None) -> nn.Module:
+    """The model of a checkpoint file, in eval mode on `device`: cls(cls.config_class(**config)) with its weights
+    loaded strictly. cls.kind names the checkpoint kind ("vae", "sct", "flam"); ckpt: the file, already read."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path, cls.kind)
+    model = cls(config_from_dict(cls.config_class, ckpt["config"], path))
+    load_state_dict_strict(model, ckpt["model"], path)
+    return model.to(device).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -400,16 +413,13 @@ def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int = SAMPLE_RATE, f_min: float = 0.0,
                    f_max: float | None = None) -> torch.Tensor:
-    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, mel = 2595 log10(1 + f / 700), peak 1."""
-    def mel(f):
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-    f_max = sample_rate / 2 if f_max is None else f_max
-    m = torch.linspace(mel(torch.tensor(f_min)), mel(torch.tensor(f_max)), n_mels + 2, dtype=torch.float64)
-    edges = 700.0 * (10 ** (m / 2595.0) - 1.0)                               # [n_mels + 2] Hz
+    """[n_mels, n_fft // 2 + 1] triangular filters, peak 1, spaced evenly on the HTK mel scale 2595 log10(1 + f / 700)
+    from f_min to f_max (default the Nyquist frequency). The VAE's mel loss and metrics.SmallFLAM use it."""
+    m_lo, m_hi = (2595 * math.log10(1 + f / 700) for f in (f_min, sample_rate / 2 if f_max is None else f_max))
+    edges = 700 * (10 ** (torch.linspace(m_lo, m_hi, n_mels + 2, dtype=torch.float64) / 2595) - 1)  # Hz
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    up, down = (freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)
-    return torch.minimum(up, down).clamp(min=0).float()
+    return torch.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)).clamp(min=0).float()
 
 
 SILENCE_DB = -80.0   # spectra are floored at the level of white noise at this RMS (dBFS): quieter counts as silence
@@ -563,14 +573,10 @@ SPECIAL_PIECES = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_o
 
 
 class TextTokenizer:
-    """A sentencepiece model exposing Gemma's special tokens, every one looked up by its piece name.
-
-    Audio spans are delimited by Gemma's reserved pieces "<unused0>" (audio start) and "<unused1>"
-    (audio end), so the 256 000-token vocabulary and its embeddings stay as they are. encode() treats
-    its input as plain text: a special piece written inside the text (a user typing
-    "<start_of_turn>") is spelled as ordinary pieces, never turned into the control token, and
-    decode() gives the characters back. Control tokens enter a sequence only through the layout.
-    """
+    """A sentencepiece model exposing Gemma's special tokens, each looked up by its piece name. Audio spans are
+    delimited by Gemma's reserved "<unused0>" and "<unused1>", so its 256 000 embeddings stay as they are.
+    encode() treats its input as plain text: a user typing "<start_of_turn>" gets those characters as ordinary
+    pieces; control tokens enter a sequence only through the layout."""
 
     def __init__(self, model_file: str | os.PathLike):
         path = Path(model_file)
@@ -603,12 +609,9 @@ class TextTokenizer:
 
 
 def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int) -> TextTokenizer:
-    """Train a toy BPE sentencepiece model on texts, write it atomically to model_file and load it.
-
-    It behaves like Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3, then <start_of_turn>, <end_of_turn>,
-    <unused0>, <unused1> and "\\n" as pieces of their own; no normalisation (whitespace runs and
-    newlines survive exactly), digits split one per piece, unseen characters fall back to UTF-8 bytes.
-    """
+    """Train a toy BPE sentencepiece model on texts, write it to model_file and load it. Like Gemma's: <pad> 0,
+    <eos> 1, <bos> 2, <unk> 3, the special pieces and "\\n" as pieces of their own, no normalisation (whitespace
+    survives), digits split, unseen characters fall back to UTF-8 bytes."""
     lines = [line for text in texts for line in text.split("\n") if line]   # sentencepiece reads lines
     if not lines:
         raise ValueError("train_text_tokenizer got no text; pass a non-empty list of strings")
@@ -623,12 +626,8 @@ def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vo
         allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"])
-    path = Path(model_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    return TextTokenizer(path)
+    write_atomic(model_file, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
+    return TextTokenizer(model_file)
 
 
 # -----------------------------------------------------------------------------
@@ -750,6 +749,46 @@ def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
 
 
 # -----------------------------------------------------------------------------
+# Task layouts (paper section 3.1, Eqs. 1-3): train.py's documents and sample.py's prompts are both built by
+# task_turns, so a request at inference is always a prefix of a training document.
+
+REQUESTS = {   # user wordings per task, varied in training so the model keys on the audio, not on one phrase
+    "understand": ("Describe this audio.", "What do you hear in this clip?", "Describe the sound scene.",
+                   "List every sound in this recording.", "What is happening in this audio?",
+                   "Write the scene plan of this audio."),
+    "caption": ("Caption this sound.", "What sound is this?", "Describe this sound in a few words.",
+                "Write a short caption for this audio."),
+    "asr": ("Transcribe this speech.", "What is being said?", "Write down what you hear.", "Transcribe the recording."),
+    "tts": ("Say: {}", "Read this aloud: {}", "Speak the following text: {}", "Please say \"{}\""),
+}
+DESCRIBE = REQUESTS["understand"][0]   # what sample.py asks to describe a clip
+
+TASK_LAYOUTS = {   # task: (user parts, model parts), in order; plans and captions are copilot.scene_to_json text
+    "story": (("instruction",), ("plan", "audio")),         # Eq. 1; a chat's later turn: a story after the turns before
+    "upload_edit": (("clip", "instruction"), ("caption", "plan", "audio")),   # Eq. 2: caption the clip, plan the edit
+    "understand": (("clip", "request"), ("caption",)),      # describe a clip (its scene with empty edit lists)
+    "t2a": (("instruction",), ("audio",)),                  # instruction: the sound's caption
+    "tts": (("instruction",), ("audio",)),                  # instruction: a REQUESTS["tts"] wording with the text
+    "caption": (("clip", "request"), ("answer",)),          # answer: the sound's caption
+    "asr": (("clip", "request"), ("answer",)),              # answer: the transcript
+}
+
+
+def task_turns(task: str, **parts) -> list[Turn]:
+    """The chat turns of one task from its named parts (text, or latents [F, audio_dim] for clip and audio). The
+    model turn holds the model parts given, in layout order, and is left out when none is: that is the prompt
+    sample.py sends (encode_conversation(..., generation_prompt=True) opens the model turn)."""
+    user, model = TASK_LAYOUTS[task]
+    given = [name for name in model if parts.get(name) is not None]
+    missing = [name for name in user if parts.get(name) is None]
+    unknown = sorted(set(parts) - set(user) - set(model))
+    if missing or unknown or given != list(model[:len(given)]):
+        raise ValueError(f"task {task!r} is user {list(user)} -> model {list(model)} (model parts a prefix of "
+                         f"these); got {sorted(k for k, v in parts.items() if v is not None)}")
+    return [Turn("user", [parts[n] for n in user])] + ([Turn("model", [parts[n] for n in given])] if given else [])
+
+
+# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Stereo VAE utilities (see the module docstring).")
@@ -768,7 +807,7 @@ if __name__ == "__main__":
     if args.reconstruct:
         if args.vae is None:
             parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt")
-        vae, audio = StereoVAE.from_checkpoint(args.vae), load_audio(args.reconstruct[0])
+        vae, audio = load_model(StereoVAE, args.vae), load_audio(args.reconstruct[0])
         with torch.no_grad():
             save_audio(args.reconstruct[1], vae.decode(vae.encode(audio[None]), audio.shape[-1])[0])
     if not (args.params or args.reconstruct):

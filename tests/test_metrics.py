@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics  # noqa: E402
 from metrics import (FLAM_PRESETS, FLAMConfig, LabelledClip, SmallFLAM, auroc, delta_multiflam,  # noqa: E402
                      detection_quality, edit_scores, editflam_acoustic, editflam_add, editflam_change,
-                     editflam_remove, fad, flam_batch, frame_targets, kad, mel_filterbank, multiflam, p_flam, tcpwer)
-from tokenizer import SAMPLE_RATE, save_audio  # noqa: E402
+                     editflam_remove, fad, flam_batch, frame_targets, kad, multiflam, p_flam, tcpwer)
+from tokenizer import SAMPLE_RATE, load_model, mel_filterbank, save_audio  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -252,19 +252,19 @@ def test_small_flam_shapes_and_probabilities():
 
 def test_small_flam_checkpoint_round_trip_and_errors(tmp_path):
     torch.manual_seed(0)
-    model = SmallFLAM(FLAM_PRESETS["toy"]).eval()     # from_checkpoint returns an eval-mode model; train mode
+    model = SmallFLAM(FLAM_PRESETS["toy"]).eval()     # load_model returns an eval-mode model; train mode
     path = tmp_path / "flam.pt"                        # takes another attention path (differs by ~1e-7)
     torch.save({"kind": "flam", "config": asdict(model.config), "model": model.state_dict()}, path)
     audio = torch.randn(2, 24_000)
-    assert torch.equal(SmallFLAM.from_checkpoint(path).score(audio, ["a bell"]), model.score(audio, ["a bell"]))
+    assert torch.equal(load_model(SmallFLAM, path).score(audio, ["a bell"]), model.score(audio, ["a bell"]))
     with pytest.raises(FileNotFoundError, match="train.py"):
-        SmallFLAM.from_checkpoint(tmp_path / "nope.pt")
+        load_model(SmallFLAM, tmp_path / "nope.pt")
     torch.save({"kind": "vae", "config": {}, "model": {}}, tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match="not 'flam'"):
-        SmallFLAM.from_checkpoint(tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="expected a 'flam' checkpoint, found 'vae'"):
+        load_model(SmallFLAM, tmp_path / "vae.pt")
     torch.save({"kind": "flam", "config": {**asdict(model.config), "width": 32}, "model": model.state_dict()}, path)
-    with pytest.raises(ValueError, match="does not match"):
-        SmallFLAM.from_checkpoint(path)
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(SmallFLAM, path)
 
 
 # A synthetic sound world: five sound types with distinct spectra or rhythms, mixed at random times.

@@ -7,6 +7,7 @@ import torch
 
 from model import (SCT, SCTConfig, SCT_PRESETS, build_attention_mask, count_parameters, document_positions,
                    read_safetensors)
+from tokenizer import load_model
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -312,15 +313,15 @@ def test_loader_errors(hf_gemma, tmp_path):
 def test_checkpoint_round_trip_and_errors(tmp_path):
     model = tiny_sct()
     torch.save({"kind": "sct", "config": asdict(model.config), "model": model.state_dict()}, tmp_path / "sct.pt")
-    loaded = SCT.from_checkpoint(tmp_path / "sct.pt").eval()
+    loaded = load_model(SCT, tmp_path / "sct.pt").eval()
     ids = torch.randint(3, 97, (1, 9))
     assert torch.equal(text_forward(model, ids)[0], text_forward(loaded, ids)[0])
     with pytest.raises(FileNotFoundError):
-        SCT.from_checkpoint(tmp_path / "absent.pt")
+        load_model(SCT, tmp_path / "absent.pt")
     torch.save({"kind": "vae", "config": {}, "model": {}}, tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match="kind='vae'"):
-        SCT.from_checkpoint(tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="expected a 'sct' checkpoint, found 'vae'"):
+        load_model(SCT, tmp_path / "vae.pt")
     sd = {k: v for k, v in model.state_dict().items() if k != "audio_norm.weight"}
     torch.save({"kind": "sct", "config": asdict(model.config), "model": sd}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="missing.*audio_norm.weight"):
-        SCT.from_checkpoint(tmp_path / "partial.pt")
+        load_model(SCT, tmp_path / "partial.pt")

@@ -10,8 +10,8 @@ import torch
 
 from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer,
                        Turn, VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
-                       kl_loss, load_audio, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
-                       stft_distance, train_text_tokenizer, vae_loss)
+                       kl_loss, load_audio, load_model, mel_filterbank, mel_loss, resample, save_audio,
+                       stereo_stft_loss, stft_distance, train_text_tokenizer, vae_loss, write_atomic)
 
 # A VAE small enough for unit tests: same code path as the presets.
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=32, strides=(4, 5, 6, 10), dilations=(1, 3),
@@ -203,7 +203,7 @@ def test_latent_normalisation(tmp_path):
         x = batches[1]
         assert torch.allclose(vae.decode(vae.encode(x)), vae.decode_raw(vae.posterior(x)[0]), atol=1e-5)
     torch.save({"kind": "vae", "config": asdict(TINY), "model": vae.state_dict()}, tmp_path / "vae.pt")
-    loaded = StereoVAE.from_checkpoint(tmp_path / "vae.pt")
+    loaded = load_model(StereoVAE, tmp_path / "vae.pt")
     assert torch.equal(loaded.latent_scale, vae.latent_scale), "statistics must travel in the checkpoint"
     with torch.no_grad():
         assert torch.equal(loaded.encode(batches[0]), vae.encode(batches[0]))
@@ -211,19 +211,19 @@ def test_latent_normalisation(tmp_path):
 
 def test_from_checkpoint_errors(tmp_path, tiny_vae):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        StereoVAE.from_checkpoint(tmp_path / "none.pt")
+        load_model(StereoVAE, tmp_path / "none.pt")
     torch.save({"kind": "sct", "config": {}, "model": {}}, tmp_path / "sct.pt")
     with pytest.raises(ValueError, match="expected a 'vae' checkpoint, found 'sct'"):
-        StereoVAE.from_checkpoint(tmp_path / "sct.pt")
+        load_model(StereoVAE, tmp_path / "sct.pt")
     torch.save({"kind": "vae", "config": {**asdict(TINY), "depth": 3}, "model": {}}, tmp_path / "a.pt")
     with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
-        StereoVAE.from_checkpoint(tmp_path / "a.pt")
+        load_model(StereoVAE, tmp_path / "a.pt")
     state = dict(tiny_vae.state_dict())
     state.pop("latent_scale")
     state["extra.weight"] = torch.zeros(1)
     torch.save({"kind": "vae", "config": asdict(TINY), "model": state}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match=r"missing \['latent_scale'\], unexpected \['extra.weight'\]"):
-        StereoVAE.from_checkpoint(tmp_path / "b.pt")
+        load_model(StereoVAE, tmp_path / "b.pt")
 
 
 def test_kl_matches_torch_distributions():
@@ -491,3 +491,19 @@ def test_layout_errors(tok):
         encode_conversation([Turn("user", [torch.zeros(8)])], tok)
     with pytest.raises(ValueError, match="starts with <bos>"):
         decode_conversation(Example(*(torch.zeros(3, dtype=torch.long),) * 4, torch.zeros(0), torch.zeros(0)), tok)
+
+
+def test_write_atomic_is_atomic_and_readable_by_all(tmp_path):
+    path = tmp_path / "a" / "plan.json"
+    write_atomic(path, lambda tmp: open(tmp, "w").write("{}\n"))
+    write_atomic(path, lambda tmp: open(tmp, "w").write("{\"x\": 1}\n"))
+    assert path.read_text() == "{\"x\": 1}\n" and path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"], "no temporary file may be left behind"
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, broken)
+    assert path.read_text() == "{\"x\": 1}\n" and [p.name for p in path.parent.iterdir()] == ["plan.json"]
