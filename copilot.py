@@ -1,21 +1,26 @@
 """AudioCopilot: the data simulator behind AudioChat (paper section 3.2 and appendix A, Figs. 8-10).
 
-A simulated user asks for an audio story and edits it turn by turn; a simulated sound designer answers
-each turn with a scene: a JSON plan of every sound (tool parameters: caption or transcript, voice,
-length; mix parameters: loudness, panning, start time). Tools render each sound, the mixer places
+A simulated user asks for an audio story and edits it turn by turn; a simulated sound designer answers every
+turn with a scene, the JSON plan of every sound (paper Figs. 9-10): tool parameters (caption or transcript,
+voice, length) and mix parameters (loudness, panning, start time). Tools render each sound, the mixer places
 them into 48 kHz stereo, and the scene JSON becomes AudioChat's structured chain of thought.
 
-Owns, top to bottom:
-  - the scene schema: `Sound`, `Scene`, `parse_scene`, `scene_to_json`, `validate_scene`, `caption_of`
-  - the tools: a procedural SFX library (`ProceduralSFX`) and a formant TTS (`FormantTTS`, or
-    `EspeakTTS`), pluggable through `Tool.render(sound, voice, rng)`; `Renderer` caches renders by
-    tool parameters so a mix-only edit renders nothing again (paper A.2)
-  - the mixer: BS.1770-4 loudness, constant-power panning, placement, activity intervals
-  - two designers: `OfflineCopilot` (procedural, the default, used by the toy scale) and
-    `LLMCopilot` (any OpenAI-compatible chat server, e.g. vLLM serving Gemma 3 27B as in paper A.1)
-  - datasets: `python copilot.py --out DIR --n N` and `read_conversations(DIR, split)`
+Top to bottom:
+  the scene   Sound, Scene, scene_to_json (canonical: what the model reads and writes), parse_scene,
+              validate_scene (every rule of the Fig. 8 prompt), scene_diff (added/removed/changed), caption_of
+  the tools   ProceduralSFX (25 sound classes: noise bands, partials, event rhythms) and FormantTTS, or any
+              object with render(sound, voice, rng) -> mono [S] at 48 kHz; Renderer caches renders by tool
+              parameters, so a loudness, panning or start-time edit renders nothing again (paper A.2)
+  the mixer   mix_scene: each sound levelled to its loudness where it sits in the mix (ITU-R BS.1770-4),
+              constant-power panning, a 5 ms look-ahead peak limiter, energy-based activity (the FLAM labels)
+  designers   OfflineCopilot, procedural (the default: no model, the same bytes on every machine), and
+              LLMCopilot, any OpenAI-compatible chat server (vLLM serving Gemma 3 27B in paper A.1)
+  datasets    write_dataset / read_conversations; conversation i depends only on (seed, split, i)
 
-Run `python copilot.py --help`; test with `python -m pytest -q tests/test_copilot.py`.
+    python copilot.py --out data/toy --n 600 --eval-n 60 --workers 2
+    python copilot.py --backend openai --base-url http://localhost:8000/v1 --model google/gemma-3-27b-it \\
+        --out data/llm --n 100000 --eval-n 1200 --workers 32
+    python -m pytest -q tests/test_copilot.py
 """
 import argparse
 import contextlib
@@ -30,7 +35,6 @@ import random
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +46,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from tokenizer import FRAME_RATE, HOP, SAMPLE_RATE, load_audio, resample, save_audio  # noqa: F401 (load_audio re-exported)
+from tokenizer import FRAME_RATE, HOP, SAMPLE_RATE, resample, save_audio, write_atomic
 
 log = logging.getLogger("copilot")
 
@@ -121,8 +125,8 @@ def scene_to_json(scene: Scene) -> str:
     """Canonical compact JSON (paper key order, sounds under "text", 8 not 8.0); what the model reads and writes."""
     sounds = [{k: int(v) if isinstance(v, float) and v.is_integer() else v
                for k, v in ((k, getattr(s, k)) for k in _SOUND_KEYS) if v is not None} for s in scene.sounds]
-    obj = {"description": scene.description, "added": scene.added, "changed": scene.changed, "removed": scene.removed,
-           "text": sounds}
+    obj = {"description": scene.description, "added": scene.added, "changed": scene.changed,
+           "removed": scene.removed, "text": sounds}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -142,7 +146,8 @@ def parse_scene(text: str | dict) -> Scene:
         raise SceneError(f"a scene must be a JSON object, got {type(obj).__name__}")
     missing, unknown = set(_SCENE_KEYS) - set(obj), set(obj) - set(_SCENE_KEYS) - {"type"}
     if missing or unknown:
-        raise SceneError(f"scene keys: missing {sorted(missing)}, unknown {sorted(unknown)}; expected {', '.join(_SCENE_KEYS)}")
+        raise SceneError(f"scene keys: missing {sorted(missing)}, unknown {sorted(unknown)}; "
+                         f"expected {', '.join(_SCENE_KEYS)}")
     if not isinstance(obj["description"], str) or not isinstance(obj["text"], list):
         raise SceneError("scene: description must be a string and \"text\" the list of sounds")
     for k in ("added", "changed", "removed"):
@@ -152,7 +157,8 @@ def parse_scene(text: str | dict) -> Scene:
         if not isinstance(d, dict):
             raise SceneError(f"sound #{n}: must be an object")
         where = f"sound #{n} (id {d.get('id')!r})"
-        missing, unknown = {"tool", "text", "loudness", "panning", "start_time", "duration", "id"} - set(d), set(d) - set(_SOUND_KEYS)
+        missing = {"tool", "text", "loudness", "panning", "start_time", "duration", "id"} - set(d)
+        unknown = set(d) - set(_SOUND_KEYS)
         if missing or unknown:
             raise SceneError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
         for k, v in d.items():
@@ -160,7 +166,8 @@ def parse_scene(text: str | dict) -> Scene:
                 raise SceneError(f"{where}: id must be an integer, got {v!r}")
             if k in ("tool", "text", "speaker", "gender", "emotion") and not isinstance(v, str):
                 raise SceneError(f"{where}: {k} must be a string, got {v!r}")
-            if k in ("loudness", "panning", "start_time", "duration") and not (type(v) in (int, float) and math.isfinite(v)):
+            if k in ("loudness", "panning", "start_time", "duration") and not (
+                    type(v) in (int, float) and math.isfinite(v)):
                 raise SceneError(f"{where}: {k} must be a finite number, got {v!r}")
     return Scene(obj["description"], [Sound(**d) for d in obj["text"]], obj["added"], obj["changed"], obj["removed"])
 
@@ -171,13 +178,21 @@ def ambience_ids(scene: Scene) -> list[int]:
             and abs(s.panning) <= AMBIENCE_PAN and s.end >= scene.duration]
 
 
+def scene_diff(previous: Scene | None, scene: Scene) -> dict[str, list[int]]:
+    """The edit lists the paper defines (Fig. 8) for going from `previous` to `scene`: added = new ids, removed
+    = vanished ids, changed = kept ids whose volume, panning, start time or duration differ. None: a first scene."""
+    if previous is None:
+        return {"added": [], "removed": [], "changed": []}
+    old, new = previous.by_id(), scene.by_id()
+    return {"added": sorted(new.keys() - old.keys()), "removed": sorted(old.keys() - new.keys()),
+            "changed": sorted(i for i in new.keys() & old.keys() if new[i].mix_params() != old[i].mix_params())}
+
+
 def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
     """Every rule of the paper's prompt (Fig. 8) that `scene` breaks, one message per violation.
 
-    With `previous`, the edit lists must equal the actual difference: `added` = new ids, `removed` =
-    vanished ids, `changed` = kept ids whose volume, panning, start time or duration differ (the
-    paper's definition). A new caption, transcript, voice or tool is a new sound: the old id goes
-    to `removed` and the new sound takes a new id; keeping the id is reported as a violation.
+    With `previous`, the edit lists must equal scene_diff. A new caption, transcript, voice or tool is a new
+    sound: the old id goes to `removed` and the new sound takes a new id; keeping the id is a violation.
     """
     errors = [m for bad, m in (
         (not scene.description.strip(), "scene: description is empty (describe the whole soundscape)"),
@@ -196,26 +211,28 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
             (not 0 <= s.start_time <= MAX_START, f"start_time {s.start_time} s outside [0, {MAX_START:g}]"),
             (s.duration <= 0, f"duration {s.duration} s must be positive"),
             (s.end > MAX_END, f"start_time + duration = {s.end} s exceeds {MAX_END:g} s"),
-            (tts and not ((s.speaker or "").strip() and (s.emotion or "").strip()), "a tts sound needs a speaker and an emotion"),
+            (tts and not ((s.speaker or "").strip() and (s.emotion or "").strip()),
+             "a tts sound needs a speaker and an emotion"),
             (tts and s.gender not in ("male", "female"), f"tts gender {s.gender!r} must be \"male\" or \"female\""),
-            (not tts and (s.speaker, s.gender, s.emotion) != (None,) * 3, "speaker/gender/emotion belong to tts sounds only")) if bad]
+            (not tts and (s.speaker, s.gender, s.emotion) != (None,) * 3,
+             "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
         listed = getattr(scene, k)
-        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed if listed.count(i) > 1})]
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        errors += [f"sound {i}: listed more than once in {k}" for i in twice]
         if previous is None and listed:
             errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
         return errors
     old, new = previous.by_id(), scene.by_id()
-    kept = sorted(new.keys() & old.keys())
     errors += [f"sound {i}: tool, text or voice changed under the same id (a new sound needs a new id: list {i} in "
-               f"removed and the new sound in added)" for i in kept if new[i].tool_params()[:5] != old[i].tool_params()[:5]]
-    truth = {"added": new.keys() - old.keys(), "removed": old.keys() - new.keys(),
-             "changed": {i for i in kept if new[i].mix_params() != old[i].mix_params()}}
-    for k, actual in truth.items():
+               f"removed and the new sound in added)" for i in sorted(new.keys() & old.keys())
+               if new[i].tool_params()[:5] != old[i].tool_params()[:5]]
+    for k, actual in scene_diff(previous, scene).items():
         listed = set(getattr(scene, k))
-        errors += [f"sound {i}: is {k} relative to the previous scene but not listed in {k}" for i in sorted(actual - listed)]
-        errors += [f"sound {i}: listed in {k} but it was not {k}" for i in sorted(listed - actual)]
+        errors += [f"sound {i}: is {k} relative to the previous scene but not listed in {k}"
+                   for i in sorted(set(actual) - listed)]
+        errors += [f"sound {i}: listed in {k} but it was not {k}" for i in sorted(listed - set(actual))]
     return errors
 
 
@@ -239,6 +256,7 @@ def classify_edit(previous: Scene, scene: Scene) -> str:
         if moved in (["volume"], ["pan"]):
             return moved[0]
     return "open"
+
 
 
 # -----------------------------------------------------------------------------
@@ -273,57 +291,79 @@ class SoundClass(NamedTuple):
 
 
 L, C = Layer, SoundClass
-SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, keywords, captions, layers
-    C("rain", True, -18, "rain storm wet drizzle roof umbrella", ("steady rain falling", "rain pattering on a roof", "a light rain shower"),
+SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, keywords; captions; layers
+    C("rain", True, -18, "rain storm wet drizzle roof umbrella",
+      ("steady rain falling", "rain pattering on a roof", "a light rain shower"),
       (L("noise", 800, 12000, am=(-0.5, 0.2)), L("noise", 3000, 12000, rate=40, jit=1, dur=0.015, gain=0.6))),
-    C("wind", True, -18, "wind gust hill mountain cold winter snow", ("wind blowing through trees", "a howling wind", "gusts of wind"),
+    C("wind", True, -18, "wind gust hill mountain cold winter snow",
+      ("wind blowing through trees", "a howling wind", "gusts of wind"),
       (L("noise", 150, 700, am=(-0.4, 0.9)), L("noise", 900, 1400, am=(-0.3, 1.0), gain=0.3))),
-    C("stream", True, -16, "river stream water brook creek flowing", ("a babbling brook", "water flowing in a stream", "a gentle river"),
+    C("stream", True, -16, "river stream water brook creek flowing",
+      ("a babbling brook", "water flowing in a stream", "a gentle river"),
       (L("noise", 300, 6000, am=(-6, 0.4)), L("tone", 700, 1, rate=14, jit=1, dur=0.04, glide=1.8, gain=0.5))),
-    C("fire", True, -20, "fire fireplace campfire warm burning", ("a crackling fire", "logs burning in a fireplace", "a campfire crackling"),
+    C("fire", True, -20, "fire fireplace campfire warm burning",
+      ("a crackling fire", "logs burning in a fireplace", "a campfire crackling"),
       (L("noise", 100, 1200, am=(-1, 0.3)), L("noise", 1500, 9000, rate=12, jit=1, dur=0.02))),
-    C("waves", True, -16, "sea ocean beach waves shore harbour boat ship", ("ocean waves crashing on the shore", "waves lapping at a beach"),
+    C("waves", True, -16, "sea ocean beach waves shore harbour boat ship",
+      ("ocean waves crashing on the shore", "waves lapping at a beach"),
       (L("noise", 100, 4000, am=(0.12, 0.95)),)),
-    C("crowd", True, -16, "crowd people market cafe party restaurant", ("a crowd murmuring", "distant chatter in a busy cafe"),
+    C("crowd", True, -16, "crowd people market cafe party restaurant",
+      ("a crowd murmuring", "distant chatter in a busy cafe"),
       (L("noise", 250, 2500, am=(-4, 0.5)), L("tone", 170, 10, vib=(3, 0.15), am=(-3, 0.7), gain=0.5))),
-    C("crickets", True, -14, "night summer field crickets insects evening", ("crickets chirping at night", "insects chirping in a field"),
+    C("crickets", True, -14, "night summer field crickets insects evening",
+      ("crickets chirping at night", "insects chirping in a field"),
       (L("tone", 4500, 2, rate=2.5, jit=0.2, dur=0.25, shape="g", am=(35, 1.0)),)),
-    C("traffic", True, -16, "city street traffic road cars town urban", ("distant city traffic", "a busy street", "cars passing on a road"),
+    C("traffic", True, -16, "city street traffic road cars town urban",
+      ("distant city traffic", "a busy street", "cars passing on a road"),
       (L("noise", 40, 1500, am=(-0.3, 0.5)), L("tone", 55, 12, am=(-0.2, 0.6), gain=0.3))),
-    C("fan", True, -16, "room office fan machine quiet indoor study", ("the hum of an electric fan", "a quiet room with a humming fan"),
+    C("fan", True, -16, "room office fan machine quiet indoor study",
+      ("the hum of an electric fan", "a quiet room with a humming fan"),
       (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6))),
-    C("thunder", False, -12, "thunder storm lightning dark", ("a rumble of thunder", "thunder rolling in the distance", "a thunderclap"),
-      (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)), L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
-    C("birds", False, -12, "bird birds morning garden forest spring park dawn", ("birds singing", "gentle birdsong", "a songbird chirping"),
+    C("thunder", False, -12, "thunder storm lightning dark",
+      ("a rumble of thunder", "thunder rolling in the distance", "a thunderclap"),
+      (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)),
+       L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
+    C("birds", False, -12, "bird birds morning garden forest spring park dawn",
+      ("birds singing", "gentle birdsong", "a songbird chirping"),
       (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),)),
     C("dog", False, -12, "dog bark barking farm yard", ("a dog barking", "a dog barking twice", "a small dog yapping"),
       (L("tone", 450, 14, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, glide=0.8),
        L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4))),
     C("knocking", False, -16, "door knock knocked visitor", ("knocking on a wooden door", "three knocks on a door"),
-      (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22), L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
-    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs", ("footsteps on a wooden floor", "slow footsteps in a corridor"),
+      (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22),
+       L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
+    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs",
+      ("footsteps on a wooden floor", "slow footsteps in a corridor"),
       (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),)),
-    C("clock", False, -22, "clock time tick ticking waiting hour", ("a clock ticking", "an antique clock ticking softly"),
+    C("clock", False, -22, "clock time tick ticking waiting hour",
+      ("a clock ticking", "an antique clock ticking softly"),
       (L("noise", 2000, 9000, rate=2, dur=0.04), L("tone", 1800, 1, rate=2, dur=0.1))),
-    C("bells", False, -12, "church bell bells village sunday wedding tower", ("church bells ringing", "a distant church bell tolling"),
+    C("bells", False, -12, "church bell bells village sunday wedding tower",
+      ("church bells ringing", "a distant church bell tolling"),
       (L("bell", 400, 0, rate=0.5, dur=3.0),)),
-    C("siren", False, -10, "siren police ambulance emergency accident", ("an ambulance siren passing", "a police siren wailing"),
+    C("siren", False, -10, "siren police ambulance emergency accident",
+      ("an ambulance siren passing", "a police siren wailing"),
       (L("tone", 700, 4, vib=(0.3, 0.3)),)),
-    C("engine", False, -12, "car engine motor drive garage truck", ("a car engine idling", "a truck engine rumbling", "a motor running"),
+    C("engine", False, -12, "car engine motor drive garage truck",
+      ("a car engine idling", "a truck engine rumbling", "a motor running"),
       (L("tone", 42, 20, vib=(0.2, 0.08), am=(14, 0.3)), L("noise", 50, 500, gain=0.5))),
     C("phone", False, -12, "phone telephone call ring office", ("a telephone ringing", "an old phone ringing"),
-      (L("tone", 440, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)), L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)))),
+      (L("tone", 440, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)),
+       L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)))),
     C("piano", False, -12, "piano music melody song concert", ("a slow piano melody", "soft piano notes"),
       (L("tone", 220, 8, rate=1.5, jit=0.1, dur=1.2, notes=True),)),
-    C("typing", False, -20, "typing keyboard computer office writer desk letter", ("typing on a keyboard", "fast keyboard clicks"),
+    C("typing", False, -20, "typing keyboard computer office writer desk letter",
+      ("typing on a keyboard", "fast keyboard clicks"),
       (L("noise", 1500, 7000, rate=8, jit=0.7, dur=0.05),)),
-    C("helicopter", False, -12, "helicopter rescue sky flying", ("a helicopter flying overhead", "helicopter blades chopping"),
+    C("helicopter", False, -12, "helicopter rescue sky flying",
+      ("a helicopter flying overhead", "helicopter blades chopping"),
       (L("noise", 60, 800, am=(12, 0.9)),)),
     C("cat", False, -12, "cat kitten meow pet kitchen", ("a cat meowing", "a kitten mewing softly"),
       (L("tone", 500, 8, rate=0.4, jit=0.5, dur=0.7, shape="h", glide=0.7, vib=(5, 0.02)),)),
     C("owl", False, -14, "owl night forest dark woods moon", ("an owl hooting", "an owl calling in the woods"),
       (L("tone", 380, 2, rate=0.5, dur=0.45, shape="h", group=2, gap=0.5, glide=0.9),)),
-    C("horse", False, -16, "horse hooves gallop riding carriage", ("a horse galloping", "hooves clopping on cobblestones"),
+    C("horse", False, -16, "horse hooves gallop riding carriage",
+      ("a horse galloping", "hooves clopping on cobblestones"),
       (L("noise", 80, 1500, rate=2.5, jit=0.05, dur=0.12, group=3, gap=0.09),)),
 )}
 CAPTION_CLASS = {c: k.name for k in SOUND_CLASSES.values() for c in k.captions}  # caption -> class name
@@ -398,7 +438,8 @@ class ProceduralSFX:
         n = round(sound.duration * SAMPLE_RATE)
         pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
         seed = rng.getrandbits(60) * 4
-        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
+        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i)
+                   for i, layer in enumerate(cls.layers))
 
 
 def caption_to_class(caption: str) -> str:
@@ -432,11 +473,13 @@ def voice_for(speaker: str, gender: str) -> Voice:
 
 
 # emotion: (pitch factor, speaking-rate factor, pitch range of word accents). Unknown emotions read as neutral.
-EMOTIONS = {"neutral": (1.0, 1.0, 0.12), "happy": (1.15, 1.1, 0.3), "excited": (1.25, 1.2, 0.4), "sad": (0.88, 0.8, 0.05),
-            "angry": (1.05, 1.15, 0.35), "calm": (0.95, 0.88, 0.08), "scared": (1.2, 1.25, 0.2), "surprised": (1.2, 1.0, 0.45)}
+EMOTIONS = {"neutral": (1.0, 1.0, 0.12), "happy": (1.15, 1.1, 0.3), "excited": (1.25, 1.2, 0.4),
+            "sad": (0.88, 0.8, 0.05), "angry": (1.05, 1.15, 0.35), "calm": (0.95, 0.88, 0.08),
+            "scared": (1.2, 1.25, 0.2), "surprised": (1.2, 1.0, 0.45)}
 # Formant targets (F1, F2, F3 in Hz, adult male; Peterson & Barney style averages) for vowels and sonorants.
-_VOWELS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (390, 1990, 2550), "o": (570, 840, 2410), "u": (440, 1020, 2240),
-           "y": (390, 1990, 2550), "ee": (270, 2290, 3010), "ea": (270, 2290, 3010), "oo": (300, 870, 2240), "ou": (640, 1190, 2390),
+_VOWELS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (390, 1990, 2550), "o": (570, 840, 2410),
+           "u": (440, 1020, 2240), "y": (390, 1990, 2550), "ee": (270, 2290, 3010), "ea": (270, 2290, 3010),
+           "oo": (300, 870, 2240), "ou": (640, 1190, 2390),
            "ow": (640, 1190, 2390), "ai": (660, 1720, 2410), "ay": (660, 1720, 2410), "oa": (570, 840, 2410)}
 _SONORANTS = {"m": (280, 900, 2200), "n": (280, 1700, 2600), "ng": (280, 2300, 2750), "l": (360, 1300, 2700),
               "r": (420, 1300, 1600), "w": (300, 610, 2200)}
@@ -487,7 +530,8 @@ class FormantTTS:
         for sec, voicing, target, band, accented in segs:
             formant = target or formant
             accents += [len(frames)] * accented
-            frames += [(voicing, *formant, *(0.5 * (b == band) for b in range(4)))] * max(1, round(sec * stretch * _CTRL))
+            frames += [(voicing, *formant, *(0.5 * (b == band) for b in range(4)))] * max(
+                1, round(sec * stretch * _CTRL))
         c = torch.tensor(frames).T                                          # [8, C]: voicing, F1-3, 4 noise bands
         c = torch.nn.functional.avg_pool1d(c[None], 5, 1, 2, count_include_pad=False)[0]  # 25 ms coarticulation
         C = c.shape[1]
@@ -499,7 +543,8 @@ class FormantTTS:
             f0 = f0 * (1 + 0.4 * (pos - 0.8).clamp(min=0) / 0.2)
         n_out, lead = round(sound.duration * SAMPLE_RATE), int(0.05 * SAMPLE_RATE)
         S = min(C * SAMPLE_RATE // _CTRL, n_out - lead)
-        up = lambda v, n: torch.nn.functional.interpolate(v.reshape(1, -1, C), size=n, mode="linear", align_corners=True)[0]
+        up = lambda v, n: torch.nn.functional.interpolate(v.reshape(1, -1, C), size=n, mode="linear",
+                                                          align_corners=True)[0]
         # Voiced part at 16 kHz (its harmonics stay below 5 kHz), resampled to 48 kHz afterwards.
         n16 = -(-S // 3)
         phase = (2 * math.pi * torch.cumsum(up(f0, n16)[0].double(), 0) / 16_000).remainder(2 * math.pi).float()
@@ -522,7 +567,8 @@ class EspeakTTS:
     def __init__(self, binary: str = "espeak-ng"):
         self.binary = shutil.which(binary)
         if self.binary is None:
-            raise RuntimeError(f"{binary} not found on PATH; install it (e.g. `apt-get install espeak-ng`) or use --tts builtin")
+            raise RuntimeError(f"{binary} not found on PATH; install it (e.g. `apt-get install espeak-ng`) or use "
+                               f"--tts builtin")
 
     def render(self, sound: Sound, voice: Voice, rng: random.Random) -> torch.Tensor:
         pitch, speed, _ = EMOTIONS.get(sound.emotion, EMOTIONS["neutral"])
@@ -558,7 +604,8 @@ class Renderer:
             voice = voice_for(sound.speaker or "", sound.gender or "") if sound.tool == "tts" else None
             x = self.tools[sound.tool].render(sound, voice, random.Random(f"{self.seed}|{key}")).float().squeeze()
             if x.dim() != 1 or not torch.isfinite(x).all():
-                raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} (finite: {bool(torch.isfinite(x).all())}) "
+                raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} (finite: "
+                                 f"{bool(torch.isfinite(x).all())}) "
                                  f"for sound {sound.id}; a tool must return a finite mono [S] tensor at 48 kHz")
             n = round(sound.duration * SAMPLE_RATE)
             self.cache[key] = torch.nn.functional.pad(x[:n], (0, max(0, n - len(x))))
@@ -616,7 +663,7 @@ def pan_gains(panning: float) -> tuple[float, float]:
 FADE = 0.01            # s, raised-cosine fade in and out of every placed sound (no clicks at the edges)
 SOUND_CEILING = 0.89   # -1 dBFS: a sound whose peak would exceed this at its loudness goes through the limiter
 MIX_CEILING = 0.99     # clip policy: the summed mix goes through the same limiter at this ceiling
-ACTIVITY_DB = 30.0     # a 40 Hz frame is active when the sound's energy there is within this many dB of its loudest frame
+ACTIVITY_DB = 30.0     # a 40 Hz frame is active when the sound's energy there is within this many dB of its peak
 
 
 def limiter_gain(x: torch.Tensor, ceiling: float, block: int = 240) -> torch.Tensor:
@@ -668,8 +715,8 @@ def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
 class Mix:
     audio: torch.Tensor                              # [2, num_frames * 1200] float32 at 48 kHz
     activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s, on the 40 Hz frame grid
-    limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: the sum did not clip)
-    level_error: float                               # dB, largest |reached - asked| loudness of a sound before the mix limiter
+    limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: no clipping)
+    level_error: float                               # dB, largest |reached - asked| loudness of a sound
 
 
 def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
@@ -751,61 +798,244 @@ EVAL_SEEDS = (
     "The clock ticked while she waited for the call.", "Lightning lit up the old house on the hill.",
     "They camped by the river and lit a fire.", "The station was crowded before the last train.",
 )
-LINES = ("Did you hear that?", "We should go inside before it gets worse.", "Come here, quickly!", "I think someone is at the door.",
-         "It's so peaceful here.", "Where did everyone go?", "Listen, it's starting again.", "I told you we would be late.",
-         "This is the best day ever!", "Please, don't leave me here.", "Stay close to me.", "What a beautiful morning.",
-         "Get out of here!", "I can't believe it worked.", "Let's wait a little longer.", "Who's there?")
+LINES = ("Did you hear that?", "We should go inside before it gets worse.", "Come here, quickly!",
+         "I think someone is at the door.", "It's so peaceful here.", "Where did everyone go?",
+         "Listen, it's starting again.", "I told you we would be late.", "This is the best day ever!",
+         "Please, don't leave me here.", "Stay close to me.", "What a beautiful morning.", "Get out of here!",
+         "I can't believe it worked.", "Let's wait a little longer.", "Who's there?")
 SPEAKERS = (("Anna", "female"), ("Ben", "male"), ("Clara", "female"), ("David", "male"), ("Elena", "female"),
-            ("Frank", "male"), ("Grace", "female"), ("Hugo", "male"), ("the narrator", "male"), ("the old woman", "female"))
+            ("Frank", "male"), ("Grace", "female"), ("Hugo", "male"), ("the narrator", "male"),
+            ("the old woman", "female"))
 # The simulated user's phrasings, one tuple per turn kind ({x}: a sound's name, {y}: a caption).
-STORY = ("Create a soundscape with {list}.", "I'd like to hear {list}.", "Make an audio scene with {list}.", "Give me {list}.",
-         "Can you make a scene where there is {list}?", "Sound design for this: {list}.", "Compose a short audio story: {list}.",
-         "Create a soundscape inspired by this: \"{seed}\"", "Sound-design this moment: {seed}", "{seed} Make it sound like that.",
+STORY = ("Create a soundscape with {list}.", "I'd like to hear {list}.", "Make an audio scene with {list}.",
+         "Give me {list}.", "Can you make a scene where there is {list}?", "Sound design for this: {list}.",
+         "Compose a short audio story: {list}.", "Create a soundscape inspired by this: \"{seed}\"",
+         "Sound-design this moment: {seed}", "{seed} Make it sound like that.",
          "Turn this line into a short audio story: {seed}")
-ADD = ("Add {x}{where}{when}.", "Can you add {x}{where}{when}?", "Put in {x}{where}{when}.", "I want to hear {x}{where}{when}.",
-       "Let's also have {x}{where}{when}.", "Bring in {x}{where}{when}.", "Include {x}{where}{when}, please.")
-REMOVE = ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.", "Please delete the {x}.",
-          "Lose the {x}.", "Can you drop the {x}?", "Mute the {x} completely, take it out.")
-CHANGE = ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.", "Change the {x} to {y}.",
-          "Turn the {x} into {y}.", "Could the {x} be {y} instead?")
-VOLUME = ("Make the {x} {more}.", "Can you make the {x} {more}?", "The {x} should be {more}.", "I'd like the {x} {more}.",
-          "Mix the {x} {more}, please.", "Could the {x} be {more}?", "Bring the {x} in {more}.")
-PAN = ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?", "I want the {x} {p}.",
-       "Shift the {x} {p}.")
+ADD = ("Add {x}{where}{when}.", "Can you add {x}{where}{when}?", "Put in {x}{where}{when}.",
+       "I want to hear {x}{where}{when}.", "Let's also have {x}{where}{when}.", "Bring in {x}{where}{when}.",
+       "Include {x}{where}{when}, please.")
+REMOVE = ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.",
+          "Please delete the {x}.", "Lose the {x}.", "Can you drop the {x}?", "Mute the {x} completely, take it out.")
+CHANGE = ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.",
+          "Change the {x} to {y}.", "Turn the {x} into {y}.", "Could the {x} be {y} instead?")
+VOLUME = ("Make the {x} {more}.", "Can you make the {x} {more}?", "The {x} should be {more}.",
+          "I'd like the {x} {more}.", "Mix the {x} {more}, please.", "Could the {x} be {more}?",
+          "Bring the {x} in {more}.")
+PAN = ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?",
+       "I want the {x} {p}.", "Shift the {x} {p}.")
 SIDES = (("to the left", -0.8, -0.5), ("to the right", 0.5, 0.8), ("hard left", -1.0, -1.0), ("hard right", 1.0, 1.0),
          ("to the centre", 0.0, 0.0), ("slightly to the left", -0.3, -0.2), ("slightly to the right", 0.2, 0.3))
-OPEN = {"busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.", "Make it feel more lively."),
-        "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.", "Make the foreground softer."),
-        "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.", "Open up the stereo image."),
-        "later": ("Let the events start a bit later.", "Give it a slower build-up.", "Delay the foreground sounds by a second."),
-        "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.", "Keep the foreground sounds brief.")}
+OPEN = {"busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.",
+                   "Make it feel more lively."),
+        "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.",
+                   "Make the foreground softer."),
+        "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.",
+                  "Open up the stereo image."),
+        "later": ("Let the events start a bit later.", "Give it a slower build-up.",
+                  "Delay the foreground sounds by a second."),
+        "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.",
+                    "Keep the foreground sounds brief.")}
 
 
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+@dataclass
+class Simulation:
+    """The state of one simulated conversation, passed to every step of the offline designer."""
+    rng: random.Random        # everything random in the conversation comes from here (deterministic data)
+    matched: list[str]        # sound classes whose keywords the seed sentence contains
+    speech: bool              # the SFX + TTS prompt (paper A.2), else SFX only
+    next_id: int = 0          # ids are never reused within a conversation
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+
+def _new_sfx(sim: Simulation, exclude: set[str], bed: bool = False) -> tuple[str, str]:
+    """(class, caption) of a new sfx: a seed-matched class when there is one (60 %), else any class."""
+    pool = [n for n, c in SOUND_CLASSES.items() if n not in exclude and (c.bed or not bed)]
+    matched = [n for n in sim.matched if n in pool]
+    name = sim.rng.choice(matched if matched and sim.rng.random() < 0.6 else pool)
+    return name, sim.rng.choice(SOUND_CLASSES[name].captions)
+
+
+def _sound(sim: Simulation, tool: str, text: str, length: float, **kw) -> Sound:
+    """A new sound with a fresh id, placed within `length` s."""
+    rng, i = sim.rng, sim.new_id()
+    if tool == "tts":
+        duration = min(length, round(0.4 * len(text.split()) + 0.8, 1))
+        loud, pan = rng.randint(-18, -10), round(rng.uniform(-0.5, 0.5), 1)
+    else:
+        cls = SOUND_CLASSES[caption_to_class(text)]
+        longest = min(length, 5.0 if cls.layers[0].rate == 0 else 4.0)   # continuous sounds may last longer
+        duration = round(rng.uniform(min(1.0, longest), longest), 1)
+        loud, pan = rng.randint(int(max(-30, cls.top - 10)), int(cls.top)), round(rng.uniform(-0.9, 0.9), 1)
+    start = round(rng.uniform(0, max(0.0, min(MAX_START, length - duration))), 1)
+    return Sound(i, tool, text, **dict(loudness=loud, panning=pan, start_time=start, duration=duration) | kw)
+
+
+def _speech(sim: Simulation, sounds: list[Sound], length: float, speaker: tuple[str, str] | None = None) -> Sound:
+    """A new line of speech within `length` s; it follows the last line in `sounds` when it fits (turn taking)."""
+    name, gender = speaker or sim.rng.choice(SPEAKERS)
+    s = _sound(sim, "tts", sim.rng.choice(LINES), length, speaker=name, gender=gender,
+               emotion=sim.rng.choice(tuple(EMOTIONS)))
+    ends = [t.end for t in sounds if t.tool == "tts"]
+    after = round(max(ends, default=0.0) + 0.3, 1)
+    return replace(s, start_time=after) if ends and after <= MAX_START and after + s.duration <= length else s
+
+
+def _scene(sounds: list[Sound], previous: Scene | None = None) -> Scene:
+    """The designer's scene: a description naming every sound, and the edit lists of scene_diff."""
+    parts = [f"{s.speaker} saying \"{s.text}\"" if s.tool == "tts" else s.text for s in sounds]
+    description = parts[0][0].upper() + parts[0][1:] + (", with " + _join(parts[1:]) if len(parts) > 1 else "") + "."
+    return Scene(description, sounds, **scene_diff(previous, Scene(description, sounds)))
+
+
+def _name(sim: Simulation, s: Sound) -> str:
+    """How the user refers to a sound: its class, its caption, or the speaker's voice (after "the")."""
+    if s.tool == "tts":
+        return sim.rng.choice((f"voice of {s.speaker}", f"line from {s.speaker}", f"speech of {s.speaker}"))
+    short = s.text.removeprefix("a ").removeprefix("an ").removeprefix("the ")
+    return sim.rng.choice((caption_to_class(s.text), short))
+
+
+def _story(sim: Simulation, seed_text: str, min_sounds: int, max_sounds: int) -> tuple[str, str, Scene]:
+    rng = sim.rng
+    length = rng.choice((5.0, 6.0, 7.0, 8.0, 8.0, 8.0))
+    bed, caption = _new_sfx(sim, set(), bed=True)
+    sounds = [_sound(sim, "sfx", caption, length, start_time=0.0, duration=length,
+                     panning=rng.choice((-0.1, 0.0, 0.0, 0.1)),
+                     loudness=rng.randint(-30, int(min(-20, SOUND_CLASSES[bed].top))))]
+    used = {bed}
+    speakers = rng.sample(SPEAKERS, rng.randint(1, 2)) if sim.speech else []
+    for k in range(rng.randint(min_sounds - 1, max_sounds - 1)):
+        if k < len(speakers):
+            sounds.append(_speech(sim, sounds, length, speakers[k]))
+        else:
+            name, caption = _new_sfx(sim, used)
+            used.add(name)
+            sounds.append(_sound(sim, "sfx", caption, length))
+    parts = [f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice" if s.tool == "tts" else s.text for s in sounds]
+    rng.shuffle(parts)
+    template = rng.choice(STORY)
+    return template.format(list=_join(parts), seed=seed_text), "story", _scene(sounds)
+
+
+# The six edit kinds: each returns (instruction, the new scene's sounds), or None when the scene does not allow it.
+
+def _add(sim: Simulation, scene: Scene):
+    if len(scene.sounds) >= 7:
+        return None
+    rng, kw, where, when = sim.rng, {}, "", ""
+    if rng.random() < 0.5:
+        side, lo, hi = rng.choice(SIDES)
+        where = " " + side.replace("to the ", "on the ").replace("centre", "middle")
+        kw["panning"] = round(rng.uniform(lo, hi), 1)
+    if rng.random() < 0.4:
+        kw["start_time"] = float(rng.randint(0, 3))
+        when = (" at the start", " after one second", " after two seconds", " after three seconds")[
+            int(kw["start_time"])]
+    length = scene.duration - kw.get("start_time", 0.0)             # so the new sound ends within the scene
+    if sim.speech and rng.random() < 0.4:
+        s = _speech(sim, scene.sounds, length)
+        x = f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice"
+    else:
+        _, x = _new_sfx(sim, {caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"})
+        s = _sound(sim, "sfx", x, length)
+    return rng.choice(ADD).format(x=x, where=where, when=when), scene.sounds + [replace(s, **kw)]
+
+
+def _remove(sim: Simulation, scene: Scene):
+    if len(scene.sounds) < 3:
+        return None
+    keep = ambience_ids(scene)[:1]                                   # one ambience stays
+    gone = sim.rng.choice([s for s in scene.sounds if s.id not in keep])
+    return sim.rng.choice(REMOVE).format(x=_name(sim, gone)), [s for s in scene.sounds if s.id != gone.id]
+
+
+def _change(sim: Simulation, scene: Scene):
+    """A new caption, emotion or gender: a new sound under a new id (the paper's remove + add)."""
+    rng, old = sim.rng, sim.rng.choice(scene.sounds)
+    if old.tool == "tts" and rng.random() < 0.5:
+        emotion = rng.choice([e for e in EMOTIONS if e != old.emotion])
+        new, instruction = replace(old, emotion=emotion), f"Make {old.speaker} sound {emotion} instead."
+    elif old.tool == "tts":
+        gender = "female" if old.gender == "male" else "male"
+        new, instruction = replace(old, gender=gender), f"Give {old.speaker} a {gender} voice."
+    else:
+        used = {caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"}
+        name, caption = _new_sfx(sim, used, bed=old.id in ambience_ids(scene))
+        new = replace(old, text=caption, loudness=min(old.loudness, SOUND_CLASSES[name].top))
+        instruction = rng.choice(CHANGE).format(x=_name(sim, old), y=caption)
+    new = replace(new, id=sim.new_id())
+    return instruction, [new if s.id == old.id else s for s in scene.sounds]
+
+
+def _volume(sim: Simulation, scene: Scene):
+    rng, options = sim.rng, []
+    for s in scene.sounds:
+        top = -10 if s.tool == "tts" else SOUND_CLASSES[caption_to_class(s.text)].top
+        options += [(s, d) for d in (rng.randint(4, 8), -rng.randint(4, 8)) if -30 <= s.loudness + d <= top]
+    if not options:
+        return None
+    s, d = rng.choice(options)
+    more = rng.choice(("", "a bit ") if abs(d) < 6 else ("much ", "a lot ")) + ("louder" if d > 0 else "quieter")
+    instruction = rng.choice(VOLUME).format(x=_name(sim, s), more=more)
+    return instruction, [replace(x, loudness=x.loudness + d) if x is s else x for x in scene.sounds]
+
+
+def _pan(sim: Simulation, scene: Scene):
+    keep = ambience_ids(scene)[:1]                                   # one ambience stays centred
+    s = sim.rng.choice([s for s in scene.sounds if s.id not in keep])
+    side, lo, hi = sim.rng.choice([x for x in SIDES if min(abs(s.panning - x[1]), abs(s.panning - x[2])) >= 0.3])
+    instruction = sim.rng.choice(PAN).format(x=_name(sim, s), p=side)
+    return instruction, [replace(x, panning=round(sim.rng.uniform(lo, hi), 1)) if x is s else x for x in scene.sounds]
+
+
+def _open(sim: Simulation, scene: Scene):
+    """An open-ended edit of the whole scene: busier (two new sounds), or one change to every foreground
+    sound: calmer (-6 dB), wider (panned 0.4 outwards), later (+1 s) or shorter (x0.6, speech excepted)."""
+    amb = ambience_ids(scene)[:1]
+    fits = lambda s: s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration
+    ops = {"calmer": lambda s: replace(s, loudness=max(-30, s.loudness - 6)),
+           "wider": lambda s: replace(s, panning=max(-1.0, min(1.0, s.panning + math.copysign(0.4, s.panning)))),
+           "later": lambda s: replace(s, start_time=s.start_time + 1) if fits(s) else s,
+           "shorter": lambda s: replace(s, duration=max(0.5, round(s.duration * 0.6, 1))) if s.tool == "sfx" else s}
+    edits = {op: [f(s) if s.id not in amb else s for s in scene.sounds] for op, f in ops.items()}
+    options = [op for op, sounds in edits.items() if sounds != scene.sounds] + ["busier"] * (len(scene.sounds) <= 5)
+    op = sim.rng.choice(options)
+    if op == "busier":
+        edits[op] = _add(sim, replace(scene, sounds=_add(sim, scene)[1]))[1]
+    return sim.rng.choice(OPEN[op]), edits[op]
+
+
+EDITS = {"open": _open, "add": _add, "remove": _remove, "change": _change, "volume": _volume, "pan": _pan}
+
+
 class OfflineCopilot:
-    """Procedural user and designer. `conversation(seed_text, rng, n_turns, kinds)` returns
-    [(instruction, kind, scene)]: a storytelling turn (2-6 sounds, one ambience), then edits of the six
-    kinds. Seed words pick sound classes by keyword; everything else comes from `rng` (deterministic)."""
+    """Procedural user and designer. conversation() returns [(instruction, kind, scene)]: a storytelling turn
+    (2-6 sounds, one ambience), then edits of the six kinds; seed words pick sound classes by keyword, and
+    everything else comes from `rng`, so a conversation is a pure function of (seed text, rng state)."""
     failures = 0   # invalid answers: the procedural designer writes valid scenes by construction (asserted)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
                      speech: bool | None = None) -> list[tuple[str, str, Scene]]:
         words = set(re.findall(r"[a-z]+", seed_text.lower()))
-        self.rng, self.next_id = rng, 0
-        self.matched = [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())]
-        self.speech = rng.random() < 0.35 if speech is None else speech   # paper A.2: SFX+TTS or SFX-only prompt
-        turns = [self._story(seed_text, *((3, 4) if kinds else (2, 6)))]   # eval: room for any two edits
+        matched = [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())]
+        sim = Simulation(rng, matched, rng.random() < 0.35 if speech is None else speech)  # paper A.2: SFX(+TTS)
+        turns = [_story(sim, seed_text, *((3, 4) if kinds else (2, 6)))]   # eval: room for any two edits
         for t in range(1, n_turns):
             previous = turns[-1][2]
             options = [kinds[t - 1]] if kinds else rng.sample(EDIT_KINDS, len(EDIT_KINDS))
-            edit = next(((k, e) for k in options if (e := getattr(self, "_" + k)(previous))), None)
+            edit = next(((k, e) for k in options if (e := EDITS[k](sim, previous))), None)
             if edit is None:
                 raise RuntimeError(f"no feasible {options} edit for scene {scene_to_json(previous)}")
             kind, (instruction, sounds) = edit
-            scene = self._scene(sounds, previous)
+            scene = _scene(sounds, previous)
             errors = validate_scene(scene, previous)
             assert not errors and kind in ("open", classify_edit(previous, scene)), (kind, errors, instruction)
             turns.append((instruction, kind, scene))
@@ -815,152 +1045,9 @@ class OfflineCopilot:
         """A single-sound conversation for the text-to-audio and captioning tasks: the caption is the prompt."""
         cls = SOUND_CLASSES[rng.choice(sorted(SOUND_CLASSES))]
         caption = rng.choice(cls.captions)
-        sound = Sound(0, "sfx", caption, rng.randint(int(max(-30, cls.top - 8)), int(cls.top)), 0.0, 0.0, rng.choice((3, 4, 5, 6, 8)))
+        sound = Sound(0, "sfx", caption, rng.randint(int(max(-30, cls.top - 8)), int(cls.top)), 0.0, 0.0,
+                      rng.choice((3, 4, 5, 6, 8)))
         return [(caption, "t2a", Scene(caption[0].upper() + caption[1:] + ".", [sound]))]
-
-    # -- building blocks
-    def _new_sfx(self, exclude: set[str], bed: bool = False) -> tuple[str, str]:
-        """(class, caption) of a new sfx: a seed-matched class when there is one (60 %), else any class."""
-        pool = [n for n, c in SOUND_CLASSES.items() if n not in exclude and (c.bed or not bed)]
-        matched = [n for n in self.matched if n in pool]
-        name = self.rng.choice(matched if matched and self.rng.random() < 0.6 else pool)
-        return name, self.rng.choice(SOUND_CLASSES[name].captions)
-
-    def _sound(self, tool: str, text: str, length: float, **kw) -> Sound:
-        """A new sound with a fresh id (ids are never reused in a conversation), placed within `length` s."""
-        rng, self.next_id = self.rng, self.next_id + 1
-        if tool == "tts":
-            duration = min(length, round(0.4 * len(text.split()) + 0.8, 1))
-            loud, pan = rng.randint(-18, -10), round(rng.uniform(-0.5, 0.5), 1)
-        else:
-            cls = SOUND_CLASSES[caption_to_class(text)]
-            longest = min(length, 5.0 if cls.layers[0].rate == 0 else 4.0)   # continuous sounds may last longer
-            duration = round(rng.uniform(min(1.0, longest), longest), 1)
-            loud, pan = rng.randint(int(max(-30, cls.top - 10)), int(cls.top)), round(rng.uniform(-0.9, 0.9), 1)
-        start = round(rng.uniform(0, max(0.0, min(MAX_START, length - duration))), 1)
-        return Sound(self.next_id - 1, tool, text, **dict(loudness=loud, panning=pan, start_time=start, duration=duration) | kw)
-
-    def _speech(self, sounds: list[Sound], length: float, speaker: tuple[str, str] | None = None) -> Sound:
-        """A new line of speech within `length` s; it follows the last line in `sounds` when it fits (people take turns)."""
-        name, gender = speaker or self.rng.choice(SPEAKERS)
-        s = self._sound("tts", self.rng.choice(LINES), length, speaker=name, gender=gender, emotion=self.rng.choice(tuple(EMOTIONS)))
-        ends = [t.end for t in sounds if t.tool == "tts"]
-        after = round(max(ends, default=0.0) + 0.3, 1)
-        return replace(s, start_time=after) if ends and after <= MAX_START and after + s.duration <= length else s
-
-    def _scene(self, sounds: list[Sound], previous: Scene | None = None) -> Scene:
-        parts = [f"{s.speaker} saying \"{s.text}\"" if s.tool == "tts" else s.text for s in sounds]
-        description = parts[0][0].upper() + parts[0][1:] + (", with " + _join(parts[1:]) if len(parts) > 1 else "") + "."
-        if previous is None:
-            return Scene(description, sounds)
-        old, new = previous.by_id(), {s.id: s for s in sounds}
-        return Scene(description, sounds, sorted(new.keys() - old.keys()),
-                     sorted(i for i in new.keys() & old.keys() if new[i] != old[i]), sorted(old.keys() - new.keys()))
-
-    def _name(self, s: Sound) -> str:
-        """How the user refers to a sound: its class, its caption, or the speaker's voice."""
-        if s.tool == "tts":
-            return self.rng.choice((f"voice of {s.speaker}", f"line from {s.speaker}", f"speech of {s.speaker}"))  # after "the"
-        return self.rng.choice((caption_to_class(s.text), s.text.removeprefix("a ").removeprefix("an ").removeprefix("the ")))
-
-    def _story(self, seed_text: str, min_sounds: int, max_sounds: int) -> tuple[str, str, Scene]:
-        rng = self.rng
-        length = rng.choice((5.0, 6.0, 7.0, 8.0, 8.0, 8.0))
-        bed, caption = self._new_sfx(set(), bed=True)
-        sounds = [self._sound("sfx", caption, length, start_time=0.0, duration=length, panning=rng.choice((-0.1, 0.0, 0.0, 0.1)),
-                              loudness=rng.randint(-30, int(min(-20, SOUND_CLASSES[bed].top))))]
-        used = {bed}
-        speakers = rng.sample(SPEAKERS, rng.randint(1, 2)) if self.speech else []
-        for k in range(rng.randint(min_sounds - 1, max_sounds - 1)):
-            if k < len(speakers):
-                sounds.append(self._speech(sounds, length, speakers[k]))
-            else:
-                name, caption = self._new_sfx(used)
-                used.add(name)
-                sounds.append(self._sound("sfx", caption, length))
-        parts = [f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice" if s.tool == "tts" else s.text for s in sounds]
-        rng.shuffle(parts)
-        template = rng.choice(STORY)
-        return template.format(list=_join(parts), seed=seed_text), "story", self._scene(sounds)
-
-    # -- the six edit kinds: each returns (instruction, new sounds), or None when the scene does not allow it
-    def _add(self, scene: Scene):
-        if len(scene.sounds) >= 7:
-            return None
-        rng, kw, where, when = self.rng, {}, "", ""
-        if rng.random() < 0.5:
-            side, lo, hi = rng.choice(SIDES)
-            where, kw["panning"] = " " + side.replace("to the ", "on the ").replace("centre", "middle"), round(rng.uniform(lo, hi), 1)
-        if rng.random() < 0.4:
-            kw["start_time"] = float(rng.randint(0, 3))
-            when = (" at the start", " after one second", " after two seconds", " after three seconds")[int(kw["start_time"])]
-        length = scene.duration - kw.get("start_time", 0.0)             # so the new sound ends within the scene
-        if self.speech and rng.random() < 0.4:
-            s = self._speech(scene.sounds, length)
-            x = f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice"
-        else:
-            _, x = self._new_sfx({caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"})
-            s = self._sound("sfx", x, length)
-        return rng.choice(ADD).format(x=x, where=where, when=when), scene.sounds + [replace(s, **kw)]
-
-    def _remove(self, scene: Scene):
-        if len(scene.sounds) < 3:
-            return None
-        keep = ambience_ids(scene)[:1]                                   # one ambience stays
-        gone = self.rng.choice([s for s in scene.sounds if s.id not in keep])
-        return self.rng.choice(REMOVE).format(x=self._name(gone)), [s for s in scene.sounds if s.id != gone.id]
-
-    def _change(self, scene: Scene):
-        """A new caption, emotion or gender: a new sound under a new id (the paper's remove + add)."""
-        rng, old = self.rng, self.rng.choice(scene.sounds)
-        if old.tool == "tts" and rng.random() < 0.5:
-            emotion = rng.choice([e for e in EMOTIONS if e != old.emotion])
-            new, instruction = replace(old, emotion=emotion), f"Make {old.speaker} sound {emotion} instead."
-        elif old.tool == "tts":
-            gender = "female" if old.gender == "male" else "male"
-            new, instruction = replace(old, gender=gender), f"Give {old.speaker} a {gender} voice."
-        else:
-            used = {caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"}
-            name, caption = self._new_sfx(used, bed=old.id in ambience_ids(scene))
-            new = replace(old, text=caption, loudness=min(old.loudness, SOUND_CLASSES[name].top))
-            instruction = rng.choice(CHANGE).format(x=self._name(old), y=caption)
-        self.next_id += 1
-        return instruction, [replace(new, id=self.next_id - 1) if s.id == old.id else s for s in scene.sounds]
-
-    def _volume(self, scene: Scene):
-        rng, options = self.rng, []
-        for s in scene.sounds:
-            top = -10 if s.tool == "tts" else SOUND_CLASSES[caption_to_class(s.text)].top
-            options += [(s, d) for d in (rng.randint(4, 8), -rng.randint(4, 8)) if -30 <= s.loudness + d <= top]
-        if not options:
-            return None
-        s, d = rng.choice(options)
-        more = rng.choice(("", "a bit ") if abs(d) < 6 else ("much ", "a lot ")) + ("louder" if d > 0 else "quieter")
-        instruction = rng.choice(VOLUME).format(x=self._name(s), more=more)
-        return instruction, [replace(x, loudness=x.loudness + d) if x is s else x for x in scene.sounds]
-
-    def _pan(self, scene: Scene):
-        keep = ambience_ids(scene)[:1]                                   # one ambience stays centred
-        s = self.rng.choice([s for s in scene.sounds if s.id not in keep])
-        side, lo, hi = self.rng.choice([x for x in SIDES if min(abs(s.panning - x[1]), abs(s.panning - x[2])) >= 0.3])
-        instruction = self.rng.choice(PAN).format(x=self._name(s), p=side)
-        return instruction, [replace(x, panning=round(self.rng.uniform(lo, hi), 1)) if x is s else x for x in scene.sounds]
-
-    def _open(self, scene: Scene):
-        """An open-ended edit of the whole scene: busier (two new sounds), or one change to every foreground
-        sound: calmer (-6 dB), wider (panned 0.4 outwards), later (+1 s) or shorter (x0.6, speech excepted)."""
-        amb = ambience_ids(scene)[:1]
-        fits = lambda s: s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration
-        ops = {"calmer": lambda s: replace(s, loudness=max(-30, s.loudness - 6)),
-               "wider": lambda s: replace(s, panning=max(-1.0, min(1.0, s.panning + math.copysign(0.4, s.panning)))),
-               "later": lambda s: replace(s, start_time=s.start_time + 1) if fits(s) else s,
-               "shorter": lambda s: replace(s, duration=max(0.5, round(s.duration * 0.6, 1))) if s.tool == "sfx" else s}
-        edits = {op: [f(s) if s.id not in amb else s for s in scene.sounds] for op, f in ops.items()}
-        options = [op for op, sounds in edits.items() if sounds != scene.sounds] + ["busier"] * (len(scene.sounds) <= 5)
-        op = self.rng.choice(options)
-        if op == "busier":
-            edits[op] = self._add(replace(scene, sounds=self._add(scene)[1]))[1]
-        return self.rng.choice(OPEN[op]), edits[op]
 
 
 # -----------------------------------------------------------------------------
@@ -971,28 +1058,34 @@ class CopilotError(RuntimeError):
 
 
 def _prompt(tts: bool) -> str:
-    """The AudioCopilot system prompt. Without tts it is the paper's Figure 8 word for word (its
-    "Example output" filled with the Figs. 9-10 example). The SFX + TTS prompt is not printed in the paper:
-    it is reconstructed here in the same words, adding the tts tool and its speaker/gender/emotion fields."""
-    tools = ("two tools:\n\n- **sfx**: used to create non-speech sound effects, including music or ambience. You will provide "
-             "the text caption of the sound to be generated.\n- **tts**: used to create speech. You will provide the transcript "
-             "of the speech, the name of the speaker, their gender and the emotion of the delivery." if tts else
-             "one sound effects tool:\n\n- **sfx**: used to create non-speech sound effects, including music or ambience. You "
-             "will provide the text caption of the sound to be generated.")
-    fields = ("tool:\n- which tool should be used (sfx or tts)\n\ntext:\n- the audio caption for SFX, or the transcript for TTS\n\n"
-              "speaker (TTS only):\n- the name of the character speaking; use the same name whenever the same character speaks again\n\n"
-              "gender (TTS only):\n- male or female\n\nemotion (TTS only):\n- the emotion of the delivery, e.g. neutral, happy, sad, "
-              "angry, excited, calm, scared or surprised" if tts else "tool:\n- which tool should be used (sfx)\n\ntext:\n- the audio caption for SFX")
+    """The AudioCopilot system prompt. Without tts it is the paper's Figure 8 word for word (its "Example output"
+    filled with the Figs. 9-10 example). The SFX + TTS prompt is not printed in the paper: it is reconstructed
+    here in the same words, adding the tts tool and its speaker/gender/emotion fields."""
+    sfx = ("- **sfx**: used to create non-speech sound effects, including music or ambience. You will provide the "
+           "text caption of the sound to be generated.")
+    tools = ("two tools:\n\n" + sfx + "\n- **tts**: used to create speech. You will provide the transcript of the "
+             "speech, the name of the speaker, their gender and the emotion of the delivery." if tts else
+             "one sound effects tool:\n\n" + sfx)
+    fields = ("tool:\n- which tool should be used (sfx or tts)\n\ntext:\n- the audio caption for SFX, or the "
+              "transcript for TTS\n\nspeaker (TTS only):\n- the name of the character speaking; use the same name "
+              "whenever the same character speaks again\n\ngender (TTS only):\n- male or female\n\nemotion (TTS "
+              "only):\n- the emotion of the delivery, e.g. neutral, happy, sad, angry, excited, calm, scared or "
+              "surprised" if tts else "tool:\n- which tool should be used (sfx)\n\ntext:\n- the audio caption for SFX")
     example = "[\n" + ",\n".join(json.dumps(m, ensure_ascii=False) for m in _example(tts)) + "\n]"
     return f"""You are an intelligent AI prompt engineer.
 
-Your job is to simulate interactions between a user and an AI Sound Designer that helps create sound effects. The AI sound designer is helping the user generate the information needed for audio editing.
+Your job is to simulate interactions between a user and an AI Sound Designer that helps create sound effects. \
+The AI sound designer is helping the user generate the information needed for audio editing.
 
-I will give you a single sentence to inspire your simulations, you do not have to follow it closely. Please be creative in your interpretation of the inspiration.
+I will give you a single sentence to inspire your simulations, you do not have to follow it closely. Please be \
+creative in your interpretation of the inspiration.
 
-Your responses should consist of a JSON code block containing up to 5 interactions between the user and the AI sound designer, for a total of 10 messages. Only return a single JSON. Each message from the AI-designer should contain up to 10 prompts (one should be ambient), and other parameters for the audio generation.
+Your responses should consist of a JSON code block containing up to 5 interactions between the user and the AI \
+sound designer, for a total of 10 messages. Only return a single JSON. Each message from the AI-designer should \
+contain up to 10 prompts (one should be ambient), and other parameters for the audio generation.
 
-Before generating the prompt in each turn, include a natural language description of the entire soundscape. Don't include any references to loudness or panning in the description.
+Before generating the prompt in each turn, include a natural language description of the entire soundscape. \
+Don't include any references to loudness or panning in the description.
 
 The AI sound designer has access to {tools}
 
@@ -1021,11 +1114,14 @@ start_time:
 duration
 - how long the sound should play in seconds
 - start_time + duration should be <= 8 seconds for all sounds. THIS IS VERY IMPORTANT.
-- ambient sounds should always be present (start_time + duration for all non-ambient sounds should be <= ambience duration)
+- ambient sounds should always be present (start_time + duration for all non-ambient sounds should be <= \
+ambience duration)
 
 A unique integer id should be assigned to each prompt.
 
-Whenever a sound is removed, add it to a list of removed ids. Whenever a sound is added, add it to a list of added ids. Whenever the volume, panning, start time, or duration of a sound is changed, add it to a list of changed ids.
+Whenever a sound is removed, add it to a list of removed ids. Whenever a sound is added, add it to a list of \
+added ids. Whenever the volume, panning, start time, or duration of a sound is changed, add it to a list of \
+changed ids.
 
 Example inspiration: leaves rustle
 
@@ -1035,24 +1131,27 @@ Example output:
 ```"""
 
 
-
 def _example(tts: bool) -> list[dict]:
     """The paper's example conversation (Figs. 9-10) in the answer format: user text / system json messages.
     Fig. 10 prints only the added sound "due to lack of space"; as its caption says AudioCopilot always shows
     all sounds, the edit turn lists all four. The third turn, with speech, is ours (the SFX + TTS prompt)."""
     room = [Sound(0, "sfx", "gentle birdsong outside a window", -28, 0.1, 0, 8),
-            Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8), Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
-    first = Scene("A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong and a gentle ticking "
-                  "clock create a serene atmosphere. The faint aroma of fresh flowers lingers in the air.", room)
-    second = Scene("A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong, a gentle ticking clock, "
-                   "refined chatter, and someone delicately handling a flower create a serene atmosphere. The faint aroma of fresh "
-                   "flowers lingers in the air.", room + [Sound(3, "sfx", "delicate flower petals rustling", -22, 0, 1.2, 2.5)], added=[3])
+            Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8),
+            Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
+    start = "A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong"
+    first = Scene(start + " and a gentle ticking clock create a serene atmosphere. The faint aroma of fresh flowers "
+                  "lingers in the air.", room)
+    second = Scene(start + ", a gentle ticking clock, refined chatter, and someone delicately handling a flower create "
+                   "a serene atmosphere. The faint aroma of fresh flowers lingers in the air.",
+                   room + [Sound(3, "sfx", "delicate flower petals rustling", -22, 0, 1.2, 2.5)], added=[3])
     turns = [("Create a soundscape of a quiet, refined morning in a luxurious room.", first),
-             ("I want to emphasize the delicate nature of the flower detail mentioned. Add a sound for someone delicately "
-              "handling a flower.", second)]
+             ("I want to emphasize the delicate nature of the flower detail mentioned. Add a sound for someone "
+              "delicately handling a flower.", second)]
     if tts:
-        butler = Sound(4, "tts", "Your tea is ready, madam.", -16, 0.3, 4.0, 2.5, speaker="the butler", gender="male", emotion="calm")
-        third = Scene(second.description + " A butler politely announces that the tea is ready.", second.sounds + [butler], added=[4])
+        butler = Sound(4, "tts", "Your tea is ready, madam.", -16, 0.3, 4.0, 2.5, speaker="the butler", gender="male",
+                       emotion="calm")
+        third = Scene(second.description + " A butler politely announces that the tea is ready.",
+                      second.sounds + [butler], added=[4])
         turns.append(("Have a butler politely announce that the tea is ready.", third))
     return [message for instruction, scene in turns for message in (
         {"role": "user", "content": [{"type": "text", "text": instruction}]},
@@ -1064,8 +1163,9 @@ _KIND_WORDS = {"open": "an open-ended edit", "add": "adding a sound", "remove": 
                "pan": "adjusting the panning of one sound"}
 
 
-def chat_completion(base_url: str, model: str, messages: list[dict], *, temperature: float = 1.0, max_tokens: int = 8192,
-                    timeout: float = 300.0, retries: int = 3, backoff: float = 2.0, seed: int | None = None) -> str:
+def chat_completion(base_url: str, model: str, messages: list[dict], *, temperature: float = 1.0,
+                    max_tokens: int = 8192, timeout: float = 300.0, retries: int = 3, backoff: float = 2.0,
+                    seed: int | None = None) -> str:
     """POST {base_url}/chat/completions (OpenAI API) and return the answer text. Connection errors, timeouts
     and HTTP 408/429/5xx are retried `retries` times with exponential backoff (backoff * 2**k s); other
     HTTP errors fail at once. The bearer token, if any, comes from the OPENAI_API_KEY environment variable."""
@@ -1074,13 +1174,15 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, temperat
     body |= {"seed": seed} if seed is not None else {}
     headers = {"Content-Type": "application/json"}
     headers |= {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     for attempt in range(retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())["choices"][0]["message"]["content"]
         except urllib.error.HTTPError as e:
             if e.code not in (408, 429, 500, 502, 503, 504) or attempt == retries:
-                raise CopilotError(f"{url}: HTTP {e.code} {e.reason}: {e.read()[:300]!r}; check --base-url and --model") from e
+                raise CopilotError(f"{url}: HTTP {e.code} {e.reason}: {e.read()[:300]!r}; check --base-url and "
+                                   f"--model") from e
             problem = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             if attempt == retries:
@@ -1107,10 +1209,12 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
     except json.JSONDecodeError as e:
         raise SceneError(f"the answer is not valid JSON (character {e.pos}: {e.msg})") from e
     if not isinstance(messages, list) or not messages or len(messages) % 2 or len(messages) > 2 * MAX_TURNS:
+        length = len(messages) if isinstance(messages, list) else "-"
         raise SceneError(f"expected a JSON list of 2 to {2 * MAX_TURNS} messages (user and system alternating), "
-                         f"got {type(messages).__name__} of length {len(messages) if isinstance(messages, list) else '-'}")
+                         f"got {type(messages).__name__} of length {length}")
     if n_turns is not None and len(messages) != 2 * n_turns:
-        raise SceneError(f"expected exactly {n_turns} interactions ({2 * n_turns} messages), got {len(messages)} messages")
+        raise SceneError(f"expected exactly {n_turns} interactions ({2 * n_turns} messages), got {len(messages)} "
+                         f"messages")
     turns, errors, previous = [], [], None
     for t in range(len(messages) // 2):
         user, system = messages[2 * t: 2 * t + 2]
@@ -1120,7 +1224,8 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
                 raise SceneError("messages must alternate role \"user\" then role \"system\"")
             instruction = user.get("content")
             if isinstance(instruction, list):  # the paper's form: [{"type": "text", "text": ...}]
-                instruction = " ".join(c.get("text", "") for c in instruction if isinstance(c, dict) and c.get("type") == "text")
+                instruction = " ".join(c.get("text", "") for c in instruction
+                                       if isinstance(c, dict) and c.get("type") == "text")
             if not isinstance(instruction, str) or not instruction.strip():
                 raise SceneError("the user message has no text")
             obj = system.get("content")
@@ -1132,7 +1237,8 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
         kind = "story" if previous is None else classify_edit(previous, scene)
         asked = kinds[t - 1] if kinds and t else None
         if asked not in (None, "open", kind):
-            errors.append(f"turn {t + 1}: the edit should be {_KIND_WORDS[asked]}, but the scene's difference is a {kind} edit")
+            errors.append(f"turn {t + 1}: the edit should be {_KIND_WORDS[asked]}, but the scene's difference is a "
+                          f"{kind} edit")
         turns.append((instruction.strip(), "open" if asked == "open" else kind, scene))
         previous = scene
     return turns, errors
@@ -1146,7 +1252,8 @@ class LLMCopilot:
     violations, for the two-stage data of paper A.3 (all data first, then the validated subset)."""
 
     def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, **http):
-        self.base_url, self.model, self.attempts, self.keep_invalid, self.http = base_url, model, attempts, keep_invalid, http
+        self.base_url, self.model, self.attempts, self.keep_invalid = base_url, model, attempts, keep_invalid
+        self.http = http
         self.failures = 0              # invalid answers seen (each one was retried, kept flagged, or dropped)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
@@ -1154,7 +1261,8 @@ class LLMCopilot:
         tts = rng.random() < 0.5 if speech is None else speech   # paper A.2: one of two prompts at random
         request = f"Inspiration: {seed_text}\n\nSimulate exactly {n_turns} interactions."
         if kinds:
-            request += " After the first request, the user's edits are, in order: " + "; ".join(_KIND_WORDS[k] for k in kinds) + "."
+            request += " After the first request, the user's edits are, in order: " + "; ".join(
+                _KIND_WORDS[k] for k in kinds) + "."
         messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": request}]
         for attempt in range(self.attempts):
             answer = chat_completion(self.base_url, self.model, messages, seed=rng.getrandbits(31), **self.http)
@@ -1165,14 +1273,17 @@ class LLMCopilot:
             if not problems:
                 return turns
             self.failures += 1
-            log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts, "\n".join(problems))
-            feedback = "Your JSON breaks these rules:\n" + "\n".join(problems) + "\nReturn the whole corrected JSON list only."
+            log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts,
+                        "\n".join(problems))
+            feedback = ("Your JSON breaks these rules:\n" + "\n".join(problems) +
+                        "\nReturn the whole corrected JSON list only.")
             messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
-        if self.keep_invalid and turns and all(s.tool in ("sfx", "tts") and s.duration > 0 for *_, sc in turns for s in sc.sounds):
+        renderable = all(s.tool in ("sfx", "tts") and s.duration > 0 for *_, sc in turns for s in sc.sounds)
+        if self.keep_invalid and turns and renderable:
             log.warning("keeping the invalid conversation for seed %r; its violations are stored with it", seed_text)
             return turns
-        raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last problems:\n"
-                           + "\n".join(problems))
+        raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last "
+                           f"problems:\n" + "\n".join(problems))
 
 
 # -----------------------------------------------------------------------------
@@ -1181,13 +1292,13 @@ class LLMCopilot:
 @dataclass
 class ConversationTurn:
     instruction: str                                 # what the simulated user typed
-    kind: str                                        # "story", "t2a", or an edit kind: open/add/remove/change/volume/pan
-    scene: Scene                                     # the designer's plan for this turn (edits carry the previous scene forward)
+    kind: str                                        # "story", "t2a", or an edit kind (EDIT_KINDS)
+    scene: Scene                                     # the designer's plan (edits carry the previous scene forward)
     audio: Path                                      # the rendered mix, 48 kHz stereo FLAC
     activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s (energy-based, 40 Hz grid)
-    limited_db: float = 0.0                          # deepest gain reduction of the mix limiter, dB (0: the sum did not clip)
+    limited_db: float = 0.0                          # deepest gain reduction of the mix limiter, dB (0: no clipping)
     level_error: float = 0.0                         # dB, largest |reached - asked| loudness of its sounds
-    violations: list[str] = field(default_factory=list)  # validate_scene against the previous turn ([] = validated, A.3)
+    violations: list[str] = field(default_factory=list)  # validate_scene against the previous turn ([]: valid, A.3)
 
 
 @dataclass
@@ -1203,13 +1314,13 @@ class DatasetConfig:
     seed: int = 0                  # conversation i of a split depends only on (seed, split, i)
     backend: str = "offline"       # "offline" (procedural designer) or "openai" (an OpenAI-compatible LLM server)
     tts: str = "builtin"           # "builtin" formant synthesiser or "espeak" (espeak-ng must be installed)
-    t2a_frac: float = 0.2          # fraction of training conversations that are one sound (text-to-audio, captioning; offline only)
+    t2a_frac: float = 0.2          # training conversations that are one sound (text-to-audio, captioning; offline)
     max_turns: int = 5             # most turns per training conversation (paper: up to 5, 3 on average)
     shard_size: int = 1000         # conversations per shard directory
     base_url: str = "http://localhost:8000/v1"  # openai backend: the server's base URL
     model: str = "google/gemma-3-27b-it"        # openai backend: the served model name (paper A.1)
     attempts: int = 3              # openai backend: answers per conversation before it is dropped (or kept, flagged)
-    keep_invalid: bool = False     # openai backend: keep still-invalid conversations, flagged with their violations (A.3)
+    keep_invalid: bool = False     # openai backend: keep still-invalid conversations with their violations (A.3)
     timeout: float = 300.0         # openai backend: seconds per HTTP request
 
 
@@ -1221,13 +1332,8 @@ def conversation_path(root: Path, split: str, i: int, shard_size: int) -> Path:
 
 
 def _write_json(path: Path, obj, indent: int | None = None) -> None:
-    """Atomic JSON write: temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=indent, separators=(",", ": ") if indent else (",", ":"))
-    os.chmod(tmp, 0o644)                         # mkstemp makes it private; datasets are shared read-only
-    os.replace(tmp, path)
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, separators=(",", ": ") if indent else (",", ":"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dict:
@@ -1238,8 +1344,8 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
     rng = random.Random(f"{cfg.seed}|{split}|{i}")
     seed_text = rng.choice(EVAL_SEEDS if split == "eval" else TRAIN_SEEDS)
     offline = OfflineCopilot()
-    copilot = offline if cfg.backend == "offline" else LLMCopilot(cfg.base_url, cfg.model, cfg.attempts, cfg.keep_invalid,
-                                                                  timeout=cfg.timeout)
+    copilot = offline if cfg.backend == "offline" else LLMCopilot(cfg.base_url, cfg.model, cfg.attempts,
+                                                                  cfg.keep_invalid, timeout=cfg.timeout)
     try:
         if split == "eval":
             kinds = random.Random(f"{cfg.seed}|eval-block|{i // 3}").sample(EDIT_KINDS, 6)[2 * (i % 3): 2 * (i % 3) + 2]
@@ -1247,7 +1353,8 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
         elif cfg.backend == "offline" and rng.random() < cfg.t2a_frac:
             turns = offline.t2a(rng)
         else:
-            turns = copilot.conversation(seed_text, rng, rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0])
+            n_turns = rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0]
+            turns = copilot.conversation(seed_text, rng, n_turns)
     except CopilotError as e:
         return {"id": path.stem, "failed": str(e), "invalid_answers": copilot.failures}
     tools = {"sfx": ProceduralSFX(), "tts": EspeakTTS() if cfg.tts == "espeak" else FormantTTS()}
@@ -1261,15 +1368,16 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
                         "limited_db": mix.limited_db, "level_error": mix.level_error,
                         "violations": validate_scene(scene, turns[t - 1][2] if t else None)})
     _write_json(path, {"id": path.stem, "seed_text": seed_text, "turns": records})
-    return {"id": path.stem, "kinds": [r["kind"] for r in records], "limited": sum(r["limited_db"] < 0 for r in records),
-            "invalid_answers": copilot.failures}
+    return {"id": path.stem, "kinds": [r["kind"] for r in records], "invalid_answers": copilot.failures,
+            "limited": sum(r["limited_db"] < 0 for r in records)}
 
 
 def _run_job(job: tuple) -> dict:
     return make_conversation(*job)
 
 
-def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig | None = None, workers: int = 1) -> dict:
+def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig | None = None,
+                  workers: int = 1) -> dict:
     """Write n training and eval_n evaluation conversations under root/{train,eval}/, skipping finished ones.
 
     Resumable: a killed job leaves at most *.tmp files (removed here; run one job per directory) and
@@ -1292,8 +1400,10 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
     for split, count in (("train", n), ("eval", eval_n)):
         if count:
             (root / split).mkdir(exist_ok=True)
-        jobs += [(cfg, root, split, i) for i in range(count) if not conversation_path(root, split, i, cfg.shard_size).exists()]
-    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "limited": 0, "failed": 0, "invalid_answers": 0, "kinds": {}}
+        jobs += [(cfg, root, split, i) for i in range(count)
+                 if not conversation_path(root, split, i, cfg.shard_size).exists()]
+    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "limited": 0, "failed": 0, "invalid_answers": 0,
+             "kinds": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1325,15 +1435,17 @@ def read_conversations(root: str | Path, split: str = "train") -> list[Conversat
     for path in sorted(d.glob("*/*.json")):
         try:
             obj = json.loads(path.read_text())
-            turns = [ConversationTurn(t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
-                                      {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
-                                      float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
+            turns = [ConversationTurn(
+                t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
+                {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
+                float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
                              f"copilot.py command that wrote {root} to regenerate it") from e
         missing = [t.audio.name for t in turns if not t.audio.is_file()]
         if missing:
-            raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py to regenerate it")
+            raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
+                                    f"to regenerate it")
         conversations.append(Conversation(obj["id"], obj["seed_text"], turns))
     return conversations
 
@@ -1343,24 +1455,24 @@ def read_conversations(root: str | Path, split: str = "train") -> list[Conversat
 
 def main(argv: list[str] | None = None) -> None:
     d = DatasetConfig()
-    p = argparse.ArgumentParser(description="AudioCopilot: simulate AudioChat training conversations and render their audio.")
+    p = argparse.ArgumentParser(description="AudioCopilot: simulate AudioChat conversations and render their audio.")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="dataset directory (train/ and eval/ shards, config.json)")
     g.add_argument("--n", type=int, required=True, help="number of training conversations")
-    g.add_argument("--eval-n", type=int, default=0, help="number of held-out evaluation conversations (StoryGen-Eval shape, 3 turns)")
-    g.add_argument("--seed", type=int, default=d.seed, help="dataset seed; conversation i depends only on (seed, split, i)")
+    g.add_argument("--eval-n", type=int, default=0, help="held-out evaluation conversations (StoryGen-Eval shape)")
+    g.add_argument("--seed", type=int, default=d.seed, help="conversation i depends only on (seed, split, i)")
     g.add_argument("--workers", type=int, default=1, help="parallel processes (the output does not depend on it)")
     g.add_argument("--shard-size", type=int, default=d.shard_size, help="conversations per shard directory")
     g = p.add_argument_group("simulation")
     g.add_argument("--backend", choices=("offline", "openai"), default=d.backend,
                    help="procedural designer, or an OpenAI-compatible LLM server")
-    g.add_argument("--t2a-frac", type=float, default=d.t2a_frac, help="fraction of single-sound training conversations (offline backend)")
-    g.add_argument("--max-turns", type=int, default=d.max_turns, choices=range(1, 6), help="most turns per training conversation")
-    g.add_argument("--tts", choices=("builtin", "espeak"), default=d.tts, help="speech tool: built-in formant synthesiser or espeak-ng")
+    g.add_argument("--t2a-frac", type=float, default=d.t2a_frac, help="share of single-sound training conversations")
+    g.add_argument("--max-turns", type=int, default=d.max_turns, choices=range(1, 6), help="most turns a conversation")
+    g.add_argument("--tts", choices=("builtin", "espeak"), default=d.tts, help="speech: formant synth or espeak-ng")
     g = p.add_argument_group("openai backend")
     g.add_argument("--base-url", default=d.base_url, help="server base URL (vLLM: http://HOST:8000/v1)")
     g.add_argument("--model", default=d.model, help="served model name")
-    g.add_argument("--attempts", type=int, default=d.attempts, help="answers per conversation before it is dropped (errors are fed back)")
+    g.add_argument("--attempts", type=int, default=d.attempts, help="answers per conversation (errors are fed back)")
     g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
     g.add_argument("--keep-invalid", action="store_true",
                    help="keep conversations still invalid after --attempts, flagged with their violations (paper A.3)")
