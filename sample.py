@@ -7,32 +7,24 @@
     python sample.py --plan plan.json                             # render a plan you wrote
     python sample.py --eval data/toy --out out/toy                # the eval split, in metrics.py's layout
 
-One request (Eqs. 1-3, appendix D): the conversation so far is laid out by tokenizer.encode_conversation
-exactly as in training; the model turn's text is decoded greedily over the U understanding layers with
-the KV cache (SCT.generate) until <unused0> (audio starts), <end_of_turn> or <eos>; accept_plan parses
-and checks it with copilot; the canonical scene_to_json text (not the raw decoded text) goes into the
-context; Scene.num_frames latent frames are drawn with DPM-Solver++(2M) on Karras sigmas with CFG, the
-conditional and unconditional prefixes cached once and batched (each step runs only the span's frames);
-the unconditional prefix is <bos><start_of_turn>model\\n<unused0>, diffusion.sample_uncond_span's
-policy; the VAE decodes and save_audio writes 48 kHz stereo. The same --seed gives the same audio.
+From a prompt to the WAV (respond, appendix D): the request is laid out exactly as in training, by
+tokenizer.task_turns (story, upload_edit or understand, after the conversation so far) and encode_conversation;
+the model turn's text is decoded greedily over the U understanding layers with a KV cache (SCT.generate) until
+<unused0> (the audio starts), <end_of_turn> or <eos>; accept_plan parses and checks it; its canonical
+scene_to_json text, not the raw one, goes into the context; Scene.num_frames latent frames are drawn with
+DPM-Solver++(2M) on Karras sigmas and CFG (sample_latents: the conditional prefix and the unconditional one,
+<bos><start_of_turn>model\\n<unused0>, cached once and batched, each step running only the span's frames); the
+VAE decodes them to 48 kHz stereo as long as the plan, and save_audio writes the WAV. One --seed, one audio.
 
-Layouts, one model turn per request (text parts of a turn are joined by "\\n"):
-    story      user: instruction           -> model: plan JSON, audio
-    next turn  (history) user: instruction -> model: plan JSON, audio   (the previous plan is in the context)
-    edit       user: audio, instruction    -> model: caption JSON of the audio, plan JSON, audio
-    describe   user: audio, DESCRIBE       -> model: caption JSON
+Invalid plans (accept_plan, the one place the policy lives): text parse_scene cannot read is an error showing
+it. A scene validate_scene rejects is repaired: loudness clamped into [-30, -10] dB, panning into [-1, 1], start
+into [0, 4] s, duration into [0.1 s, 8 s - start], the edit lists set to copilot.scene_diff from the previous
+scene; every violation and repair is printed, and what no repair fixes (no ambience, a tts sound without a
+speaker) is rendered as written. A plan without sounds is an error.
 
-Invalid-plan policy (accept_plan, the one place it is applied): text that parse_scene cannot read is an
-error showing the raw text. A scene that validate_scene rejects is repaired: numbers are clamped into
-their ranges (loudness [-30, -10] dB, panning [-1, 1], start_time [0, 4] s, duration [0.1 s, 8 s - start])
-and added/changed/removed are set to the real difference from the previous scene; every violation and
-every repair is printed. Violations no repair can fix (no ambience, a tts sound without a speaker...) are
-printed and the plan is rendered as it is; a plan without sounds is an error (there is nothing to render).
-
-Input audio: at most 8 s (copilot scenes end by 8 s, so the model has never seen longer clips); a longer
-clip is an error unless --trim keeps its first 8 s. The whole sequence (context, plan and audio frames)
-must also fit in the length the model was trained with (sct.pt's train_config["sct"]["seq_len"], else max_position_embeddings);
-when a chat or eval conversation outgrows it, the oldest exchange is dropped (respond_in_context, Eq. 3).
+Limits: input audio at most 8 s (no copilot scene is longer) unless --trim keeps its first 8 s; the whole
+sequence must fit the length the SCT was trained with (sct.pt's train_config["sct"]["seq_len"]); when a chat or
+eval conversation outgrows it, the oldest exchange is dropped (respond_in_context; the plan carries the story).
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 Benchmark: python bench/bench_sample.py --ckpt-dir checkpoints/toy
@@ -40,10 +32,7 @@ Benchmark: python bench/bench_sample.py --ckpt-dir checkpoints/toy
 import argparse
 import hashlib
 import json
-import os
-import pickle
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -52,13 +41,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from copilot import MAX_END, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_to_json, validate_scene
+from copilot import MAX_END, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_diff, scene_to_json, \
+    validate_scene
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
-from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation, load_audio, save_audio
+from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation,
+                       load_audio, load_checkpoint, load_model, save_audio, task_turns, write_atomic)
 
-DESCRIBE = "Describe this audio."    # the understanding request; train.py's describe wordings must include it
-MAX_SECONDS = MAX_END                # longest input clip, s: no copilot scene ends later
 CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
 
 
@@ -79,7 +68,7 @@ def say(msg: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: load the three files of one training run and check that they belong together
+# Checkpoints: the three files of one training run, checked to belong together
 
 @dataclass
 class Models:
@@ -93,7 +82,7 @@ class Models:
         return self.sct.model.embed_tokens.weight.device
 
 
-def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
+def load_models(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
     """tokenizer.model, vae.pt and sct.pt from ckpt_dir, refusing files that do not match the code or each other."""
     d = Path(ckpt_dir)
     missing = [n for n in CKPT_FILES if not (d / n).is_file()]
@@ -101,17 +90,16 @@ def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.d
         raise SampleError(f"--ckpt-dir {d} lacks {', '.join(missing)}; train the toy model with "
                           f"`python train.py --preset toy`, or pass the folder holding {', '.join(CKPT_FILES)}")
     try:
-        tok = TextTokenizer(d / "tokenizer.model")
-        vae = StereoVAE.from_checkpoint(d / "vae.pt", map_location=device).eval()
-        meta = torch.load(d / "sct.pt", map_location="cpu", weights_only=True, mmap=True)  # mmap: weights stay on disk
-        sct = SCT.from_checkpoint(d / "sct.pt", map_location=device).to(dtype).eval()
-    except (ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise SampleError(f"{d}: {e}\nThese checkpoints do not match this code; retrain with `python train.py --preset toy`") from e
-    trained = meta.get("trained_with", {})                  # written by train.py (its module docstring)
-    sha = lambda f: hashlib.sha256((d / f).read_bytes()).hexdigest()
-    tok_sha, vae_sha = sha("tokenizer.model"), sha("vae.pt")
-    checks = [("vocabulary size of tokenizer.model", trained.get("tokenizer_vocab_size", sct.config.vocab_size), tok.vocab_size),
-              ("sha256 of tokenizer.model", trained.get("tokenizer_sha256", tok_sha), tok_sha),
+        tok, vae = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device)
+        ckpt = load_checkpoint(d / "sct.pt", "sct")
+        sct = load_model(SCT, d / "sct.pt", device, ckpt).to(dtype)
+    except (ValueError, RuntimeError) as e:
+        raise SampleError(f"{d}: {e}\nThese checkpoints do not match this code; retrain with "
+                          f"`python train.py --preset toy`") from e
+    trained = ckpt.get("trained_with", {})                  # written by train.py (its module docstring)
+    tok_sha, vae_sha = (hashlib.sha256((d / f).read_bytes()).hexdigest() for f in ("tokenizer.model", "vae.pt"))
+    checks = [("vocabulary size of tokenizer.model", trained.get("tokenizer_vocab_size", sct.config.vocab_size),
+               tok.vocab_size), ("sha256 of tokenizer.model", trained.get("tokenizer_sha256", tok_sha), tok_sha),
               ("sha256 of vae.pt", trained.get("vae_sha256", vae_sha), vae_sha),
               ("VAE audio_dim", trained.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
               ("SCT audio_dim", sct.config.audio_dim, vae.audio_dim)]
@@ -119,23 +107,25 @@ def load_models(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.d
     if bad:
         raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
                           "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
-    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_sha256", "vae_audio_dim") if k not in trained]
+    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_sha256", "vae_audio_dim")
+                  if k not in trained]
     if unrecorded:
         say(f"note: {d / 'sct.pt'} does not record {', '.join(unrecorded)}; checked against its config only")
-    seq_len = meta.get("train_config", {}).get("sct", {}).get("seq_len")
+    seq_len = ckpt.get("train_config", {}).get("sct", {}).get("seq_len")
     return Models(tok, vae, sct, int(seq_len or sct.config.max_position_embeddings))
 
 
-def read_clip(m: Models, path: str | os.PathLike, trim: bool = False) -> torch.Tensor:
-    """An audio file -> normalised VAE latents [F, audio_dim]; longer than MAX_SECONDS is an error unless trim."""
+def read_clip(m: Models, path: str | Path, trim: bool = False) -> torch.Tensor:
+    """An audio file -> normalised VAE latents [F, audio_dim]; longer than MAX_END seconds is an error unless trim."""
     audio = load_audio(path)
     seconds = audio.shape[1] / SAMPLE_RATE
-    if seconds > MAX_SECONDS:
+    if seconds > MAX_END:
         if not trim:
-            raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_SECONDS:g} s "
-                              f"(no scene it was trained on is longer); cut it, or pass --trim to keep the first {MAX_SECONDS:g} s")
-        say(f"note: {path} is {seconds:.2f} s long; --trim keeps its first {MAX_SECONDS:g} s")
-        audio = audio[:, : int(MAX_SECONDS * SAMPLE_RATE)]
+            raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_END:g} s "
+                              f"(no scene it was trained on is longer); cut it, or pass --trim to keep the first "
+                              f"{MAX_END:g} s")
+        say(f"note: {path} is {seconds:.2f} s long; --trim keeps its first {MAX_END:g} s")
+        audio = audio[:, : int(MAX_END * SAMPLE_RATE)]
     return m.vae.encode(audio[None].to(m.device))[0]
 
 
@@ -149,23 +139,17 @@ class Checked:
     notes: list[str]    # its violations, the repairs made, and what is left
 
 
-def _clamp(x: float, lo: float, hi: float) -> float:
-    return min(max(x, lo), hi)
-
-
 def repair_scene(scene: Scene, previous: Scene | None) -> tuple[Scene, list[str]]:
     """Clamp every number into its range and set added/changed/removed to the real edit; list each change."""
     sounds, fixes = [], []
     for s in scene.sounds:
-        start = _clamp(s.start_time, 0.0, MAX_START)
-        new = replace(s, loudness=_clamp(s.loudness, -30.0, -10.0), panning=_clamp(s.panning, -1.0, 1.0),
-                      start_time=start, duration=_clamp(s.duration, 0.1, MAX_END - start))
+        start = min(max(s.start_time, 0.0), MAX_START)
+        new = replace(s, loudness=min(max(s.loudness, -30.0), -10.0), panning=min(max(s.panning, -1.0), 1.0),
+                      start_time=start, duration=min(max(s.duration, 0.1), MAX_END - start))
         fixes += [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}"
                   for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
         sounds.append(new)
-    old, new = (previous.by_id() if previous else {}), {s.id: s for s in sounds}
-    edit = {"added": sorted(set(new) - set(old)) if previous else [], "removed": sorted(set(old) - set(new)),
-            "changed": sorted(i for i in set(new) & set(old) if new[i].mix_params() != old[i].mix_params())}
+    edit = scene_diff(previous, Scene(scene.description, sounds))
     fixes += [f"{k} {getattr(scene, k)} -> {v}" for k, v in edit.items() if getattr(scene, k) != v]
     return Scene(scene.description, sounds, **edit), fixes
 
@@ -188,8 +172,10 @@ def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checke
 def pretty(scene: Scene) -> str:
     """scene_to_json laid out one sound per line (still JSON that parse_scene reads back)."""
     obj = json.loads(scene_to_json(scene))
-    head = ", ".join(f'"{k}": {json.dumps(obj[k], ensure_ascii=False)}' for k in ("description", "added", "changed", "removed"))
-    return "{" + head + ',\n "text": [\n  ' + ",\n  ".join(json.dumps(s, ensure_ascii=False) for s in obj["text"]) + "]}"
+    head = ", ".join(f'"{k}": {json.dumps(obj[k], ensure_ascii=False)}' for k in ("description", "added", "changed",
+                                                                                  "removed"))
+    sounds = ",\n  ".join(json.dumps(s, ensure_ascii=False) for s in obj["text"])
+    return "{" + head + ',\n "text": [\n  ' + sounds + "]}"
 
 
 # -----------------------------------------------------------------------------
@@ -204,16 +190,29 @@ class Options:
 
 @dataclass
 class Reply:
-    texts: list[str]                # the model turn's canonical text parts: [caption], [plan] or [caption, plan]
-    caption: Checked | None
-    plan: Checked | None
+    caption: Checked | None         # the caption of the user's clip (upload_edit, understand)
+    plan: Checked | None            # the plan (story, upload_edit)
     latents: torch.Tensor | None    # [F, audio_dim] the generated span
     audio: torch.Tensor | None      # [2, S] at 48 kHz, S = plan duration * SAMPLE_RATE
     seconds: dict                   # wall time per phase: plan, diffusion, vae
     notes: list[str]
 
-    def model_turn(self) -> Turn:
-        return Turn("model", self.texts + ([self.latents] if self.latents is not None else []))
+    @property
+    def parts(self) -> dict:
+        """The model turn's parts as task_turns names them: canonical caption and plan text, and the audio."""
+        text = {k: scene_to_json(c.scene) for k, c in (("caption", self.caption), ("plan", self.plan)) if c}
+        return {**text, "audio": self.latents}
+
+
+def request(history: list[Turn], task: str, user: dict) -> list[Turn]:
+    """What the model is asked: the conversation so far, then the user turn of `task` (tokenizer.TASK_LAYOUTS)."""
+    return history + task_turns(task, **user)
+
+
+def reference_history(conv, k: int, clips: list[torch.Tensor]) -> list[Turn]:
+    """The reference turns before turn k of a copilot conversation as --eval gives them: stories (Eq. 3)."""
+    return [t for j in range(k) for t in task_turns("story", instruction=conv.turns[j].instruction,
+                                                     plan=scene_to_json(conv.turns[j].scene), audio=clips[j])]
 
 
 def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str, int | None]:
@@ -229,24 +228,22 @@ def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str,
 
 
 def _span_prefix(m: Models, turns: list[Turn]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay out turns whose last part is the audio span to generate; cut where its frames begin -> (ids, latents, span ids)."""
+    """Lay out turns whose last part is an audio span; cut where its frames begin -> (ids, latents, span ids)."""
     ex = encode_conversation(turns, m.tok)
     last = ex.span_ids == ex.span_ids.max()
     start = int(last.nonzero()[0])
     return ex.ids[:start], ex.latents[: len(ex.latents) - int(last.sum())], ex.span_ids[:start]
 
 
-def sample_latents(m: Models, turns: list[Turn], texts: list[str], scene: Scene, opts: Options,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The audio span of the model turn holding `texts` after `turns` -> clean latents [F, audio_dim], F = scene.num_frames."""
-    F, D = scene.num_frames, m.sct.config.audio_dim
-    if F == 0:
-        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(scene)}")
-    placeholder = torch.zeros(F, D)
-    cond = _span_prefix(m, turns + [Turn("model", texts + [placeholder])])
-    uncond = _span_prefix(m, [Turn("model", [placeholder])])     # <bos><start_of_turn>model\n<unused0>
+def sample_latents(m: Models, turns: list[Turn], opts: Options, generator: torch.Generator) -> torch.Tensor:
+    """The audio span that ends `turns` (its latents a placeholder: only their count F is read) -> clean latents
+    [F, audio_dim], drawn with CFG against the unconditional prefix <bos><start_of_turn>model\\n<unused0>."""
+    placeholder = turns[-1].parts[-1]
+    F, D = placeholder.shape
+    cond, uncond = _span_prefix(m, turns), _span_prefix(m, [Turn("model", [placeholder])])
     if len(cond[0]) + F + 1 > m.max_len:
-        raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} the model was trained on")
+        raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} the model was "
+                          f"trained on")
     cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)
     v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # rows: conditional, then unconditional
     z = sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
@@ -254,55 +251,68 @@ def sample_latents(m: Models, turns: list[Turn], texts: list[str], scene: Scene,
     return z[0]
 
 
-def respond(m: Models, turns: list[Turn], task: str, previous: Scene | None, opts: Options,
+def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options,
             generator: torch.Generator, plan: Checked | None = None) -> Reply:
-    """The model turn after `turns` (which end with the user's). task: "story" (plan, audio), "edit" (caption of the
-    user's clip, plan, audio) or "describe" (caption). A given `plan` (--plan) skips text decoding."""
-    t0, caption, notes = time.perf_counter(), None, []
+    """The model turn after `history` and the user turn of `task`: "story" (plan, audio), "upload_edit" (caption
+    of the user's clip, plan, audio) or "understand" (caption). A given `plan` (--plan) skips text decoding."""
+    t0, caption, notes, audio_start = time.perf_counter(), None, [], m.tok.audio_start_id
     if plan is None:
-        text, stop = decode_text(m, turns, opts.max_new_tokens)
+        text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
         if stop is None:
             notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}")
-        elif task == "describe" and stop == m.tok.audio_start_id:
-            notes.append("the model started an audio span after the caption; a description has no audio, so it was dropped")
-        elif task != "describe" and stop != m.tok.audio_start_id:
+        elif task == "understand" and stop == audio_start:
+            notes.append("the model started an audio span after the caption; a description has no audio, so it was "
+                         "dropped")
+        elif task != "understand" and stop != audio_start:
             notes.append("the model ended its turn without starting the audio; the audio is made from its plan anyway")
-        if task == "edit":
+        if task == "upload_edit":
             caption_text, newline, text = text.partition("\n")
             if not newline:
-                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n{caption_text}")
+                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n"
+                                f"{caption_text}")
             caption = accept_plan(caption_text, None, "caption")
-        if task == "describe":
+        if task == "understand":
             caption = accept_plan(text, None, "caption")
         else:
             plan = accept_plan(text, caption.scene if caption else previous)
-    texts = [scene_to_json(c.scene) for c in (caption, plan) if c is not None]
-    notes += [n for c in (caption, plan) if c is not None for n in c.notes]
-    seconds = {"plan": time.perf_counter() - t0}
+    reply = Reply(caption, plan, None, None, {"plan": time.perf_counter() - t0},
+                  notes + [n for c in (caption, plan) if c is not None for n in c.notes])
     if plan is None:
-        return Reply(texts, caption, None, None, None, seconds, notes)
+        return reply
+    if plan.scene.num_frames == 0:
+        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(plan.scene)}")
     t1 = time.perf_counter()
-    z = sample_latents(m, turns, texts, plan.scene, opts, generator)
+    placeholder = torch.zeros(plan.scene.num_frames, m.sct.config.audio_dim)
+    reply.latents = sample_latents(m, history + task_turns(task, **user, **{**reply.parts, "audio": placeholder}),
+                                   opts, generator)
     t2 = time.perf_counter()
-    audio = m.vae.decode(z[None].float(), round(plan.scene.duration * SAMPLE_RATE))[0].cpu()
-    seconds.update(diffusion=t2 - t1, vae=time.perf_counter() - t2)
-    return Reply(texts, caption, plan, z, audio, seconds, notes)
+    reply.audio = m.vae.decode(reply.latents[None].float(), round(plan.scene.duration * SAMPLE_RATE))[0].cpu()
+    reply.seconds.update(diffusion=t2 - t1, vae=time.perf_counter() - t2)
+    return reply
+
+
+def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options,
+                       seed: int) -> tuple[Reply, list[Turn]]:
+    """respond() after as much of `history` as fits the model -> (reply, the history used). When the context is
+    full the oldest exchange is dropped: the previous plan carries the story forward (Eq. 3)."""
+    while True:
+        try:
+            return respond(m, history, task, user, previous, opts, torch.Generator().manual_seed(seed)), history
+        except ContextFull as e:
+            if not history:
+                raise
+            say(f"note: {e}; dropping the oldest exchange from the context (the previous plan carries the story)")
+            history = history[2:]
 
 
 # -----------------------------------------------------------------------------
 # The modes
 
 def write_text(path: Path, text: str) -> None:
-    """Atomic write: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)                         # mkstemp makes it private; plans sit beside their WAVs
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def report(reply: Reply, wav: Path | None) -> None:
+def report(reply: Reply, wav: Path) -> None:
     """Print the reply's notes (stderr) and scenes (stdout); write the audio and its plan JSON next to it."""
     for note in reply.notes:
         say(f"note: {note}")
@@ -316,22 +326,8 @@ def report(reply: Reply, wav: Path | None) -> None:
     for path, checked in zip(written[1:], (reply.plan, reply.caption)):
         write_text(path, pretty(checked.scene) + "\n")
     s = reply.seconds
-    say(f"wrote {', '.join(map(str, written))} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan {s['plan']:.1f} s, "
-        f"diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
-
-
-def respond_in_context(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options,
-                       seed: int) -> tuple[Reply, list[Turn]]:
-    """respond() after as much of `history` as fits the model -> (reply, the history used). When the context is
-    full the oldest exchange is dropped: the previous plan carries the story forward (Eq. 3)."""
-    while True:
-        try:
-            return respond(m, history + [user], task, previous, opts, torch.Generator().manual_seed(seed)), history
-        except ContextFull as e:
-            if not history:
-                raise
-            say(f"note: {e}; dropping the oldest exchange from the context (the previous plan carries the story, Eq. 3)")
-            history = history[2:]
+    say(f"wrote {', '.join(map(str, written))} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
+        f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
 
 
 def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
@@ -342,17 +338,17 @@ def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
         if not Path(args.plan).is_file():
             raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
         plan = accept_plan(Path(args.plan).read_text(), None)
-        turns = [Turn("user", [args.prompt or plan.scene.description])]
-        reply = respond(m, turns, "story", None, opts, generator, plan=plan)
+        reply = respond(m, [], "story", {"instruction": args.prompt or plan.scene.description}, None, opts, generator,
+                        plan=plan)
     elif clip is not None and args.prompt is None:
-        reply = respond(m, [Turn("user", [clip, DESCRIBE])], "describe", None, opts, generator)
+        reply = respond(m, [], "understand", {"clip": clip, "request": DESCRIBE}, None, opts, generator)
         out = Path(args.out or "out/caption.json")
         write_text(out, pretty(reply.caption.scene) + "\n")
         say(f"wrote {out}")
     elif clip is not None:
-        reply = respond(m, [Turn("user", [clip, args.prompt])], "edit", None, opts, generator)
+        reply = respond(m, [], "upload_edit", {"clip": clip, "instruction": args.prompt}, None, opts, generator)
     else:
-        reply = respond(m, [Turn("user", [args.prompt])], "story", None, opts, generator)
+        reply = respond(m, [], "story", {"instruction": args.prompt}, None, opts, generator)
     report(reply, Path(args.out or "out/sample.wav"))
 
 
@@ -361,72 +357,64 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
     out, lines = Path(args.out or "out/chat"), lines if lines is not None else sys.stdin
     history, previous, clip, undo = [], None, None, []      # undo: the state before each turn
     say("chat: type an instruction; /load FILE brings in audio to edit, /undo drops the last turn, /quit ends")
-    for line in lines:
-        line = line.strip()
+    for line in map(str.strip, lines):
         if line in ("/quit", "/exit"):
             break
-        if line == "/undo":
-            if not undo:
-                say("nothing to undo")
-                continue
+        if line == "/undo" and undo:
             history, previous, clip = undo.pop()
             for suffix in (".wav", ".json", ".caption.json"):
                 (out / f"turn{len(undo)}{suffix}").unlink(missing_ok=True)
             say(f"removed turn {len(undo)}")
-            continue
-        if line.startswith("/load"):
+        elif line == "/undo":
+            say("nothing to undo")
+        elif line.startswith("/load"):
             try:
                 clip = read_clip(m, line[5:].strip(), args.trim)
                 say(f"loaded {line[5:].strip()}; your next instruction edits it")
             except (AudioError, SampleError) as e:
                 say(f"error: {e}")
-            continue
-        if line.startswith("/"):
+        elif line.startswith("/"):
             say(f"unknown command {line.split()[0]}; use /load FILE, /undo or /quit")
-        if not line or line.startswith("/"):
-            continue
-        user = Turn("user", [clip, line] if clip is not None else [line])
-        try:
-            reply, context = respond_in_context(m, history, user, "edit" if clip is not None else "story", previous,
-                                                opts, args.seed + len(undo))
-        except SampleError as e:                       # no usable plan, or a single turn too long for the model
-            say(f"error: {e}")
-            continue
-        report(reply, out / f"turn{len(undo)}.wav")
-        undo.append((history, previous, clip))
-        history, previous, clip = context + [user, reply.model_turn()], reply.plan.scene, None
+        elif line:
+            task = "story" if clip is None else "upload_edit"
+            user = {"instruction": line} if clip is None else {"clip": clip, "instruction": line}
+            try:
+                reply, context = respond_in_context(m, history, task, user, previous, opts, args.seed + len(undo))
+            except SampleError as e:                       # no usable plan, or a single turn too long for the model
+                say(f"error: {e}")
+                continue
+            report(reply, out / f"turn{len(undo)}.wav")
+            undo.append((history, previous, clip))
+            history, previous, clip = context + task_turns(task, **user, **reply.parts), reply.plan.scene, None
 
 
 def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
     """--eval DATA --out OUT: every eval conversation, in the layout of metrics.py's docstring; resumable."""
     out = Path(args.out)
     for conv in tqdm(read_conversations(args.eval, "eval"), desc="eval", unit="conversation"):
-        history, previous = [], None
-        for k, turn in enumerate(conv.turns):    # turn k is asked given the REFERENCE turns before it
-            seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
+        clips = [read_clip(m, t.audio) for t in conv.turns]
+        for k, turn in enumerate(conv.turns):      # turn k is asked given the REFERENCE turns before it
             if not (out / conv.id / f"turn{k}.json").is_file():
-                eval_one(m, history, Turn("user", [turn.instruction]), "story", previous, opts, seed, out / conv.id / f"turn{k}")
-            history += [Turn("user", [turn.instruction]),
-                         Turn("model", [scene_to_json(turn.scene), read_clip(m, turn.audio)])]
-            previous = turn.scene
+                eval_one(m, reference_history(conv, k, clips), "story", {"instruction": turn.instruction},
+                         conv.turns[k - 1].scene if k else None, opts, args.seed + zlib.crc32(f"{conv.id}|{k}".encode()),
+                         out / conv.id / f"turn{k}")
         if not (out / conv.id / "caption.json").is_file():
-            clip = read_clip(m, conv.turns[0].audio)
-            eval_one(m, [], Turn("user", [clip, DESCRIBE]), "describe", None, opts, 0, out / conv.id / "caption")
+            eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0, out / conv.id / "caption")
 
 
-def eval_one(m: Models, history: list[Turn], user: Turn, task: str, previous: Scene | None, opts: Options, seed: int,
+def eval_one(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options, seed: int,
              stem: Path) -> None:
     """One eval output: stem.wav (1 s of silence when the model wrote no usable plan) and stem.json."""
     t0 = time.perf_counter()
     try:
-        reply = respond_in_context(m, history, user, task, previous, opts, seed)[0]
-        checked, notes = reply.caption if task == "describe" else reply.plan, reply.notes
+        reply = respond_in_context(m, history, task, user, previous, opts, seed)[0]
+        checked, notes = reply.caption if task == "understand" else reply.plan, reply.notes
     except PlanError as e:
         reply, checked, notes = None, None, [str(e)]
-    if task != "describe":
+    if task != "understand":
         save_audio(stem.with_suffix(".wav"), reply.audio if reply else torch.zeros(2, SAMPLE_RATE))
     scene = json.loads(scene_to_json(checked.scene)) if checked is not None and checked.valid else None
-    record = {"seconds": time.perf_counter() - t0, "scene" if task == "describe" else "plan": scene, "notes": notes}
+    record = {"seconds": time.perf_counter() - t0, "scene" if task == "understand" else "plan": scene, "notes": notes}
     write_text(stem.with_suffix(".json"), json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
@@ -434,13 +422,13 @@ def eval_one(m: Models, history: list[Turn], user: Turn, task: str, previous: Sc
 # Command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="AudioChat: tell, edit and describe audio stories (see the module docstring).")
+    p = argparse.ArgumentParser(description="AudioChat: tell, edit and describe audio stories (module docstring).")
     g = p.add_argument_group("what to do (one mode)")
     g.add_argument("--prompt", help="the instruction: a story to tell, or with --audio the edit to make")
     g.add_argument("--audio", help="an audio file (<= 8 s): edited with --prompt, described without it")
     g.add_argument("--chat", action="store_true", help="multi-turn session on stdin (/load FILE, /undo, /quit)")
-    g.add_argument("--plan", help="render this scene JSON file instead of decoding a plan (--prompt sets the instruction)")
-    g.add_argument("--eval", metavar="DATA_DIR", help="answer every conversation of DATA_DIR/eval (copilot.py's eval split)")
+    g.add_argument("--plan", help="render this scene JSON file instead of decoding a plan (--prompt: the instruction)")
+    g.add_argument("--eval", metavar="DATA_DIR", help="answer every conversation of DATA_DIR/eval (copilot.py's)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="WAV path (default out/sample.wav), caption JSON path for --audio alone (default "
                                  "out/caption.json), or a folder for --chat (default out/chat) and --eval (required)")
@@ -449,7 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise; the same seed gives the same audio")
     g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = no guidance)")
-    g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn (greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn")
     g = p.add_argument_group("model")
     g.add_argument("--ckpt-dir", default="checkpoints/toy", help="folder with tokenizer.model, vae.pt and sct.pt")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

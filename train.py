@@ -1,63 +1,56 @@
 """Every training stage of AudioChat, from the data to the three SCT stages (paper section 4.3, appendix C).
 
     python train.py --preset toy                       # every toy stage in order, skipping finished ones
-    python train.py --preset toy --stage sct2          # one stage
-    python train.py --preset toy --help                # every flag, with the preset's values
+    python train.py --preset toy --stage sct2          # one stage (it resumes from its newest checkpoint)
+    python train.py --preset toy --help                # every flag, with its help and the preset's value
     torchrun --standalone --nproc_per_node=8 train.py --preset audiochat --stage sct1 --data.gemma_dir DIR
 
 Stages (--stage; `all` runs the preset's list; each leaves its final file in --out, default checkpoints/<preset>):
-  data       copilot.write_dataset into --data (toy only: 600 + 60 conversations, seed 0)   -> data/toy/
-  tokenizer  toy: a sentencepiece model trained on the training split's text; audiochat: Gemma's -> tokenizer.model
-  vae        the stereo VAE (tokenizer.py) on random crops of every audio file under --data -> vae.pt
-  latents    every turn's audio encoded once by the frozen VAE, normalised, cached per item     -> latents/
-  flam       metrics.SmallFLAM on copilot scenes with their true activity; eval AUROC/F1      -> flam.pt
-  sct1       Table 5 stage 1: single-sound text-to-audio, captioning, ASR, TTS, text LM       -> sct1.pt
-  sct2       stage 2: + storytelling, multi-turn editing, editing an upload, understanding    -> sct2.pt
-  sct3       stage 3: the stage 2 mixture on validated turns only (no violations)             -> sct.pt
-Each SCT stage starts from the previous stage's weights (stage 1 from Gemma 2 2B at paper scale, from
-scratch in the toy). data, tokenizer, vae and flam run in one process; latents and the SCT stages also
-run under torchrun (latents sharded by item; SCT with DDP, or FSDP2 with --sct.fsdp true).
+  data       copilot.write_dataset into --data (toy only)                                       -> data/toy/
+  tokenizer  toy: sentencepiece on the training split's text; audiochat: Gemma's                -> tokenizer.model
+  vae        the stereo VAE (tokenizer.py) on random crops of every audio file under --data      -> vae.pt
+  latents    every turn's audio encoded once by the frozen VAE, normalised, cached per item      -> latents/
+  flam       metrics.SmallFLAM on copilot scenes with their true activity; eval AUROC/F1       -> flam.pt
+  sct1       Table 5 stage 1: single-sound text-to-audio, captioning, ASR, TTS, text LM        -> sct1.pt
+  sct2       stage 2: + storytelling, multi-turn editing, editing an upload, understanding     -> sct2.pt
+  sct3       stage 3: the stage 2 mixture on validated turns only (no violations)              -> sct.pt
+Each SCT stage starts from the previous stage's weights (stage 1 from Gemma 2 2B at paper scale, from scratch
+in the toy) with a fresh AdamW: cosine decay to final_lr_fraction after a linear warm-up (lr_at, every stage).
+data, tokenizer, vae and flam run in one process; latents and the SCT stages also run under torchrun
+(latents sharded by item; SCT with DDP, or FSDP2 with --sct.fsdp true).
 
-Configuration. Every setting is a field of a dataclass section (data, vae_model, vae, flam_model, flam,
-sct_model, sct, diffusion, sct1-3, *_loop) and has a flag `--SECTION.FIELD VALUE` (tuples "a,b", mixtures
-"story=1,edit=2", booleans true/false, None "none"), its help being the field's comment. The effective
-configuration is printed at start and saved in every checkpoint.
+Settings. Every setting is a field of a dataclass section (data, vae_model, vae, flam_model, flam, sct_model,
+sct, diffusion, sct1-3, *_loop) with a flag `--SECTION.FIELD VALUE` (tuples "a,b", mixtures "story=1,edit=2",
+booleans true/false, None "none") whose help is the field's metadata; the effective configuration is printed
+at start and saved in every checkpoint.
 
-Data (section 3.1, Eqs. 1-3). Each stage samples tasks by its mixture; every document is one task in
-tokenizer.encode_conversation's layout (TaskData.build) and documents are packed into rows of --sct.seq_len
-tokens with stateless randomness (draw_row), so any number of ranks sees the same global batch and resuming
-needs only the step counter.
+Data (section 3.1, Eqs. 1-3). Each stage samples tasks by its mixture; every document is one task laid out by
+tokenizer.task_turns and encode_conversation (TaskData.build), and documents are packed into rows of
+--sct.seq_len tokens with a document id per token (RoPE restarts, attention never crosses documents). Row j
+of step s is a pure function of (seed, s, j) (draw_row), so any number of ranks sees the same global batch
+and resuming needs only the step counter.
 
-Checkpoints. Training checkpoints: OUT/<stage>/step-NNNNNN.pt (the last --*_loop.keep_last kept) with a
-readable step-NNNNNN.json beside each; a run resumes from the newest one (same settings required).
-Final inference files are {"kind", "config", "model"} for torch.load(weights_only=True) and a strict load:
-  sct1.pt, sct2.pt, sct.pt   "kind": "sct", "config": asdict(SCTConfig), "model": SCT state dict (float32),
-                             "stage": "sct1" | "sct2" | "sct3", "step": int, "train_config": the effective
-                             configuration (dict of sections), "history": [logged {"step", "loss", "lm", "diff",
-                             "gnorm", "lr", "ms_per_step", "tok_s", "dropped"}], "evals": [{"step", "loss", "lm",
-                             "diff"}], "trained_with": {"tokenizer_vocab_size": int, "tokenizer_sha256": hex
-                             digest of tokenizer.model, "vae_audio_dim": int, "vae_sha256": hex digest of vae.pt}.
-                             sample.py should refuse a tokenizer.model or vae.pt that disagrees with trained_with.
-  flam.pt                    "kind": "flam", "config", "model", "detection": {"auroc", "f1"} on the eval split
-  vae.pt                     "kind": "vae", "config", "model", plus its training state ("done": True when final)
+Checkpoints. Every stage resumes the same way: OUT/<stage>/step-NNNNNN.pt (the last --*_loop.keep_last kept,
+a readable .json beside each) holds its state (Checkpoints, state_of, load_state); other settings are refused.
+Final files are {"kind", "config", "model"} for tokenizer.load_model, plus: vae.pt "train_config", "step";
+flam.pt "detection" (frame AUROC/F1 on the eval split), "train_config", "step"; sct1.pt, sct2.pt and sct.pt
+"stage", "step", "train_config" (every section), "history" (logged losses), "evals", and "trained_with"
+(tokenizer_vocab_size, tokenizer_sha256, vae_audio_dim, vae_sha256), so sample.py can refuse a mismatched set.
 
 Test: python -m pytest -q tests/test_train.py
 """
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
 import random
-import re
 import shutil
-import tempfile
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import soundfile as sf
@@ -73,75 +66,99 @@ from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_unc
                        span_to_tokens, transfusion_loss)
 from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
 from model import SCT, SCT_PRESETS, SCTConfig
-from tokenizer import (SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, Example, StereoVAE, TextTokenizer, Turn,
-                       discriminator_loss, encode_conversation, load_audio, load_checkpoint, load_state_dict_strict,
-                       mel_loss, stft_distance, train_text_tokenizer, vae_loss)
+from tokenizer import (REQUESTS, SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, Example, StereoVAE, TextTokenizer,
+                       Turn, config_from_dict, discriminator_loss, encode_conversation, load_audio, load_checkpoint,
+                       load_model, load_state_dict_strict, mel_loss, stft_distance, task_turns, train_text_tokenizer,
+                       vae_loss, write_atomic)
 
 
 # -----------------------------------------------------------------------------
-# Configuration: dataclass sections and presets as named data
+# Configuration: dataclass sections (help in each field's metadata) and presets as named data
+
 
 @dataclass
 class LoopConfig:
-    log_every: int = 50       # print averaged losses every N steps
-    eval_every: int = 500     # evaluate on held-out data every N steps (and at the end)
-    save_every: int = 200     # write a resumable training checkpoint every N steps
-    keep_last: int = 3        # training checkpoints kept per stage (the VAE keeps one, vae.pt)
+    log_every: int = field(default=50, metadata={"help": "print averaged losses every N steps"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate on held-out data every N steps and at the end"})
+    save_every: int = field(default=200, metadata={"help": "write a resumable training checkpoint every N steps"})
+    keep_last: int = field(default=3, metadata={"help": "training checkpoints kept per stage"})
 
 
 @dataclass
 class DataConfig:
-    copilot_n: int = 600                # `data` stage: training conversations copilot.write_dataset writes
-    copilot_eval_n: int = 60            # `data` stage: evaluation conversations
-    copilot_seed: int = 0               # `data` stage: dataset seed (conversation i depends on seed, split, i)
-    copilot_workers: int = 1            # `data` stage: processes (the output does not depend on it)
-    vocab_size: int = 2048              # toy tokenizer: sentencepiece vocabulary size
-    gemma_dir: str = ""                 # Hugging Face Gemma 2 directory (config.json, tokenizer.model, safetensors)
-    speech_manifests: tuple[str, ...] = ()  # JSONL {"audio", "text", ["start", "end"]} of speech (ASR and TTS)
-    sound_manifests: tuple[str, ...] = ()   # JSONL {"audio", "text", ["start", "end"]} of sounds (captioning, T2A)
-    text_corpora: tuple[str, ...] = ()      # JSONL {"text"} documents for the text LM task
-    heldout_every: int = 100            # manifests and corpora: every N-th record is held out for evaluation
-    max_clip_seconds: float = 30.0      # manifests: audio longer than this is cut to its first seconds
-    context_turns: int = 2              # edit task: at most this many turns per document (section 3.1, Eq. 3)
+    copilot_n: int = field(default=600, metadata={"help": "data stage: training conversations (copilot.py)"})
+    copilot_eval_n: int = field(default=60, metadata={"help": "data stage: evaluation conversations"})
+    copilot_seed: int = field(default=0, metadata={"help": "data stage: dataset seed (conversation i: seed, split, i)"})
+    copilot_workers: int = field(default=1, metadata={"help": "data stage: processes (the data does not depend on it)"})
+    vocab_size: int = field(default=2048, metadata={"help": "toy tokenizer: sentencepiece vocabulary size"})
+    gemma_dir: str = field(default="", metadata={
+        "help": "Hugging Face Gemma 2 directory (config.json, tokenizer.model, safetensors)"})
+    speech_manifests: tuple[str, ...] = field(default=(), metadata={
+        "help": "JSONL {\"audio\", \"text\", [\"start\", \"end\"]} of speech (ASR and TTS)"})
+    sound_manifests: tuple[str, ...] = field(default=(), metadata={
+        "help": "JSONL {\"audio\", \"text\", [\"start\", \"end\"]} of sounds (captioning, text-to-audio)"})
+    text_corpora: tuple[str, ...] = field(default=(), metadata={"help": "JSONL {\"text\"} documents, text LM task"})
+    heldout_every: int = field(default=100, metadata={"help": "manifests, corpora: every N-th record is held out"})
+    max_clip_seconds: float = field(default=30.0, metadata={"help": "manifests: longer audio is cut to this, s"})
+    context_turns: int = field(default=2, metadata={"help": "edit task: most turns per document (Eq. 3)"})
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = field(default=400_000, metadata={"help": "optimizer steps in all (DAC: 400 k)"})
+    batch_size: int = field(default=32, metadata={"help": "crops per step"})
+    crop_seconds: float = field(default=0.5, metadata={"help": "length of each random crop, s (DAC 0.38 s)"})
+    gain_db: float = field(default=10.0, metadata={"help": "random gain per crop, uniform in +-gain_db dB"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate, generator (DAC 1e-4)"})
+    disc_lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate, discriminator"})
+    betas: tuple[float, float] = field(default=(0.8, 0.99), metadata={"help": "AdamW betas (DAC, Oobleck)"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay (Oobleck)"})
+    warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up, then cosine decay to lr / 10"})
+    grad_clip: float = field(default=1e3, metadata={"help": "max gradient norm (DAC clips the generator at 1e3)"})
+    heldout_fraction: float = field(default=0.05, metadata={"help": "share of the files (every k-th) held out"})
+    eval_seconds: float = field(default=4.0, metadata={"help": "evaluate the first seconds of <= 16 held-out files"})
+    stats_crops: int = field(default=256, metadata={"help": "training crops that fit the latent normalisation"})
 
 
 @dataclass
 class FLAMTrainConfig:
-    steps: int = 20_000             # optimizer steps
-    batch_size: int = 16            # clips per step
-    captions: int = 8               # captions per clip: its sounds (at most this many) and negatives from the pool
-    lr: float = 1e-3                # AdamW peak learning rate
-    warmup_steps: int = 200         # linear warm-up, then cosine decay to lr / 10
-    weight_decay: float = 0.01      # AdamW weight decay on matrices
-    grad_clip: float = 1.0          # max gradient norm
-    eval_clips: int = 180           # held-out clips (eval split turns) for frame AUROC / F1
+    steps: int = field(default=20_000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "clips per step"})
+    captions: int = field(default=8, metadata={"help": "captions per clip: its sounds (at most this many), negatives"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up, then cosine decay to lr / 10"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eval_clips: int = field(default=180, metadata={"help": "held-out clips (eval split turns) for frame AUROC / F1"})
 
 
 @dataclass
 class SCTTrainConfig:
-    seq_len: int = 8192             # tokens per packed row (Gemma 2 was trained on 8192-token documents)
-    batch_rows: int = 64            # rows per optimizer step, all ranks and micro-steps together (global batch)
-    micro_rows: int = 1             # rows per forward pass per rank; accumulation = batch_rows / (micro_rows * ranks)
-    betas: tuple[float, float] = (0.9, 0.95)   # AdamW betas
-    weight_decay: float = 0.1       # AdamW weight decay on matrices and embeddings (not norms or biases)
-    grad_clip: float = 1.0          # max global gradient norm
-    final_lr_fraction: float = 0.1  # cosine decay ends at lr * this (Table 5 gives no floor)
-    eval_rows: int = 64             # held-out rows per evaluation, spread over the ranks
-    dtype: str = "bfloat16"         # autocast dtype on GPU ("bfloat16" | "float32"); the CPU trains in float32
-    from_gemma: bool = False        # stage 1 starts from Gemma 2 2B in --data.gemma_dir (else a fresh init)
-    fsdp: bool = False              # under torchrun: FSDP2 (fully_shard per block, then the root) instead of DDP
-    compile: bool = False           # torch.compile the model
-    gradient_checkpointing: bool = False  # recompute each block in the backward pass (less activation memory)
-    peak_tflops: float = 989.0      # accelerator peak for the MFU in the log (H100 SXM bf16 dense: 989)
+    seq_len: int = field(default=8192, metadata={"help": "tokens per packed row (Gemma 2's documents: 8192)"})
+    batch_rows: int = field(default=64, metadata={"help": "rows per optimizer step, all ranks together (global)"})
+    micro_rows: int = field(default=1, metadata={"help": "rows per forward pass per rank (gradient accumulation)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices and embeddings"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm"})
+    final_lr_fraction: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * this (Table 5: none)"})
+    eval_rows: int = field(default=64, metadata={"help": "held-out rows per evaluation, spread over the ranks"})
+    dtype: str = field(default="bfloat16", metadata={"help": "autocast dtype on GPU; the CPU trains in float32"})
+    from_gemma: bool = field(default=False, metadata={"help": "stage 1 starts from Gemma 2 2B in --data.gemma_dir"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: FSDP2 (fully_shard per block) instead of DDP"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in the backward pass"})
+    peak_tflops: float = field(default=989.0, metadata={"help": "accelerator peak for the MFU (H100 SXM bf16: 989)"})
 
 
 @dataclass
 class StageConfig:
-    steps: int                      # optimizer steps (Table 5)
-    lr: float                       # AdamW peak learning rate (Table 5)
-    warmup_steps: int               # linear warm-up steps, then cosine decay (Table 5)
-    mixture: dict[str, float]       # task -> weight; story edit upload_edit understand t2a caption asr tts text
-    validated_only: bool = False    # copilot turns with violations (and the turns after them) are left out (stage 3)
+    steps: int = field(metadata={"help": "optimizer steps (Table 5)"})
+    lr: float = field(metadata={"help": "AdamW peak learning rate (Table 5)"})
+    warmup_steps: int = field(metadata={"help": "linear warm-up steps, then cosine decay (Table 5)"})
+    mixture: dict[str, float] = field(metadata={"help": "task -> weight, tasks: " + " ".join(
+        ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text"))})
+    validated_only: bool = field(default=False, metadata={
+        "help": "leave out copilot turns with violations and the turns after them (stage 3)"})
 
 
 TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
@@ -154,11 +171,12 @@ PRESET_STAGES = {
     "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3"),   # the VAE: `--stage vae` first, one process
 }
 PRESETS = {
-    # Toy: about 1 h on a 2-core CPU (the README has the measured run). The toy world has no separate
-    # speech corpus (asr/tts weights are unused) and trains from scratch, hence larger learning rates
-    # than Table 5's fine-tuning of Gemma.
+    # Toy: about 1 h on a 2-core CPU (bench/README.md has the measured run). No separate speech corpus (asr/tts
+    # weights are unused); trained from scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
+    # The VAE: ~20 min at ~0.4 s/step (its 48 kHz convs dominate).
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),
+        vae=VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
         flam=FLAMTrainConfig(steps=1000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
         flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
@@ -172,6 +190,7 @@ PRESETS = {
     # Paper scale (Table 5; batch size and sequence length are not given in the paper: 64 x 8192 tokens).
     "audiochat": dict(
         data=DataConfig(context_turns=5),
+        vae=VAETrainConfig(),
         vae_loop=LoopConfig(log_every=100, eval_every=5000, save_every=2000),
         flam=FLAMTrainConfig(),
         flam_loop=LoopConfig(log_every=100, eval_every=2000, save_every=2000),
@@ -189,28 +208,17 @@ PRESETS = {
 def preset_sections(preset: str) -> dict:
     """Every config section of a preset, in flag order: this file's and the model presets of tokenizer/model/metrics."""
     p = PRESETS[preset]
-    return {"data": p["data"], "vae_model": VAE_PRESETS[preset], "vae": VAE_TRAIN_PRESETS[preset],
-            "vae_loop": p["vae_loop"], "flam": p["flam"], "flam_loop": p["flam_loop"],
-            "flam_model": FLAM_PRESETS[preset], "sct_model": SCT_PRESETS[preset],
-            **{k: p[k] for k in ("sct", "sct_loop", "diffusion", "sct1", "sct2", "sct3")}}
+    return {"data": p["data"], "vae_model": VAE_PRESETS[preset], "vae": p["vae"], "vae_loop": p["vae_loop"],
+            "flam": p["flam"], "flam_loop": p["flam_loop"], "flam_model": FLAM_PRESETS[preset],
+            "sct_model": SCT_PRESETS[preset], **{k: p[k] for k in ("sct", "sct_loop", "diffusion", *SCT_FINAL)}}
 
 
 # -----------------------------------------------------------------------------
-# Flags: --SECTION.FIELD for every dataclass field, typed by its annotation, its comment as help
+# Flags: --SECTION.FIELD for every dataclass field, typed by its annotation, its metadata as help
 
 def field_help(cls) -> dict[str, str]:
-    """Each dataclass field's comment (on its line, or the comment lines just above it), for --help."""
-    names, helps, above = {f.name for f in fields(cls)}, {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        s = line.strip()
-        if s.startswith("#"):
-            above.append(s.lstrip("# "))
-            continue
-        m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", s)
-        if m and m.group(1) in names:
-            helps[m.group(1)] = m.group(2) or " ".join(above)
-        above = []
-    return helps
+    """Each dataclass field's help text, from field(metadata={"help": ...})."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
 def parse_value(text: str, hint):
@@ -263,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
             shown = ",".join(map(str, v)) if isinstance(v, tuple) else \
                 ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v
             group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", type=convert, default=argparse.SUPPRESS,
-                               metavar="V", help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"))
+                               metavar="V", help=f"{helps[f.name]} [{shown}]".replace("%", "%%"))
     args = parser.parse_args(argv)
     args.data = args.data or Path("data") / args.preset
     args.out = args.out or Path("checkpoints") / args.preset
@@ -273,20 +281,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and schedules
+# Checkpoints, optimizer and the learning-rate schedule: one resume path for every stage
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)   # whole tensors on the CPU, gathered from shards
+
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through tokenizer.write_atomic: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def file_sha256(path: Path) -> str:
@@ -305,25 +307,19 @@ class Checkpoints:
     def save(self, step: int, state: dict, meta: dict) -> None:
         path = self.folder / f"step-{step:06d}.pt"
         save_checkpoint(path, {**state, "step": step, "settings": self.settings})
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"step": step, **meta, "settings": self.settings}, indent=1, default=str))
-        os.replace(tmp, path.with_suffix(".json"))
+        text = json.dumps({"step": step, **meta, "settings": self.settings}, indent=1, default=str)
+        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
         for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
             old.unlink()
             old.with_suffix(".json").unlink(missing_ok=True)
 
     def resume(self) -> dict | None:
-        """The newest checkpoint, or None; a clear error when it is unreadable or has other settings."""
+        """The newest checkpoint (read by tokenizer.load_checkpoint), or None; an error when it has other settings."""
         paths = sorted(self.folder.glob("step-*.pt"))
         if not paths:
             return None
         self.path = paths[-1]
-        try:
-            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = str(e).split("\n")[0][:200]
-            raise RuntimeError(f"{self.path} is corrupt or unreadable ({type(e).__name__}: {why}); delete it to "
-                               f"resume from the checkpoint before it, or delete {self.folder} to start over") from e
+        ckpt = load_checkpoint(self.path)
         diff = []
         for k, now in self.settings.items():
             old = ckpt["settings"].get(k)
@@ -337,6 +333,34 @@ class Checkpoints:
         return ckpt
 
 
+def state_of(objects: dict) -> dict:
+    """What a training checkpoint holds to resume exactly: the torch RNG and each named object's state. Modules
+    and (module, optimizer) pairs give full state dicts, gathered from FSDP2 shards (a collective: every rank
+    calls this); schedulers give state_dict(), generators get_state()."""
+    state = {"rng": torch.get_rng_state()}
+    for name, obj in objects.items():
+        if isinstance(obj, tuple):
+            state[name] = get_optimizer_state_dict(*obj, options=FULL)
+        elif isinstance(obj, torch.nn.Module):
+            state[name] = get_model_state_dict(obj, options=FULL)
+        else:
+            state[name] = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+    return state
+
+
+def load_state(ckpt: dict, path: Path, objects: dict) -> None:
+    """Restore what state_of saved into the named objects (load modules before DDP/FSDP wrap them: strictly,
+    by tokenizer.load_state_dict_strict) and the torch RNG."""
+    torch.set_rng_state(ckpt["rng"])
+    for name, obj in objects.items():
+        if isinstance(obj, tuple):
+            set_optimizer_state_dict(*obj, ckpt[name], options=FULL)
+        elif isinstance(obj, torch.nn.Module):
+            load_state_dict_strict(obj, ckpt[name], path)
+        else:
+            obj.set_state(ckpt[name]) if isinstance(obj, torch.Generator) else obj.load_state_dict(ckpt[name])
+
+
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings only (not on norms, biases or scales)."""
     params = list(model.parameters())
@@ -344,12 +368,13 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kw) -> torch
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kw)
 
 
-def cosine_lr(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to final_fraction at `steps`."""
+def lr_at(step: int, peak: float, steps: int, warmup: int, final_fraction: float) -> float:
+    """The learning rate of every stage: linear warm-up to `peak` over `warmup` steps, then cosine decay to
+    peak * final_fraction at `steps` (peak 1 gives LambdaLR's multiplier)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------
@@ -419,7 +444,7 @@ def single_process_stage(name: str, d: Dist, out: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Stage: data (toy) and tokenizer
+# Stages: data (toy) and tokenizer
 
 def run_data(cfg: DataConfig, data: Path, d: Dist) -> None:
     """copilot.write_dataset(data, n, eval_n), skipped when every conversation file is there."""
@@ -433,17 +458,6 @@ def run_data(cfg: DataConfig, data: Path, d: Dist) -> None:
     print(f"data: {json.dumps(stats)}")
 
 
-REQUESTS = {   # user wordings per task, varied so the model keys on the audio and not on one phrase
-    "understand": ("Describe this audio.", "What do you hear in this clip?", "Describe the sound scene.",
-                   "List every sound in this recording.", "What is happening in this audio?",
-                   "Write the scene plan of this audio."),
-    "caption": ("Caption this sound.", "What sound is this?", "Describe this sound in a few words.",
-                "Write a short caption for this audio."),
-    "asr": ("Transcribe this speech.", "What is being said?", "Write down what you hear.", "Transcribe the recording."),
-    "tts": ("Say: {}", "Read this aloud: {}", "Speak the following text: {}", "Please say \"{}\""),
-}
-
-
 def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
     """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
     path = out / "tokenizer.model"
@@ -451,9 +465,7 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
         print(f"tokenizer: {path} exists; skipping")
         return path
     if preset != "toy":
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(gemma_dir(cfg) / "tokenizer.model", path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        write_atomic(path, lambda tmp: shutil.copyfile(gemma_dir(cfg) / "tokenizer.model", tmp))
         return path
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
     for conv in read_conversations(data, "train"):
@@ -478,10 +490,7 @@ def gemma_dir(cfg: DataConfig) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# Audio data for the VAE: random crops of every audio file under a folder
-
-AUDIO_SUFFIXES = (".wav", ".flac")
-
+# Stage: VAE, on random crops of every audio file under a folder
 
 def find_audio(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
     """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none."""
@@ -489,7 +498,7 @@ def find_audio(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder; make audio with `python copilot.py --out {root}`")
     files = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac")):
         info = sf.info(str(path))
         if info.channels > 2 or info.frames == 0:
             raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
@@ -528,42 +537,6 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
     return batch * gain
 
 
-# -----------------------------------------------------------------------------
-# Stage: VAE
-
-@dataclass
-class VAETrainConfig:
-    steps: int = 400_000            # optimizer steps in all (DAC: 400k)
-    batch_size: int = 32            # crops per step
-    crop_seconds: float = 0.5       # length of each random crop, s (DAC 0.38 s)
-    gain_db: float = 10.0           # random gain per crop, uniform in +-gain_db dB
-    lr: float = 1e-4                # AdamW peak learning rate, generator (DAC 1e-4)
-    disc_lr: float = 1e-4           # AdamW learning rate, discriminator
-    betas: tuple[float, float] = (0.8, 0.99)   # AdamW betas (DAC, Oobleck)
-    weight_decay: float = 1e-3      # AdamW weight decay (Oobleck)
-    warmup_steps: int = 1000        # linear warm-up, then cosine decay to lr / 10 at `steps`
-    grad_clip: float = 1e3          # max gradient norm (DAC clips the generator at 1e3)
-    heldout_fraction: float = 0.05  # share of the files (sorted by path, every k-th) kept for evaluation
-    eval_seconds: float = 4.0       # evaluate on the first seconds of each held-out file (at most 16 files)
-    stats_crops: int = 256          # training crops whose latents fit the normalisation statistics
-
-
-VAE_TRAIN_PRESETS = {
-    # ~20 min on 2 free CPU cores at ~0.4 s/step (the VAE's 48 kHz convs dominate).
-    "toy": VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100,
-                          stats_crops=64),
-    "audiochat": VAETrainConfig(),
-}
-
-
-def lr_at(step: int, tc: VAETrainConfig, peak: float) -> float:
-    """Linear warm-up over warmup_steps, then cosine from peak to peak / 10 at tc.steps."""
-    if step < tc.warmup_steps:
-        return peak * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @torch.no_grad()
 def evaluate_vae(vae: StereoVAE, clips: list[torch.Tensor]) -> dict[str, float]:
     """Inference-path reconstruction (encode -> decode, posterior mean) of held-out clips [2, S]: mean
@@ -576,16 +549,19 @@ def evaluate_vae(vae: StereoVAE, clips: list[torch.Tensor]) -> dict[str, float]:
     return {"stft": stft / len(clips), "mel": mel / len(clips)}
 
 
-def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out_dir: Path, seed: int) -> Path:
+def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
+              stop_after: int | None = None) -> Path:
     """The VAE stage (cfg: tokenizer.VAEConfig); returns the path of vae.pt."""
-    out = Path(out_dir) / "vae.pt"
+    final = Path(out) / "vae.pt"
+    if final.exists():
+        print(f"vae: {final} exists; skipping")
+        return final
     files = find_audio(data)
     k = max(2, round(1 / tc.heldout_fraction))
     heldout = files[k - 1::k] if len(files) >= 2 else []
     train = [f for f in files if f not in heldout]
     clips = [load_audio(f[0])[:, : int(tc.eval_seconds * SAMPLE_RATE)] for f in heldout[:16]]
     print(f"vae: {len(train)} training files, {len(heldout)} held out, under {data}")
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)                      # data order and crops
     vae = StereoVAE(cfg)
@@ -593,37 +569,20 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out_dir: Pa
     opt = torch.optim.AdamW(vae.parameters(), tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     opt_d = None if disc is None else torch.optim.AdamW(disc.parameters(), tc.disc_lr, betas=tc.betas,
                                                          weight_decay=tc.weight_decay)
-    step = 0
-    if out.exists():                                               # resume exactly where it stopped
-        ckpt = load_checkpoint(out, "vae")
-        if ckpt["config"] != asdict(cfg):
-            raise ValueError(f"{out} was trained with another VAE config; pass a new --out or delete it")
-        load_state_dict_strict(vae, ckpt["model"], out)
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc:
-            load_state_dict_strict(disc, ckpt["disc"], out)
-            opt_d.load_state_dict(ckpt["disc_optimizer"])
+    objects = {"model": vae, "optimizer": (vae, opt), "data": gen} | (
+        {"disc": disc, "disc_optimizer": (disc, opt_d)} if disc else {})
+    settings = {"vae_model": asdict(cfg), "vae": asdict(tc), "seed": seed}
+    ckpts, step = Checkpoints(Path(out) / "vae", loop.keep_last, settings), 0
+    if ckpt := ckpts.resume():
+        load_state(ckpt, ckpts.path, objects)
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["data"])
-        if ckpt["done"] and step >= tc.steps:
-            print(f"vae: {out} is trained ({step} steps); skipping")
-            return out
-        print(f"vae: resuming from step {step}")
-
-    def save(step: int, done: bool) -> None:
-        save_checkpoint(out, {"kind": "vae", "config": asdict(cfg), "model": vae.state_dict(),
-                              "train_config": asdict(tc), "optimizer": opt.state_dict(),
-                              "disc": disc.state_dict() if disc else None,
-                              "disc_optimizer": opt_d.state_dict() if disc else None, "step": step, "done": done,
-                              "rng": {"torch": torch.get_rng_state(), "data": gen.get_state()}})
-
+        print(f"vae: resuming from step {step} ({ckpts.path})")
     num_samples = int(tc.crop_seconds * SAMPLE_RATE)
     sums, n, t0 = {}, 0, time.perf_counter()                       # loss sums over the n steps since the last log
     vae.train()
     for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="vae", dynamic_ncols=True):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc, tc.lr)
+            group["lr"] = lr_at(step, tc.lr, tc.steps, tc.warmup_steps, 0.1)
         audio = crop_batch(train, tc.batch_size, num_samples, gen, tc.gain_db)
         loss, parts, recon = vae_loss(vae, audio, disc)
         opt.zero_grad(set_to_none=True)
@@ -636,30 +595,30 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out_dir: Pa
             d_loss.backward()
             opt_d.step()
             parts["disc"] = d_loss.item()
-        for name, value in {"loss": loss.item(), **parts}.items():
-            sums[name] = sums.get(name, 0.0) + value
-        n, done_steps = n + 1, step + 1
-        if done_steps % loop.log_every == 0 or done_steps == tc.steps:
-            ms = 1000 * (time.perf_counter() - t0) / n
-            tqdm.write(f"step {done_steps:6d} | " + " ".join(f"{k} {v / n:.4f}" for k, v in sums.items()) +
-                       f" | lr {opt.param_groups[0]['lr']:.2e} | {ms:.0f} ms/step")
+        sums, n, done = {k: sums.get(k, 0.0) + v for k, v in {"loss": loss.item(), **parts}.items()}, n + 1, step + 1
+        if done % loop.log_every == 0 or done == tc.steps:
+            tqdm.write(f"vae step {done:6d} | " + " ".join(f"{k} {v / n:.4f}" for k, v in sums.items()) +
+                       f" | lr {opt.param_groups[0]['lr']:.2e} | {1000 * (time.perf_counter() - t0) / n:.0f} ms/step")
             sums, n, t0 = {}, 0, time.perf_counter()
-        if clips and (done_steps % loop.eval_every == 0 or done_steps == tc.steps):
+        if clips and (done % loop.eval_every == 0 or done == tc.steps):
             vae.eval()
-            tqdm.write(f"eval {done_steps:6d} | held-out " +
+            tqdm.write(f"vae eval {done:6d} | held-out " +
                        " ".join(f"{k} {v:.4f}" for k, v in evaluate_vae(vae, clips).items()))
             vae.train()
-            sums, n, t0 = {}, 0, time.perf_counter()              # ms/step counts training only
-        if done_steps % loop.save_every == 0 and done_steps < tc.steps:
-            save(done_steps, done=False)
+            t0 = time.perf_counter()                               # ms/step counts training only
+        if done % loop.save_every == 0 and done < tc.steps:
+            ckpts.save(done, state_of(objects), {"loss": loss.item()})
+        if stop_after is not None and done >= stop_after:
+            raise SystemExit(f"vae: stopped after step {done} (--stop-after)")
     vae.eval()
     stats_gen = torch.Generator().manual_seed(seed + 1)
     vae.fit_latent_stats(crop_batch(train, 8, num_samples, stats_gen) for _ in range(math.ceil(tc.stats_crops / 8)))
     print(f"vae: latent normalisation fitted, |shift| mean {vae.latent_shift.abs().mean():.3f}, "
           f"scale mean {vae.latent_scale.mean():.3f}")
-    save(tc.steps, done=True)
-    print(f"vae: saved {out}")
-    return out
+    save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": vae.state_dict(), "train_config": asdict(tc),
+                            "step": tc.steps})
+    print(f"vae: saved {final}")
+    return final
 
 
 # -----------------------------------------------------------------------------
@@ -712,7 +671,7 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
     (its turns, whole) or manifest clip (cut at max_clip_seconds) under out/latents, both splits, written
     atomically; items are sharded over ranks and finished ones skipped."""
     folder, vae_path = out / "latents", out / "vae.pt"
-    vae = StereoVAE.from_checkpoint(vae_path).to(d.device)
+    vae = load_model(StereoVAE, vae_path, d.device)
     stamp, digest = folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
         raise ValueError(f"{folder} was encoded with another vae.pt; delete {folder} to encode again")
@@ -755,23 +714,14 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
     torch.manual_seed(seed)
     model = SmallFLAM(mc)
     opt = adamw(model, tc.lr, tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, tc.steps, tc.warmup_steps, 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, tc.steps, tc.warmup_steps, 0.1))
+    objects = {"model": model, "optimizer": (model, opt), "scheduler": sched}
     settings = {"flam_model": asdict(mc), "flam": asdict(tc), "seed": seed}
-    ckpts = Checkpoints(out / "flam", loop.keep_last, settings)
-    step, ckpt = 0, ckpts.resume()
-    if ckpt:
-        load_state_dict_strict(model, ckpt["model"], ckpts.path)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+    ckpts, step, quality = Checkpoints(out / "flam", loop.keep_last, settings), 0, {}
+    if ckpt := ckpts.resume():
+        load_state(ckpt, ckpts.path, objects)
         step = ckpt["step"]
-        print(f"flam: resuming from step {step}")
-
-    def evaluate() -> dict:
-        model.eval()
-        quality = detection_quality(model.score, held) if held else {}
-        model.train()
-        return quality
-
+        print(f"flam: resuming from step {step} ({ckpts.path})")
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
     for step in tqdm(range(step, tc.steps), initial=step, total=tc.steps, desc="flam", dynamic_ncols=True):
         rng = random.Random(f"{seed}|flam|{step}")                 # stateless: resume needs only the step
@@ -788,15 +738,17 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
             tqdm.write(f"flam step {done:6d} | loss {loss_sum / n:.4f} | lr {sched.get_last_lr()[0]:.2e} | "
                        f"{1000 * (time.perf_counter() - t0) / n:.0f} ms/step")
             loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-        if done % loop.eval_every == 0 and done < tc.steps:
-            tqdm.write(f"flam eval {done:6d} | " + " ".join(f"{k} {v:.3f}" for k, v in evaluate().items()))
+        if held and (done % loop.eval_every == 0 or done == tc.steps):
+            model.eval()
+            quality = detection_quality(model.score, held)
+            model.train()
+            tqdm.write(f"flam eval {done:6d} | held-out frame detection " +
+                       " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+            t0 = time.perf_counter()
         if done % loop.save_every == 0 and done < tc.steps:
-            ckpts.save(done, {"kind": "flam-train", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict()}, {"loss": loss.item()})
+            ckpts.save(done, state_of(objects), {"loss": loss.item()})
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"flam: stopped after step {done} (--stop-after)")
-    quality = evaluate()
-    print("flam: held-out frame detection " + " ".join(f"{k} {v:.3f}" for k, v in quality.items()))
     save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": model.state_dict(), "detection": quality,
                             "step": tc.steps, "train_config": settings})
     print(f"flam: saved {final}")
@@ -852,26 +804,20 @@ class TaskData:
         return self.build(task, rng.choice(self.pools[task]), rng)
 
     def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
-        """The document of `task` for one pool item, request wordings drawn from rng (section 3.1, Eqs. 1-3):
-          story        user [instruction_0]                 -> model [plan_0 JSON, audio_0]
-          edit         the turns up to k >= 1 (at most context_turns), each user [instruction_j] -> model
-                       [plan_j JSON, audio_j] (Eq. 3); a window that starts after turn 0 opens as an upload_edit
-          upload_edit  user [audio_{k-1}, instruction_k]    -> model [caption JSON of audio_{k-1}, plan_k JSON, audio_k]
-          understand   user [audio_k, a describe request]   -> model [caption JSON of audio_k]   (copilot.caption_of)
-          t2a          user [caption]                       -> model [audio]   (single-sound conversations, manifests)
-          caption      user [audio, a caption request]      -> model [caption]
-          asr / tts    user [audio, a transcribe request] -> model [transcript];  user [a say request] -> model [audio]
-          text         token ids of the text (draw_row adds <bos> ... <eos>, LM loss on every token)
-        Plans and captions are copilot.scene_to_json text; the layout joins the text parts of a turn by "\\n"."""
+        """The document of `task` for one pool item, laid out by tokenizer.task_turns (request wordings drawn from
+        rng). The edit task is a conversation window of at most context_turns turns ending at turn k: each a story
+        after the turns before it (Eq. 3); a window that starts after turn 0 opens as an upload edit of the audio
+        before it (Eq. 2), so the scene being edited is always in context. text: token ids (draw_row adds <bos>
+        ... <eos>, LM loss on every token)."""
         kind, ref, k = item
         if kind == "record":
             if task == "text":
                 return self.tok.encode(ref.text)
             z = self.latents(ref.key)[0]
             if task in ("asr", "caption"):
-                return [Turn("user", [z, rng.choice(REQUESTS[task])]), Turn("model", [ref.text])]
-            prompt = ref.text if task == "t2a" else rng.choice(REQUESTS["tts"]).format(ref.text)
-            return [Turn("user", [prompt]), Turn("model", [z])]
+                return task_turns(task, clip=z, request=rng.choice(REQUESTS[task]), answer=ref.text)
+            instruction = ref.text if task == "t2a" else rng.choice(REQUESTS["tts"]).format(ref.text)
+            return task_turns(task, instruction=instruction, audio=z)
         conv = self.convs[ref]
         if task == "text":
             return self.tok.encode("\n".join([conv.seed_text] + [t.instruction for t in conv.turns]))
@@ -879,21 +825,21 @@ class TaskData:
         plan = [scene_to_json(t.scene) for t in turns]
         caption = [scene_to_json(caption_of(t.scene)) for t in turns]
         if task == "t2a":
-            return [Turn("user", [turns[0].instruction]), Turn("model", [z[0]])]
+            return task_turns("t2a", instruction=turns[0].instruction, audio=z[0])
         if task == "caption":
             request = rng.choice(REQUESTS["caption"])
-            return [Turn("user", [z[0], request]), Turn("model", [turns[0].scene.sounds[0].text])]
+            return task_turns("caption", clip=z[0], request=request, answer=turns[0].scene.sounds[0].text)
         if task == "understand":
-            return [Turn("user", [z[k], rng.choice(REQUESTS["understand"])]), Turn("model", [caption[k]])]
+            return task_turns("understand", clip=z[k], request=rng.choice(REQUESTS["understand"]), caption=caption[k])
         if task == "story":
-            return [Turn("user", [turns[0].instruction]), Turn("model", [plan[0], z[0]])]
+            return task_turns("story", instruction=turns[0].instruction, plan=plan[0], audio=z[0])
         first = k if task == "upload_edit" else max(0, k - self.cfg.context_turns + 1)
         doc = []
-        if first > 0:       # editing an uploaded clip (Eq. 2): understand it, plan the edit, generate
-            doc += [Turn("user", [z[first - 1], turns[first].instruction]),
-                    Turn("model", [caption[first - 1], plan[first], z[first]])]
-        for j in range(first + (first > 0), k + 1):                 # later turns carry the plan forward (Eq. 3)
-            doc += [Turn("user", [turns[j].instruction]), Turn("model", [plan[j], z[j]])]
+        if first > 0:
+            doc += task_turns("upload_edit", clip=z[first - 1], instruction=turns[first].instruction,
+                              caption=caption[first - 1], plan=plan[first], audio=z[first])
+        for j in range(first + (first > 0), k + 1):
+            doc += task_turns("story", instruction=turns[j].instruction, plan=plan[j], audio=z[j])
         return doc
 
 
@@ -986,13 +932,6 @@ class TransfusionForcing(torch.nn.Module):
 SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 
 
-def sct_from_state(ckpt: dict, path: Path) -> SCT:
-    """An SCT with the config and weights of a checkpoint dict (strict)."""
-    model = SCT(SCTConfig(**ckpt["config"]))
-    load_state_dict_strict(model, ckpt["model"], path)
-    return model
-
-
 def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
     """The stage's starting SCT: the previous stage's weights, else Gemma 2 (paper scale) or a fresh init."""
     mc = replace(cfg["sct_model"], vocab_size=trained_with["tokenizer_vocab_size"],
@@ -1002,11 +941,11 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
         path = out / SCT_FINAL[previous]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: stage {stage} starts from stage {previous}; run --stage {previous} first")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path, "sct")
         if ckpt.get("trained_with") != trained_with:
             raise ValueError(f"{path} was trained with another tokenizer or VAE ({ckpt.get('trained_with')}, now "
                              f"{trained_with}); retrain {previous} or restore its tokenizer.model and vae.pt")
-        return sct_from_state(ckpt, path)
+        return load_model(SCT, path, ckpt=ckpt).train()
     if not cfg["sct"].from_gemma:
         return SCT(mc)
     sct = SCT.from_gemma(gemma_dir(cfg["data"]), mc.num_generation_layers, mc.audio_dim,    # paper B.2
@@ -1017,8 +956,41 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
     return sct
 
 
+def run_rows(model: torch.nn.Module, forward, rows: list, d: Dist, tc: SCTTrainConfig, train: bool) -> dict:
+    """Forward (and backward) over this rank's rows in micro-batches of micro_rows, every token's loss weighted as
+    in one process with the global batch: the global token counts are all-reduced first and divided by the world
+    size, as DDP/FSDP average gradients over ranks -> global mean lm and diff losses, tokens, dropped documents."""
+    counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
+                           for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
+    n_text, n_audio, tokens, dropped = all_sum(counts.to(d.device)).tolist()
+    parts = torch.zeros(2, dtype=torch.float64)
+    chunks = [rows[i: i + tc.micro_rows] for i in range(0, len(rows), tc.micro_rows)]
+    bf16 = d.device.type == "cuda" and tc.dtype != "float32"
+    for i, chunk in enumerate(chunks):
+        batch = {k: torch.stack([r[k] for r, _ in chunk]).to(d.device) for k in chunk[0][0]}
+        with grad_sync(model, not train or i == len(chunks) - 1), \
+                torch.autocast(d.device.type, dtype=getattr(torch, tc.dtype), enabled=bf16):
+            total, lm, diff = forward(batch, n_text / d.world, n_audio / d.world)
+            if train:
+                total.backward()
+        parts += torch.tensor([lm.item(), diff.item()], dtype=torch.float64)
+    lm, diff = (all_sum(parts.to(d.device)).cpu() / d.world).tolist()
+    return dict(lm=lm, diff=diff, tokens=tokens, dropped=dropped)
+
+
+@torch.no_grad()
+def evaluate_sct(sct: SCT, model, forward, data: TaskData, mixture, d: Dist, tc: SCTTrainConfig,
+                 dc: DiffusionConfig, seed: int) -> dict[str, float]:
+    """Held-out losses on tc.eval_rows fixed rows, every rank its share (FSDP needs every rank's forwards)."""
+    sct.eval()
+    rows = [draw_row(data, mixture, tc.seq_len, dc, 0.0, seed, "eval", j) for j in range(d.rank, tc.eval_rows, d.world)]
+    r = run_rows(model, forward, rows, d, tc, train=False)
+    sct.train()
+    return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]}
+
+
 def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, stop_after: int | None = None) -> Path:
-    """One SCT stage: DDP/FSDP2, gradient accumulation, AdamW + cosine, periodic eval, keep-last-N checkpoints."""
+    """One SCT stage: DDP/FSDP2, gradient accumulation, AdamW + lr_at, periodic eval, keep-last-N checkpoints."""
     st, tc, loop, dc = cfg[stage], cfg["sct"], cfg["sct_loop"], cfg["diffusion"]
     final = out / SCT_FINAL[stage]
     if final.exists():
@@ -1039,20 +1011,22 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
         "data": asdict(cfg["data"]), "seed": seed, "trained_with": trained_with})
     ckpt = ckpts.resume()
     torch.manual_seed(seed)
-    sct = sct_from_state(ckpt, ckpts.path) if ckpt else build_sct(stage, cfg, out, trained_with)
+    sct = SCT(config_from_dict(SCTConfig, ckpt["config"], ckpts.path)) if ckpt else \
+        build_sct(stage, cfg, out, trained_with)
     n_params = sum(p.numel() for p in sct.parameters())
     sct.gradient_checkpointing = tc.gradient_checkpointing
     core = TransfusionForcing(sct.to(d.device), dc.loss_weight)
+    if ckpt:
+        load_state(ckpt, ckpts.path, {"model": sct})               # before DDP/FSDP take the module
     model = wrap_model(core, d, tc.fsdp)
     forward = torch.compile(model) if tc.compile else model
     opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, st.steps, st.warmup_steps,
-                                                                       tc.final_lr_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, st.steps, st.warmup_steps,
+                                                                   tc.final_lr_fraction))
+    objects = {"optimizer": (core, opt), "scheduler": sched}
     step, history, evals = 0, [], []
     if ckpt:
-        set_optimizer_state_dict(core, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        load_state(ckpt, ckpts.path, objects)
         step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
     train_data, eval_data = (TaskData(cfg["data"], data, out / "latents", split, tok, sct.config.audio_dim,
                                       st.validated_only) for split in ("train", "eval"))
@@ -1064,44 +1038,15 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
               f"{tc.seq_len} tokens per step, accumulation {per_rank // tc.micro_rows}")
         print(f"{stage}: training tasks {dict(zip(*mixture))}, held-out tasks {eval_mixture[0]} "
               f"(tasks without data are left out)")
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)     # gathered from FSDP2 shards: every rank
-    bf16 = d.device.type == "cuda" and tc.dtype != "float32"
-
-    def run_rows(rows: list, train: bool) -> dict[str, float]:
-        """Forward (and backward) over this rank's rows in micro-batches, every token's loss weighted as in one
-        process with the global batch -> the global mean lm and diff losses, tokens and dropped documents."""
-        counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
-                               for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
-        n_text, n_audio, tokens, dropped = all_sum(counts.to(d.device)).tolist()
-        parts = torch.zeros(2, dtype=torch.float64)
-        chunks = [rows[i: i + tc.micro_rows] for i in range(0, len(rows), tc.micro_rows)]
-        for i, chunk in enumerate(chunks):
-            batch = {k: torch.stack([r[k] for r, _ in chunk]).to(d.device) for k in chunk[0][0]}
-            with grad_sync(model, not train or i == len(chunks) - 1), \
-                    torch.autocast(d.device.type, dtype=getattr(torch, tc.dtype), enabled=bf16):
-                total, lm, diff = forward(batch, n_text / d.world, n_audio / d.world)  # DDP/FSDP average over ranks
-                if train:
-                    total.backward()
-            parts += torch.tensor([lm.item(), diff.item()], dtype=torch.float64)
-        lm, diff = (all_sum(parts.to(d.device)).cpu() / d.world).tolist()
-        return dict(lm=lm, diff=diff, tokens=tokens, dropped=dropped)
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:                                 # every rank evaluates its share of rows
-        sct.eval()
-        r = run_rows([draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j)
-                      for j in range(d.rank, tc.eval_rows, d.world)], train=False)
-        sct.train()
-        return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]}
-
     flops_per_token = 6 * n_params + 12 * len(sct.model.layers) * \
         sct.config.num_attention_heads * sct.config.head_dim * tc.seq_len
     sums, n, t0 = {}, 0, time.perf_counter()
     sct.train()
     for step in tqdm(range(step, st.steps), initial=step, total=st.steps, desc=stage, disable=not d.main,
                      dynamic_ncols=True):
-        r = run_rows([draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j)
-                      for j in range(d.rank * per_rank, (d.rank + 1) * per_rank)], train=True)  # sharded rows
+        rows = [draw_row(train_data, mixture, tc.seq_len, dc, dc.cfg_dropout, seed, step, j)
+                for j in range(d.rank * per_rank, (d.rank + 1) * per_rank)]   # this rank's rows of the global batch
+        r = run_rows(model, forward, rows, d, tc, train=True)
         gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip)
         r["gnorm"] = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()  # DTensor under FSDP2
         opt.step()
@@ -1123,23 +1068,20 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
                            f"{h['tok_s']:.0f} tok/s{mfu} | dropped {h['dropped']} too long")
             sums, n, t0 = {}, 0, time.perf_counter()
         if done % loop.eval_every == 0 or done == st.steps:
-            evals.append({"step": done, **evaluate()})
+            evals.append({"step": done, **evaluate_sct(sct, model, forward, eval_data, eval_mixture, d, tc, dc, seed)})
             if d.main:
                 tqdm.write(f"{stage} eval {done:6d} | " + " ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
                                                                   if k != "step"))
             t0 = time.perf_counter()                                    # ms/step counts training only
         if done % loop.save_every == 0 and done < st.steps:
-            model_sd = get_model_state_dict(sct, options=full)                   # collectives: every rank
-            optim_sd = get_optimizer_state_dict(core, opt, options=full)
+            state = state_of({"model": sct, **objects})                 # a collective: every rank gathers
             if d.main:                                                  # rank 0 saves, then every rank waits
-                ckpts.save(done, {"kind": "sct-train", "config": asdict(sct.config), "model": model_sd,
-                                  "optimizer": optim_sd, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                                  "history": history, "evals": evals},
+                ckpts.save(done, {**state, "config": asdict(sct.config), "history": history, "evals": evals},
                            {"stage": stage, "last": history[-1:], "evals": evals, "world_size": d.world})
             barrier()
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"{stage}: stopped after step {done} (--stop-after)")
-    model_sd = get_model_state_dict(sct, options=full)
+    model_sd = get_model_state_dict(sct, options=FULL)
     if d.main:
         save_checkpoint(final, {"kind": "sct", "config": asdict(sct.config), "model": model_sd, "stage": stage,
                                 "step": st.steps, "train_config": {k: asdict(v) for k, v in cfg.items()},
@@ -1170,19 +1112,17 @@ def main(argv: list[str] | None = None) -> None:
                 if d.main:
                     run_tokenizer(cfg["data"], args.data, args.out, args.preset)
                 barrier()
-            elif stage == "vae":
-                if not ((args.out / "vae.pt").exists() and load_checkpoint(args.out / "vae.pt", "vae")["done"]):
-                    single_process_stage("vae", d, args.out)
-                if d.main:
-                    train_vae(cfg["vae_model"], cfg["vae"], cfg["vae_loop"], args.data, args.out, args.seed)
-            elif stage == "latents":
-                run_latents(cfg["data"], args.data, args.out, d)
-            elif stage == "flam":
-                if not (args.out / "flam.pt").exists():
-                    single_process_stage("flam", d, args.out)
-                if d.main:
+            elif stage in ("vae", "flam"):
+                if not (args.out / f"{stage}.pt").exists():
+                    single_process_stage(stage, d, args.out)
+                if d.main and stage == "vae":
+                    train_vae(cfg["vae_model"], cfg["vae"], cfg["vae_loop"], args.data, args.out, args.seed,
+                              args.stop_after)
+                elif d.main:
                     train_flam(cfg["flam_model"], cfg["flam"], cfg["flam_loop"], args.data, args.out, args.seed,
                                args.stop_after)
+            elif stage == "latents":
+                run_latents(cfg["data"], args.data, args.out, d)
             else:
                 train_sct(stage, cfg, args.data, args.out, args.seed, d, args.stop_after)
             if d.main:

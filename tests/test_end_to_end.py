@@ -19,12 +19,11 @@ import soundfile as sf
 import torch
 
 import metrics
-import sample
 from copilot import caption_of, parse_scene, read_conversations, scene_to_json, validate_scene
 from diffusion import add_noise, sample_span_times, span_loss_mask, span_to_tokens, transfusion_loss
 from model import SCT, SCTConfig
-from tokenizer import (SAMPLE_RATE, StereoVAE, TextTokenizer, Turn, VAEConfig, encode_conversation, load_audio, save_audio,
-                       train_text_tokenizer)
+from tokenizer import (DESCRIBE, SAMPLE_RATE, StereoVAE, TextTokenizer, Turn, VAEConfig, encode_conversation,
+                       load_audio, save_audio, task_turns, train_text_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VAE = VAEConfig(latent_dim=4, encoder_dim=4, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,))
@@ -126,19 +125,17 @@ def world(tmp_path_factory):
     write_eval_split(root / "data")
     conv = read_conversations(root / "data", "eval")[0]
     ckpt = root / "ckpt"
-    tok = train_text_tokenizer(INSTRUCTIONS + SCENES + [sample.DESCRIBE, "user", "model"], ckpt / "tokenizer.model", 900)
+    tok = train_text_tokenizer(INSTRUCTIONS + SCENES + [DESCRIBE, "user", "model"], ckpt / "tokenizer.model", 900)
     torch.manual_seed(0)
     vae = StereoVAE(TINY_VAE).eval()
     with torch.no_grad():
         audio = [load_audio(t.audio) for t in conv.turns]
         vae.fit_latent_stats(a[None] for a in audio)
         z = [vae.encode(a[None])[0] for a in audio]
-    user, model = (lambda *p: Turn("user", list(p))), (lambda *p: Turn("model", list(p)))
-    sct = fit_sct(tok, [
-        [user(INSTRUCTIONS[0]), model(SCENES[0], z[0]), user(INSTRUCTIONS[1]), model(SCENES[1], z[1]),
-         user(INSTRUCTIONS[2]), model(SCENES[2], z[2])],                           # story, then Eq. 3 edits
-        [user(z[0], INSTRUCTIONS[1]), model(CAPTION, SCENES[1], z[1])],           # edit an uploaded clip (Eq. 2)
-        [user(z[0], sample.DESCRIBE), model(CAPTION)]], vae.audio_dim)            # understanding
+    sct = fit_sct(tok, [    # the layouts train.py trains on and sample.py asks in: tokenizer.task_turns
+        [t for k in range(3) for t in task_turns("story", instruction=INSTRUCTIONS[k], plan=SCENES[k], audio=z[k])],
+        task_turns("upload_edit", clip=z[0], instruction=INSTRUCTIONS[1], caption=CAPTION, plan=SCENES[1], audio=z[1]),
+        task_turns("understand", clip=z[0], request=DESCRIBE, caption=CAPTION)], vae.audio_dim)
     save_checkpoints(ckpt, vae, sct)
     torch.set_num_threads(threads)
     return {"root": root, "ckpt": ckpt, "data": root / "data", "clip": conv.turns[0].audio}

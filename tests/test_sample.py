@@ -15,7 +15,8 @@ from diffusion import sample as diffusion_sample
 from metrics import SmallFLAM
 from model import SCT, SCTConfig
 from test_end_to_end import CAPTION, INSTRUCTIONS, SCENES, TINY_VAE, save_checkpoints, write_eval_split
-from tokenizer import SAMPLE_RATE, StereoVAE, Turn, encode_conversation, save_audio, train_text_tokenizer
+from tokenizer import (SAMPLE_RATE, StereoVAE, Turn, encode_conversation, load_model, save_audio, task_turns,
+                       train_text_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_cached_cfg_sampling_equals_full_sequence_reference(m):
 
     with torch.no_grad():
         want = diffusion_sample(guided(v_both, w), (1, F, D), DiffusionConfig(steps=4), torch.Generator().manual_seed(3))[0]
-        got = sample.sample_latents(m, [user], texts, scene, sample.Options(steps=4, cfg=w), torch.Generator().manual_seed(3))
+        got = sample.sample_latents(m, [user, Turn("model", texts + [torch.zeros(F, D)])],
+                                    sample.Options(steps=4, cfg=w), torch.Generator().manual_seed(3))
     assert got.shape == (F, D)
     assert torch.allclose(got, want, atol=1e-4), f"max difference {(got - want).abs().max():.2e}"
 
@@ -131,13 +133,15 @@ def test_edit_reply_puts_canonical_text_in_context_and_reports_a_missing_audio_s
     monkeypatch.setattr(sample, "decode_text", lambda *a: (f"{CAPTION}\n{spaced}", m.tok.end_of_turn_id))
     used = []
     real = sample.sample_latents
-    monkeypatch.setattr(sample, "sample_latents", lambda m_, turns, texts, *a: used.append(texts) or real(m_, turns, texts, *a))
-    user = Turn("user", [torch.randn(4, m.vae.audio_dim), INSTRUCTIONS[1]])
-    reply = sample.respond(m, [user], "edit", None, sample.Options(steps=2), torch.Generator().manual_seed(0))
-    assert used == [[CAPTION, SCENES[1]]] and reply.texts == [CAPTION, SCENES[1]], "the raw text reached the context"
+    monkeypatch.setattr(sample, "sample_latents", lambda m_, turns, *a: used.append(turns[-1].parts[:-1]) or
+                        real(m_, turns, *a))
+    user = {"clip": torch.randn(4, m.vae.audio_dim), "instruction": INSTRUCTIONS[1]}
+    reply = sample.respond(m, [], "upload_edit", user, None, sample.Options(steps=2), torch.Generator().manual_seed(0))
+    texts = [reply.parts["caption"], reply.parts["plan"]]
+    assert used == [[CAPTION, SCENES[1]]] and texts == [CAPTION, SCENES[1]], "the raw text reached the context"
     assert any("without starting the audio" in n for n in reply.notes), reply.notes
     assert reply.latents.shape == (26, m.vae.audio_dim) and reply.audio.shape == (2, round(0.63 * SAMPLE_RATE))
-    assert reply.model_turn().parts[:2] == [CAPTION, SCENES[1]]
+    assert task_turns("upload_edit", **user, **reply.parts)[1].parts[:2] == [CAPTION, SCENES[1]]
 
 
 def test_context_longer_than_the_trained_length_is_refused(m):
@@ -176,7 +180,7 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "tokenizer.model").write_bytes((tiny / "tokenizer.model").read_bytes())
-        vae, sct = StereoVAE.from_checkpoint(tiny / "vae.pt"), SCT.from_checkpoint(tiny / "sct.pt")
+        vae, sct = load_model(StereoVAE, tiny / "vae.pt"), load_model(SCT, tiny / "sct.pt")
         save_checkpoints(d, vae, sct, **meta)
         return d
 
@@ -192,7 +196,7 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
     ckpt = torch.load(code / "sct.pt", weights_only=True)
     ckpt["config"]["rope_scaling"] = 2.0
     torch.save(ckpt, code / "sct.pt")
-    cases[code] = "unknown to this model.py"
+    cases[code] = "unknown fields ['rope_scaling']"
     corrupt = broken("corrupt")
     (corrupt / "sct.pt").write_bytes(b"not a checkpoint")
     cases[corrupt] = "do not match this code; retrain"
@@ -208,12 +212,13 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
 def test_chat_drops_the_oldest_exchange_when_the_context_is_full(m, tmp_path, monkeypatch, capsys):
     seen = []
 
-    def fake_respond(m_, turns, task, previous, opts, generator, plan=None):
+    def fake_respond(m_, history, task, user, previous, opts, generator, plan=None):
+        turns = sample.request(history, task, user)
         seen.append([p for t in turns for p in t.parts if isinstance(p, str)])
         if len(turns) > 3:                                         # room for one exchange of context only
             raise sample.ContextFull("too long")
         scene = parse_scene(SCENES[0])
-        return sample.Reply([scene_to_json(scene)], None, sample.Checked(scene, True, []), torch.zeros(26, 8),
+        return sample.Reply(None, sample.Checked(scene, True, []), torch.zeros(26, 8),
                             torch.zeros(2, round(scene.duration * SAMPLE_RATE)), dict(plan=0, diffusion=0, vae=0), [])
 
     monkeypatch.setattr(sample, "respond", fake_respond)
@@ -245,15 +250,7 @@ def test_the_shipped_toy_model_loads_and_plans():
     this code (configs and weights are checked strictly), and its greedy storytelling plan must parse."""
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "toy"
     m = sample.load_models(ckpt)
-    SmallFLAM.from_checkpoint(ckpt / "flam.pt")
+    load_model(SmallFLAM, ckpt / "flam.pt")
     text, stop = sample.decode_text(m, [Turn("user", ["Make an audio scene with steady rain falling."])], 600)
     assert stop == m.tok.audio_start_id, f"the plan should end where its audio starts, got {text!r}"
     assert parse_scene(text).sounds
-
-
-def test_write_text_is_atomic_and_readable_by_all(tmp_path):
-    path = tmp_path / "a" / "plan.json"
-    sample.write_text(path, "{}\n")
-    sample.write_text(path, "{\"x\": 1}\n")
-    assert path.read_text() == "{\"x\": 1}\n" and path.stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in path.parent.iterdir()] == ["plan.json"], "no temporary file may be left behind"

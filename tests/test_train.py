@@ -22,7 +22,8 @@ from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
-from tokenizer import SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation
+from tokenizer import (REQUESTS, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation,
+                       load_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -128,16 +129,18 @@ def test_vae_resume_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "vae_loss", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
-    assert torch.load(tmp_path / "b" / "vae.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "b" / "vae.pt").exists(), "a stopped stage writes no final file"
+    assert torch.load(tmp_path / "b" / "vae" / "step-000002.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "vae_loss", real_loss)
     resumed = train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
     a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
-    assert a["step"] == b["step"] == 4 and a["done"] and b["done"]
+    assert a["step"] == b["step"] == 4 and a["kind"] == b["kind"] == "vae"
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), f"{key} differs after resuming"
-    vae = StereoVAE.from_checkpoint(resumed)
+    vae = load_model(StereoVAE, resumed)
     assert not torch.equal(vae.latent_scale, torch.ones(vae.audio_dim)), "normalisation must be fitted at the end"
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["vae.pt"], "no temporary files left"
+    assert sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*")) == [
+        "vae", "vae.pt", "vae/step-000002.json", "vae/step-000002.pt"], "no temporary files left"
     before = resumed.stat().st_mtime_ns
     train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
     assert resumed.stat().st_mtime_ns == before, "a finished VAE stage is skipped"
@@ -159,12 +162,12 @@ def test_audio_data_errors_and_crops(tmp_path):
 
 
 def test_schedules():
-    tc = train.VAETrainConfig(steps=100, warmup_steps=10, lr=1.0)
-    lrs = [train.lr_at(s, tc, 1.0) for s in range(100)]
+    lrs = [train.lr_at(s, 1.0, 100, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])), "cosine decay must not increase"
-    cos = [train.cosine_lr(s, 100, 0, 0.2) for s in range(101)]
+    cos = [train.lr_at(s, 1.0, 100, 0, 0.2) for s in range(101)]
     assert cos[0] == 1.0 and cos[50] == pytest.approx(0.6) and cos[100] == pytest.approx(0.2)
+    assert train.lr_at(5, 3e-3, 100, 10, 0.1) == 3e-3 * 6 / 10, "the peak scales the schedule"
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -189,7 +192,7 @@ def test_latents_are_the_normalised_vae_encoding_and_resumable(toy, capsys):
     data, out = toy
     conv = read_conversations(data, "eval")[1]
     cached = torch.load(out / "latents" / "stories" / "eval" / f"{conv.id}.pt", weights_only=True)["latents"]
-    vae = StereoVAE.from_checkpoint(out / "vae.pt")
+    vae = load_model(StereoVAE, out / "vae.pt")
     with torch.no_grad():
         expected = [vae.encode(train.load_audio(t.audio)[None])[0] for t in conv.turns]
     assert len(cached) == len(conv.turns) and cached[0].dtype == torch.float16
@@ -227,7 +230,7 @@ def test_documents_follow_the_paper_layout(toy):
     turns, conv = doc("edit", 1)             # a window that starts at turn 0 is the plain chat
     assert [t.parts[0] for t in turns[::2]] == [conv.turns[0].instruction, conv.turns[1].instruction]
     (user, model), conv = doc("understand", 1)
-    assert user.parts[1] in train.REQUESTS["understand"]
+    assert user.parts[1] in REQUESTS["understand"]
     assert model.parts == [scene_to_json(caption_of(conv.turns[1].scene))]
     (user, model), conv = doc("caption", 0)
     assert model.parts == [conv.turns[0].scene.sounds[0].text] and conv.turns[0].kind == "t2a"
@@ -306,7 +309,7 @@ def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
     assert [r.text for _, r, _ in td.pools["text"]] == ["One document.", "Another one."]
     user, model = td.build("asr", td.pools["asr"][1], random.Random(0))
     assert user.parts[0].shape == (20, 8), "0.25-0.75 s of audio is 20 frames at 40 Hz"
-    assert user.parts[1] in train.REQUESTS["asr"] and model.parts == ["good night"]
+    assert user.parts[1] in REQUESTS["asr"] and model.parts == ["good night"]
     (user, model) = td.build("tts", td.pools["tts"][0], random.Random(0))
     assert "hello there" in user.parts[0] and model.parts[0].shape == (40, 8)
     (user, model) = td.build("t2a", td.pools["t2a"][0], random.Random(0))
@@ -364,7 +367,7 @@ def test_sct_checkpoint_contract(toy, single_run):
                                     "tokenizer_sha256": train.file_sha256(toy[1] / "tokenizer.model"),
                                     "vae_audio_dim": 2 * TINY.latent_dim,
                                     "vae_sha256": train.file_sha256(toy[1] / "vae.pt")}
-    model = SCT.from_checkpoint(single_run / "sct1.pt")
+    model = load_model(SCT, single_run / "sct1.pt")
     assert model.config.vocab_size == tok.vocab_size and model.config.audio_dim == 8
     assert ckpt["train_config"]["sct"]["seq_len"] == 1024 and [e["step"] for e in ckpt["evals"]] == [3, 5]
     assert [h["step"] for h in ckpt["history"]] == [1, 2, 3, 4, 5] and ckpt["history"][0]["lm"] > 0
@@ -390,7 +393,7 @@ def test_flam_stage_reports_detection_and_writes_the_contract(toy, tmp_path):
                 "--flam.batch_size", "2", "--flam.captions", "4", "--flam_loop.save_every", "2", "--threads", "1"])
     ckpt = torch.load(out / "flam.pt", weights_only=True)
     assert ckpt["kind"] == "flam" and 0.0 <= ckpt["detection"]["auroc"] <= 1.0 and "f1" in ckpt["detection"]
-    assert isinstance(SmallFLAM.from_checkpoint(out / "flam.pt"), SmallFLAM)
+    assert isinstance(load_model(SmallFLAM, out / "flam.pt"), SmallFLAM)
     assert [p.name for p in (out / "flam").glob("*.pt")] == ["step-000002.pt"]
 
 
