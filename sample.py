@@ -7,27 +7,20 @@
     python sample.py --plan plan.json                             # render a plan you wrote
     python sample.py --eval data/toy --out out/toy                # the eval split, in metrics.py's layout
 
-From a prompt to the WAV (respond, appendix D): the request is laid out exactly as in training, by
-tokenizer.task_turns (story, upload_edit or understand, after the conversation so far) and encode_conversation;
-the model turn's text is decoded greedily over the U understanding layers with a KV cache (SCT.generate) until
-<unused0> (the audio starts), <end_of_turn> or <eos>; accept_plan parses and checks it; its canonical
-scene_to_json text, not the raw one, goes into the context; Scene.num_frames latent frames are drawn with
-DPM-Solver++(2M) on Karras sigmas and CFG (sample_latents: the conditional prefix and the unconditional one,
-<bos><start_of_turn>model\\n<unused0>, cached once and batched, each step running only the span's frames); the
-VAE decodes them to 48 kHz stereo as long as the plan, and save_audio writes the WAV. One --seed, one audio.
+From a prompt to the WAV (respond, appendix D): the request is laid out as in training (tokenizer.task_turns);
+SCT.generate decodes the model's text greedily with a KV cache until <unused0> (the audio starts), <end_of_turn>
+or <eos>; accept_plan parses and checks it, and its canonical scene_to_json text goes into the context;
+sample_latents draws Scene.num_frames latent frames with DPM-Solver++(2M) and CFG, the conditional prefix and
+the unconditional <bos><start_of_turn>model\n<unused0> cached once and batched; the VAE decodes them to 48 kHz
+stereo, as long as the plan. The same --seed gives the same audio.
 
-Invalid plans (accept_plan, the one place the policy lives): text parse_scene cannot read is an error showing
-it. A scene validate_scene rejects is repaired: loudness clamped into [-30, -10] dB, panning into [-1, 1], start
-into [0, 4] s, duration into [0.1 s, 8 s - start], the edit lists set to copilot.scene_diff from the previous
-scene; every violation and repair is printed, and what no repair fixes (no ambience, a tts sound without a
-speaker) is rendered as written. A plan without sounds is an error.
-
-Limits: input audio at most 8 s (no copilot scene is longer) unless --trim keeps its first 8 s; the whole
-sequence must fit the length the SCT was trained with (sct.pt's train_config["sct"]["seq_len"]); when a chat or
-eval conversation outgrows it, the oldest exchange is dropped (respond_in_context; the plan carries the story).
+Invalid plans (accept_plan): text parse_scene cannot read is an error showing it. A scene validate_scene rejects
+is repaired: numbers clamped into their ranges, edit lists set to copilot.scene_diff from the previous scene;
+every violation and repair is printed, and what no repair fixes is rendered as written. Input audio is at most
+8 s (no copilot scene is longer) unless --trim; a conversation longer than the SCT's trained length loses its
+oldest exchange (respond_in_context; the previous plan carries the story, Eq. 3).
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
-Benchmark: python bench/bench_sample.py --ckpt-dir checkpoints/toy
 """
 import argparse
 import hashlib

@@ -17,12 +17,13 @@ import pytest
 import soundfile as sf
 import torch
 
+import sample
 import train
 from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json, write_dataset
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
-from tokenizer import (REQUESTS, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation,
+from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig, encode_conversation,
                        load_model)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,30 @@ def test_documents_follow_the_paper_layout(toy):
     assert model.parts == [conv.turns[0].scene.sounds[0].text] and conv.turns[0].kind == "t2a"
     (user, model), conv = doc("t2a", 0)
     assert user.parts == [conv.turns[0].instruction] and torch.is_tensor(model.parts[0])
+
+
+def test_sample_prompts_are_prefixes_of_training_documents(toy):
+    """What sample.py asks the model is a token prefix of the document train.py trains on for the same turn: a
+    story, a later chat turn (after the reference turns, as --eval gives them), an upload edit and a describe."""
+    td = task_data(toy, "eval")
+    conv = td.convs[0]
+    z = td.latents(f"stories/eval/{conv.id}")
+    seed = next(s for s in range(100) if random.Random(s).choice(REQUESTS["understand"]) == DESCRIBE)
+    instruction = [{"instruction": t.instruction} for t in conv.turns]
+    cases = {"story": (td.build("story", ("conv", 0, 0), random.Random(0)),
+                       sample.request([], "story", instruction[0])),
+             "later chat turn": (td.build("edit", ("conv", 0, 1), random.Random(0)),
+                                 sample.request(sample.reference_history(conv, 1, z), "story", instruction[1])),
+             "upload edit": (td.build("upload_edit", ("conv", 0, 2), random.Random(0)),
+                             sample.request([], "upload_edit", {"clip": z[1], **instruction[2]})),
+             "describe": (td.build("understand", ("conv", 0, 1), random.Random(seed)),
+                          sample.request([], "understand", {"clip": z[1], "request": DESCRIBE}))}
+    for name, (document, prompt) in cases.items():
+        doc = encode_conversation(document, td.tok).ids.tolist()
+        asked = encode_conversation(prompt, td.tok, generation_prompt=True).ids.tolist()
+        assert len(doc) > len(asked) and doc[: len(asked)] == asked, \
+            f"{name}: the prompt is not a prefix of the training document; they part at token " \
+            f"{next((i for i, (a, b) in enumerate(zip(doc, asked)) if a != b), min(len(doc), len(asked)))}"
 
 
 def test_cfg_dropout_gives_the_unconditional_document(toy):
