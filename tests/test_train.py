@@ -97,6 +97,21 @@ def test_every_field_has_a_flag_with_help_and_typed_values():
     assert paper["sct_model"].num_hidden_layers + paper["sct_model"].num_generation_layers == 39
 
 
+def test_readme_schedule_table_matches_the_presets():
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 5 and cells[0].strip("`") in ("vae", "flam", "sct1", "sct2", "sct3"):
+            rows[cells[0].strip("`")] = cells
+    assert sorted(rows) == ["flam", "sct1", "sct2", "sct3", "vae"], f"README schedule table rows: {sorted(rows)}"
+    for stage, cells in rows.items():
+        for preset, cell in (("toy", cells[2]), ("audiochat", cells[4])):
+            steps, lr, warmup = (x.replace(" ", "") for x in cell.split(","))
+            want = train.PRESETS[preset][stage]
+            assert (int(steps), float(lr), int(warmup)) == (want.steps, want.lr, want.warmup_steps), \
+                f"README {stage} {preset}: steps, lr, warm-up {cell!r}; train.PRESETS: {want}"
+
+
 # -----------------------------------------------------------------------------
 # VAE stage (single process)
 
