@@ -424,8 +424,13 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
 
 
 class Tool(Protocol):
-    """A sound tool: render(sound, voice, rng) -> [S] mono float tensor at 48 kHz. Wire a real
-    text-to-audio or TTS model by writing a class with this method (see the README)."""
+    """A sound tool: render(sound, voice, rng) -> [S] mono float tensor at 48 kHz. A real text-to-audio or TTS
+    model plugs in as a class with this method (`voice` is the tts sound's Voice; map it to one of your speakers):
+        class MyTextToAudio:
+            def render(self, sound, voice, rng):
+                return my_model.generate(sound.text, seconds=sound.duration, seed=rng.getrandbits(32))
+        mix = mix_scene(scene, Renderer({"sfx": MyTextToAudio(), "tts": MyTTS()}, seed=0))   # or in make_conversation
+    """
     def render(self, sound: Sound, voice: "Voice | None", rng: random.Random) -> torch.Tensor: ...
 
 
@@ -687,11 +692,9 @@ def limit_peaks(x: torch.Tensor, ceiling: float) -> torch.Tensor:
 
 
 def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
-    """([S] scaled to `lufs` integrated loudness, the loudness it reaches). When plain scaling would peak above
-    -1 dBFS, the scaled sound goes through limit_peaks and the gain is refined by the secant method until
-    the limited sound measures `lufs` (within 0.05 LU, at most 5 rounds), so the label holds even for a
-    door knock asked to be -10 dB. A sparse sound may not reach a high target under the ceiling at all;
-    the loudness it does reach is returned so the shortfall is recorded. Silence stays silent (-70)."""
+    """([S] scaled to `lufs` integrated loudness, the loudness it reaches). When scaling would peak above -1 dBFS,
+    the sound goes through limit_peaks and the gain is refined by the secant method until it measures `lufs`
+    (0.05 LU, 5 rounds): a knock asked to be -10 dB still is. What a sparse sound cannot reach is returned."""
     now = integrated_loudness(x)
     if now <= -70:
         return x * 0, -70.0
@@ -720,20 +723,12 @@ class Mix:
 
 
 def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
-    """Render, loudness-normalise, pan and place every sound of `scene` into a 48 kHz stereo mix.
-
-    Each sound is faded in and out (10 ms), placed at `start_time` in a silent scene and brought to
-    `loudness` LUFS there (set_loudness: peak-limited at -1 dBFS when needed), so the label is the sound's
-    integrated loudness in the mix, BS.1770's gates seeing the same blocks; then it is panned with the
-    constant-power law and added. Clip policy: sounds at -10..-16 dB add up past full scale, so the summed
-    mix goes through the peak limiter at 0.99 (both channels one gain): only the loudest 5 ms blocks are
-    turned down and the levels of the sounds barely move (the reduction is returned as limited_db).
-
-    Activity is energy-based inside the placement interval: the 40 Hz frames (1200 samples, the latent
-    grid) where the sound's own energy is within 30 dB of its loudest frame, so a knock's silent gaps are
-    inactive; gaps of up to 4 frames (100 ms: between words, between knocks) are bridged. These intervals
-    are the frame-level ground truth of the FLAM metrics.
-    """
+    """Render, level, pan and place every sound of `scene` into a 48 kHz stereo mix. Each sound is faded (10 ms),
+    placed at start_time in a silent scene and set to `loudness` LUFS there (set_loudness), so the label is its
+    integrated loudness in the mix; then panned with the constant-power law and added. Clip policy: the sum goes
+    through the peak limiter at 0.99, one gain for both channels (the reduction is returned as limited_db).
+    Activity, the FLAM metrics' ground truth: the 40 Hz frames inside the placement where the sound's own energy is
+    within 30 dB of its loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
     F = scene.num_frames
     out = torch.zeros(2, F * HOP)
     activity, shortfall = {}, 0.0
@@ -1378,12 +1373,9 @@ def _run_job(job: tuple) -> dict:
 
 def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig | None = None,
                   workers: int = 1) -> dict:
-    """Write n training and eval_n evaluation conversations under root/{train,eval}/, skipping finished ones.
-
-    Resumable: a killed job leaves at most *.tmp files (removed here; run one job per directory) and
-    conversations without their JSON, which are generated again with the same bytes. Every process renders
-    with one torch thread so the bytes do not depend on --workers. Returns counts (kinds, limited, failed).
-    """
+    """Write n training and eval_n evaluation conversations under root/{train,eval}/, skipping finished ones;
+    a killed job leaves *.tmp files (removed here) and conversations without their JSON, generated again with
+    the same bytes. One torch thread per process, so --workers does not change the bytes. Returns counts."""
     root, cfg = Path(root), cfg or DatasetConfig()
     settings = json.loads(json.dumps(vars(cfg)))
     if (root / "config.json").exists():

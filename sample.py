@@ -388,11 +388,12 @@ def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
         clips = [read_clip(m, t.audio) for t in conv.turns]
         for k, turn in enumerate(conv.turns):      # turn k is asked given the REFERENCE turns before it
             if not (out / conv.id / f"turn{k}.json").is_file():
+                seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
                 eval_one(m, reference_history(conv, k, clips), "story", {"instruction": turn.instruction},
-                         conv.turns[k - 1].scene if k else None, opts, args.seed + zlib.crc32(f"{conv.id}|{k}".encode()),
-                         out / conv.id / f"turn{k}")
+                         conv.turns[k - 1].scene if k else None, opts, seed, out / conv.id / f"turn{k}")
         if not (out / conv.id / "caption.json").is_file():
-            eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0, out / conv.id / "caption")
+            eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0,
+                     out / conv.id / "caption")
 
 
 def eval_one(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options, seed: int,
@@ -425,9 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--out", help="WAV path (default out/sample.wav), caption JSON path for --audio alone (default "
                                  "out/caption.json), or a folder for --chat (default out/chat) and --eval (required)")
-    g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio instead of refusing it")
+    g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio, not refuse it")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise; the same seed gives the same audio")
+    g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise: one seed, one audio")
     g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = no guidance)")
     g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn")
@@ -437,11 +438,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="SCT weights (the VAE stays float32); auto = bfloat16 on CUDA, float32 elsewhere")
     args = p.parse_args(argv)
-    modes = [name for name, on in (("--chat", args.chat), ("--eval", args.eval), ("--plan", args.plan),
-                                   ("--audio", args.audio), ("--prompt", args.prompt is not None and not args.plan)) if on]
+    given = {"--chat": args.chat, "--eval": args.eval, "--plan": args.plan, "--audio": args.audio,
+             "--prompt": args.prompt is not None and not args.plan}
+    modes = [name for name, on in given.items() if on]
     if len(modes) != 1 and modes != ["--audio", "--prompt"]:
-        p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE, --chat or --eval DATA_DIR "
-                f"(got {' and '.join(modes) or 'none'})")
+        p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE, --chat or --eval "
+                f"DATA_DIR (got {' and '.join(modes) or 'none'})")
     if args.eval and not args.out:
         p.error("--eval needs --out OUT_DIR")
     if args.steps < 1 or args.max_new_tokens < 1:

@@ -2,15 +2,14 @@
 
 Top to bottom:
   audio I/O       load_audio, save_audio, resample: float32 [2, S] at 48 kHz; write_atomic, the one file writer
-  the stereo VAE  StereoVAE: one DAC-style mono encoder/decoder for both channels, a Gaussian posterior at 40 Hz
-                  with latent_dim dims per channel, stacked to audio_dim = 2 * latent_dim; latent normalisation
+  the stereo VAE  StereoVAE: one DAC-style mono encoder/decoder for both channels, a Gaussian posterior at 40 Hz,
+                  latent_dim dims per channel stacked to audio_dim; its losses (STFT on L/R and mid/side,
+                  multi-scale mel, KL, multi-period and STFT discriminators) and latent normalisation
   checkpoints     load_checkpoint and load_model, the one loader of every .pt file (strict, errors named)
-  VAE losses      multi-resolution STFT on L/R and mid/side, multi-scale mel, KL, multi-period and STFT
-                  discriminators with feature matching
-  text            TextTokenizer over a sentencepiece model (Gemma's tokenizer.model, or a toy one made by
-                  train_text_tokenizer); audio spans open with "<unused0>" and close with "<unused1>"
-  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans, the LM labels of
-                  model tokens, the span ids of the diffusion loss; task_turns lays out every task (train and sample)
+  text            TextTokenizer over a sentencepiece model (Gemma's, or a toy one from train_text_tokenizer)
+  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans between
+                  "<unused0>" and "<unused1>", LM labels on model tokens, span ids for the diffusion loss;
+                  task_turns lays out every task, for train.py's documents and sample.py's prompts alike
 
     python tokenizer.py --params                                        # VAE preset sizes
     python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
@@ -18,6 +17,7 @@ Top to bottom:
 """
 import argparse
 import io
+import itertools
 import math
 import os
 import re
@@ -63,9 +63,9 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int, zeros: int = 24, rollof
     j = torch.arange(-width, width + M, dtype=torch.float64)
     p = torch.arange(L, dtype=torch.float64)[:, None]
     d = (j[None, :] - p * M / L) * cutoff / M        # distance in zero crossings, [L, K]
-    window = torch.i0(beta * torch.sqrt((1 - (d / zeros) ** 2).clamp(min=0))) / torch.i0(torch.tensor(beta, dtype=torch.float64))
-    kernel = torch.special.sinc(d) * window * cutoff / M
-    kernel = kernel.to(x.dtype)
+    i0_beta = torch.i0(torch.tensor(beta, dtype=torch.float64))
+    window = torch.i0(beta * torch.sqrt((1 - (d / zeros) ** 2).clamp(min=0))) / i0_beta
+    kernel = (torch.special.sinc(d) * window * cutoff / M).to(x.dtype)
     shape, S = x.shape[:-1], x.shape[-1]
     y = F.pad(x.reshape(-1, 1, S), (width, width + M))
     y = F.conv1d(y, kernel[:, None, :], stride=M)    # [N, L, ceil(S/M)+1]
@@ -132,20 +132,14 @@ class VAEConfig:
     latent_dim: int = field(default=128, metadata={"help": "dims per channel; audio_dim = 2 * latent_dim (B.1: 128)"})
     encoder_dim: int = field(default=64, metadata={"help": "channels after the first conv; each encoder block doubles"})
     decoder_dim: int = field(default=1536, metadata={"help": "channels into the first decoder block; each halves them"})
-    strides: tuple[int, ...] = field(default=(2, 6, 10, 10), metadata={
-        "help": "encoder downsampling (the decoder's, reversed); their product is HOP = 1200 samples (40 Hz)"})
-    dilations: tuple[int, ...] = field(default=(1, 3, 9), metadata={
-        "help": "one residual unit (kernel 7) per dilation in each block (DAC)"})
+    strides: tuple[int, ...] = field(default=(2, 6, 10, 10), metadata={"help": "encoder strides; product HOP (40 Hz)"})
+    dilations: tuple[int, ...] = field(default=(1, 3, 9), metadata={"help": "a residual unit per dilation (DAC)"})
     chunk_frames: int = field(default=400, metadata={"help": "decode() runs at most this many frames at once"})
-    overlap_frames: int = field(default=16, metadata={
-        "help": "frames of context decoded on each side of a chunk and dropped; at least the decoder's receptive "
-                "field (6 frames toy, 8 paper size), so chunked decoding equals one-shot decoding"})
-    stft_ffts: tuple[int, ...] = field(default=(2048, 1024, 512, 256, 128), metadata={
-        "help": "FFT sizes of the multi-resolution STFT loss on L, R, mid and side (Oobleck), hop fft / 4"})
-    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata={
-        "help": "windows of the multi-scale mel L1 loss (DAC), hop window / 4"})
-    mel_bins: tuple[int, ...] = field(default=(5, 10, 20, 40, 80, 160, 320), metadata={
-        "help": "mel bands at each scale"})
+    overlap_frames: int = field(default=16, metadata={"help": "context decoded around each chunk and dropped; >= the "
+                                                              "decoder's receptive field (6 frames toy, 8 paper)"})
+    stft_ffts: tuple[int, ...] = field(default=(2048, 1024, 512, 256, 128), metadata={"help": "STFT loss FFT sizes"})
+    mel_windows: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024, 2048), metadata={"help": "mel scales"})
+    mel_bins: tuple[int, ...] = field(default=(5, 10, 20, 40, 80, 160, 320), metadata={"help": "mel bands per scale"})
     stft_weight: float = field(default=1.0, metadata={"help": "weight of the STFT term (Oobleck 1.0)"})
     mel_weight: float = field(default=15.0, metadata={"help": "weight of the mel term (DAC 15.0)"})
     kl_weight: float = field(default=1e-4, metadata={"help": "KL to N(0, I), tiny so z stays informative (Oobleck)"})
@@ -153,15 +147,12 @@ class VAEConfig:
     adv_weight: float = field(default=1.0, metadata={"help": "LSGAN generator term (DAC 1.0)"})
     feature_weight: float = field(default=2.0, metadata={"help": "discriminator feature-matching L1 (DAC 2.0)"})
     disc_dim: int = field(default=32, metadata={"help": "base width of each sub-discriminator"})
-    disc_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={
-        "help": "periods of the multi-period discriminator (HiFi-GAN)"})
-    disc_ffts: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={
-        "help": "FFT sizes of the multi-resolution STFT discriminator (EnCodec)"})
-    # Why gain-shape: a small, briefly trained VAE loses quiet channels first; coding the level apart keeps
-    # the level, hence the stereo image of a panned sound, by construction. B.1 is a plain DAC-VAE.
-    gain_shape: bool = field(default=False, metadata={
-        "help": "gain-shape coding (CELT/Opus): latent dim 0 of each channel is the frame's log RMS, not learned, "
-                "and the networks code the waveform divided by its smooth level envelope"})
+    disc_periods: tuple[int, ...] = field(default=(2, 3, 5, 7, 11), metadata={"help": "periods (HiFi-GAN)"})
+    disc_ffts: tuple[int, ...] = field(default=(2048, 1024, 512), metadata={"help": "STFT discriminators (EnCodec)"})
+    # A small, briefly trained VAE loses quiet channels first; coding each channel's level apart keeps the levels,
+    # hence the stereo image of a panned sound, by construction (bench/README.md). B.1 is a plain DAC-VAE.
+    gain_shape: bool = field(default=False, metadata={"help": "latent dim 0 of each channel is the frame's log RMS "
+                                                              "and the networks code the level-normalised waveform"})
 
     def __post_init__(self):
         if math.prod(self.strides) != HOP:
@@ -233,9 +224,8 @@ GAIN_FLOOR = 1e-5   # gain_shape: RMS floor (-100 dBFS) of a frame's level, so s
 
 
 def gain_envelope(log_gain: torch.Tensor) -> torch.Tensor:
-    """Per-frame log RMS [N, 1, F] -> smooth gain [N, 1, F * HOP]: each frame takes the loudest of itself and
-    its neighbours (so an onset or a release is never divided by a silent neighbour's level), then the log
-    level is interpolated linearly between frame centres."""
+    """Per-frame log RMS [N, 1, F] -> smooth gain [N, 1, F * HOP]: each frame the loudest of itself and its
+    neighbours (no onset is divided by a silent neighbour's level), interpolated linearly between frame centres."""
     peak = F.max_pool1d(log_gain, 3, stride=1, padding=1)
     return F.interpolate(peak, scale_factor=HOP, mode="linear", align_corners=False).exp()
 
@@ -376,16 +366,6 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
     return ckpt
 
 
-def config_from_dict(cls, d: dict, path="config"):
-    """Rebuild a config dataclass from asdict() output, refusing unknown or missing fields by name."""
-    names = {f.name for f in fields(cls)}
-    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-    if unknown or missing:
-        raise ValueError(f"{path}: {cls.__name__} mismatch, unknown fields {unknown}, missing fields {missing}; "
-                         f"the checkpoint was written by another version of this code")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> None:
     """load_state_dict(strict=True) with an error that lists the missing, unexpected and mis-shaped tensors."""
     own = model.state_dict()
@@ -400,10 +380,16 @@ def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> 
 
 
 def load_model(cls, path: str | os.PathLike, device="cpu", ckpt: dict | None = None) -> nn.Module:
-    """The model of a checkpoint file, in eval mode on `device`: cls(cls.config_class(**config)) with its weights
-    loaded strictly. cls.kind names the checkpoint kind ("vae", "sct", "flam"); ckpt: the file, already read."""
+    """The model of a checkpoint, in eval mode on `device`: cls(config) with its weights loaded strictly; config
+    fields this code does not know, or lacks, are an error. cls.kind names the checkpoint kind ("vae", "sct",
+    "flam"), cls.config_class its config dataclass; ckpt: the checkpoint dict, when path was read already."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path, cls.kind)
-    model = cls(config_from_dict(cls.config_class, ckpt["config"], path))
+    names, config = {f.name for f in fields(cls.config_class)}, ckpt["config"]
+    unknown, missing = sorted(set(config) - names), sorted(names - set(config))
+    if unknown or missing:
+        raise ValueError(f"{path}: {cls.config_class.__name__} mismatch, unknown fields {unknown}, missing fields "
+                         f"{missing}; the checkpoint was written by another version of this code")
+    model = cls(cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
     load_state_dict_strict(model, ckpt["model"], path)
     return model.to(device).eval()
 
@@ -426,13 +412,10 @@ SILENCE_DB = -80.0   # spectra are floored at the level of white noise at this R
 
 
 def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|STFT|, log10(|STFT| + floor)) of [..., S], Hann window n_fft, hop n_fft // 4 -> [..., bins, frames];
-    with a filterbank fb [bands, bins] both are taken of fb @ |STFT| instead.
-
-    The floor is what white noise at SILENCE_DB gives, 10^(SILENCE_DB/20) * sqrt(sum(window^2)) per
-    bin (summed over each band). With a fixed tiny floor (DAC clamps at 1e-5) digital silence, half of
-    a sparse sound scene, would demand output near -120 dB and dominate the loss; a soft floor
-    (added, not clamped) still gives a gradient to an output that starts below it."""
+    """(|STFT|, log10(|STFT| + floor)) of [..., S] (Hann window n_fft, hop n_fft // 4) -> [..., bins, frames], or
+    of fb @ |STFT| with a filterbank fb [bands, bins]. The floor is white noise at SILENCE_DB per bin (band): with
+    DAC's 1e-5 clamp, digital silence (half a sparse scene) demands output near -120 dB and dominates the loss,
+    and added rather than clamped it still gives a gradient to an output that starts below it."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
     mag = spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
@@ -443,8 +426,7 @@ def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tu
 
 
 def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
-    """Multi-resolution STFT distance of [..., S] signals: mean over FFT sizes of L1(log10 |X|, log10 |Y|)
-    (floored at SILENCE_DB) + L1(|X|, |Y|)."""
+    """Multi-resolution STFT distance of [..., S]: mean over FFT sizes of L1 of the floored logs + L1 of |X|, |Y|."""
     total, ffts = 0.0, list(ffts)
     for n_fft in ffts:
         (mx, lx), (my, ly) = _spectrum(x, n_fft), _spectrum(y, n_fft)
@@ -453,8 +435,7 @@ def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torc
 
 
 def stereo_stft_loss(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
-    """STFT distance of [B, 2, S] on left/right and on mid/side, averaged; the mid/side half is what
-    teaches the stereo image (Oobleck: L/R and sum/difference at 0.5 each)."""
+    """STFT distance of [B, 2, S] on left/right and on mid/side, averaged (Oobleck); mid/side teaches the image."""
     def mid_side(a):
         return torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]], dim=1) / 2
     return 0.5 * stft_distance(x, y, ffts) + 0.5 * stft_distance(mid_side(x), mid_side(y), ffts)
@@ -525,8 +506,7 @@ class STFTDiscriminator(ConvStack):
 
 
 class Discriminator(nn.Module):
-    """Multi-period + multi-resolution STFT discriminators on stereo audio; forward returns one feature
-    list per sub-discriminator, its last entry being the logits."""
+    """Multi-period + STFT discriminators on stereo audio: one feature list per sub-discriminator, logits last."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -652,16 +632,6 @@ class Example:
     latents: torch.Tensor          # [sum F_k, audio_dim] clean latents of every frame, in sequence order
 
 
-def _join_text(parts: list) -> list:
-    out = []
-    for p in parts:
-        if isinstance(p, str) and out and isinstance(out[-1], str):
-            out[-1] = out[-1] + "\n" + p
-        else:
-            out.append(p)
-    return out
-
-
 def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_prompt: bool = False,
                         audio_dim: int | None = None) -> Example:
     """Lay out a conversation. LM loss falls on the tokens of model turns only: their text, the <unused0>
@@ -680,7 +650,9 @@ def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_pro
             raise ValueError(f"turn {n}: role {turn.role!r}; use 'user' or 'model'")
         model = turn.role == "model"
         emit([tok.start_of_turn_id] + tok.encode(turn.role + "\n"))
-        for part in _join_text(turn.parts):
+        parts = [p for text, group in itertools.groupby(turn.parts, key=lambda p: isinstance(p, str))
+                 for p in (["\n".join(group)] if text else group)]     # adjacent text parts, joined by "\n"
+        for part in parts:
             if isinstance(part, str):
                 if not part:
                     raise ValueError(f"turn {n}: empty text part; drop it")
@@ -713,9 +685,8 @@ def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_pro
 def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
     """The inverse of encode_conversation (adjacent text parts come back joined by "\\n"). A final turn
     left open (a generation prompt, or a model turn still being generated) is returned with its parts so far."""
-    ids, spans = ex.ids.tolist(), ex.span_ids.tolist()
+    ids, spans, newline = ex.ids.tolist(), ex.span_ids.tolist(), tok.encode("\n")
     headers = {r: [tok.start_of_turn_id] + tok.encode(r + "\n") for r in ("user", "model")}
-    newline = tok.encode("\n")
     if not ids or ids[0] != tok.bos_id:
         raise ValueError(f"a conversation starts with <bos> (id {tok.bos_id}), got {ids[:1]}")
     turns, i, offset = [], 1, 0
@@ -727,22 +698,16 @@ def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
         parts, text = [], []
         while i < len(ids) and ids[i] != tok.end_of_turn_id:
             if ids[i] != tok.audio_start_id:
-                text.append(ids[i])
-                i += 1
+                text, i = text + [ids[i]], i + 1
                 continue
-            if text:
-                parts.append(tok.decode(text))
-                text = []
-            j = i + 1
+            parts, text, j = parts + ([tok.decode(text)] if text else []), [], i + 1
             while j < len(ids) and spans[j] > 0:
                 j += 1
             if j == len(ids) or ids[j] != tok.audio_end_id or offset + j - i - 1 > len(ex.latents):
                 raise ValueError(f"position {i}: audio span not closed by <unused1> or without latents")
             parts.append(ex.latents[offset: offset + j - i - 1])
             offset, i = offset + j - i - 1, j + 1
-        if text:
-            parts.append(tok.decode(text))
-        turns.append(Turn(role, parts))
+        turns.append(Turn(role, parts + ([tok.decode(text)] if text else [])))
         if i < len(ids):                                           # skip <end_of_turn> and its "\n"
             i += 1 + len(newline) * (ids[i + 1: i + 1 + len(newline)] == newline)
     return turns
@@ -788,8 +753,6 @@ def task_turns(task: str, **parts) -> list[Turn]:
     return [Turn("user", [parts[n] for n in user])] + ([Turn("model", [parts[n] for n in given])] if given else [])
 
 
-# -----------------------------------------------------------------------------
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Stereo VAE utilities (see the module docstring).")
     parser.add_argument("--params", action="store_true", help="print the parameter count of every VAE preset")
@@ -797,13 +760,11 @@ if __name__ == "__main__":
     parser.add_argument("--reconstruct", nargs=2, type=Path, metavar=("IN", "OUT"),
                         help="encode IN (any audio file) with --vae, decode it and write OUT (.wav/.flac)")
     args = parser.parse_args()
-    if args.params:
-        for name, cfg in VAE_PRESETS.items():
-            vae = StereoVAE(cfg)
-            count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-            disc = f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
-            print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
-                  f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    for name, cfg in VAE_PRESETS.items() if args.params else ():
+        vae, disc = StereoVAE(cfg), f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
+        print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
+              f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
     if args.reconstruct:
         if args.vae is None:
             parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt")

@@ -65,9 +65,9 @@ from copilot import DatasetConfig, caption_of, conversation_path, read_conversat
 from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_uncond_span, span_loss_mask,
                        span_to_tokens, transfusion_loss)
 from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
-from model import SCT, SCT_PRESETS, SCTConfig
+from model import SCT, SCT_PRESETS
 from tokenizer import (REQUESTS, SAMPLE_RATE, VAE_PRESETS, AudioError, Discriminator, Example, StereoVAE, TextTokenizer,
-                       Turn, config_from_dict, discriminator_loss, encode_conversation, load_audio, load_checkpoint,
+                       Turn, discriminator_loss, encode_conversation, load_audio, load_checkpoint,
                        load_model, load_state_dict_strict, mel_loss, stft_distance, task_turns, train_text_tokenizer,
                        vae_loss, write_atomic)
 
@@ -150,18 +150,19 @@ class SCTTrainConfig:
     peak_tflops: float = field(default=989.0, metadata={"help": "accelerator peak for the MFU (H100 SXM bf16: 989)"})
 
 
+TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
+
+
 @dataclass
 class StageConfig:
     steps: int = field(metadata={"help": "optimizer steps (Table 5)"})
     lr: float = field(metadata={"help": "AdamW peak learning rate (Table 5)"})
     warmup_steps: int = field(metadata={"help": "linear warm-up steps, then cosine decay (Table 5)"})
-    mixture: dict[str, float] = field(metadata={"help": "task -> weight, tasks: " + " ".join(
-        ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text"))})
+    mixture: dict[str, float] = field(metadata={"help": "task -> weight; tasks: " + ", ".join(TASKS)})
     validated_only: bool = field(default=False, metadata={
         "help": "leave out copilot turns with violations and the turns after them (stage 3)"})
 
 
-TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
 STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
 STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
 TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES)   # toy stages 2 and 3
@@ -1011,13 +1012,10 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
         "data": asdict(cfg["data"]), "seed": seed, "trained_with": trained_with})
     ckpt = ckpts.resume()
     torch.manual_seed(seed)
-    sct = SCT(config_from_dict(SCTConfig, ckpt["config"], ckpts.path)) if ckpt else \
-        build_sct(stage, cfg, out, trained_with)
+    sct = load_model(SCT, ckpts.path, ckpt=ckpt) if ckpt else build_sct(stage, cfg, out, trained_with)
     n_params = sum(p.numel() for p in sct.parameters())
     sct.gradient_checkpointing = tc.gradient_checkpointing
     core = TransfusionForcing(sct.to(d.device), dc.loss_weight)
-    if ckpt:
-        load_state(ckpt, ckpts.path, {"model": sct})               # before DDP/FSDP take the module
     model = wrap_model(core, d, tc.fsdp)
     forward = torch.compile(model) if tc.compile else model
     opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")

@@ -40,12 +40,13 @@ def compare_with_transformers(B=4, T=512, rounds=6):
           f"vocab 2048, window 128, batch {B} x {T} tokens, float32; text only (forward(ids))")
     ids = torch.randint(0, 2048, (B, T))
     for cap, ours_impl in [(50.0, "eager"), (None, "sdpa")]:
-        cfg = replace(SCT_PRESETS["toy"], num_generation_layers=0, attn_logit_softcapping=cap, attn_implementation=ours_impl)
+        cfg = replace(SCT_PRESETS["toy"], num_generation_layers=0, attn_logit_softcapping=cap,
+                      attn_implementation=ours_impl)
         ours = SCT(cfg)
         hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
             vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=128, attn_logit_softcapping=cap,
-            attn_implementation="eager"))
+            num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=128,
+            attn_logit_softcapping=cap, attn_implementation="eager"))
         hf.load_state_dict({k: v for k, v in ours.state_dict().items() if k.startswith("model.")}, strict=False)
         losses = {"ours": lambda: F.cross_entropy(ours.lm_logits(ours(ids)[0]).flatten(0, 1), ids.flatten()),
                   "transformers": lambda: F.cross_entropy(hf(ids).logits.flatten(0, 1), ids.flatten())}
@@ -60,7 +61,8 @@ def compare_with_transformers(B=4, T=512, rounds=6):
         print(f"   ours {ours_impl} vs transformers eager, attention soft-cap {cap}: |loss difference| {diff:.1e}")
         for mode in ("fwd", "fwd+bwd"):
             o, h = best["ours", mode], best["transformers", mode]
-            print(f"     {mode:8s} ours {B * T / o:7.0f} tok/s, transformers {B * T / h:7.0f} tok/s, ours/transformers {h / o:.2f}x")
+            print(f"     {mode:8s} ours {B * T / o:7.0f} tok/s, transformers {B * T / h:7.0f} tok/s, "
+                  f"ours/transformers {h / o:.2f}x")
 
 
 def toy_training_speed(B=4, T=600, repeats=4):
@@ -74,13 +76,15 @@ def toy_training_speed(B=4, T=600, repeats=4):
 
     def step():
         h_text, h_audio = model(ids, audio, span > 0, t, span)
-        loss = F.cross_entropy(model.lm_logits(h_text).flatten(0, 1), ids.flatten()) + model.velocity(h_audio).square().mean()
+        loss = F.cross_entropy(model.lm_logits(h_text).flatten(0, 1), ids.flatten()) + \
+            model.velocity(h_audio).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     sec = timed(step, repeats)
-    print(f"\n2. Toy preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg.attn_implementation}) training step, "
+    print(f"\n2. Toy preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"{cfg.attn_implementation}) training step, "
           f"batch {B} x {T}: {B * T / sec:.0f} tokens/s ({sec * 1000:.0f} ms/step)")
 
 
@@ -91,7 +95,8 @@ def prefix_cache_speed(P=1000, F_=320, repeats=5):
     cond_span = torch.zeros(P, dtype=torch.long)
     cond_span[100:420] = 1                                   # the prompt holds an earlier 8 s span
     rows = [(torch.randint(3, cfg.vocab_size, (P,), generator=g), torch.randn(320, cfg.audio_dim), cond_span),
-            (torch.randint(3, cfg.vocab_size, (6,), generator=g), torch.zeros(0, cfg.audio_dim), torch.zeros(6, dtype=torch.long))]
+            (torch.randint(3, cfg.vocab_size, (6,), generator=g), torch.zeros(0, cfg.audio_dim),
+             torch.zeros(6, dtype=torch.long))]
     x, t = torch.randn(2, F_, cfg.audio_dim), torch.full((2,), 0.5)
     cache = model.prefix_cache(*map(list, zip(*rows)), num_frames=F_)
     cached = timed(lambda: model.denoise_step(cache, x, t), repeats)
@@ -104,7 +109,8 @@ def prefix_cache_speed(P=1000, F_=320, repeats=5):
         audio2 = torch.cat([audio, x], 1)
         times = torch.cat([torch.zeros(2, ids.shape[1]), t[:, None].expand(2, F_)], 1)
         with torch.no_grad():
-            h_audio = model(torch.cat([ids, torch.zeros(2, F_, dtype=torch.long)], 1), audio2, span2 > 0, times, span2, doc2)[1]
+            h_audio = model(torch.cat([ids, torch.zeros(2, F_, dtype=torch.long)], 1), audio2, span2 > 0, times, span2,
+                            doc2)[1]
         return model.velocity(h_audio[:, -F_:])
 
     full = timed(recompute, repeats)
@@ -126,7 +132,7 @@ def exact_vs_sdpa_gap(T=512):
     cos, sin = rope_cos_sin(torch.arange(T)[None], cfg.head_dim, cfg.rope_theta, torch.float32)
     with torch.no_grad():
         for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() == 1 else 0.02))   # std 0.02, norms (1 + w) near 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() == 1 else 0.02))   # std 0.02, (1 + w) near 1
         h = block.input_layernorm(x)
         for qk_std in (0.02, 0.04, 0.06, 0.08):
             attn = block.self_attn

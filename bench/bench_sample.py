@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import sample  # noqa: E402
-from tokenizer import SAMPLE_RATE, Turn  # noqa: E402
+from tokenizer import SAMPLE_RATE  # noqa: E402
 
 
 def main() -> None:
@@ -34,30 +34,32 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="CFG weight (appendix D: 3.0)")
     p.add_argument("--repeats", type=int, default=3, help="timed requests after one warm-up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="SCT weights (the VAE stays float32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="SCT weights (the VAE stays float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     m = sample.load_models(args.ckpt_dir, args.device, getattr(torch, args.dtype))
     opts = sample.Options(steps=args.steps, cfg=args.cfg)
-    turns = [Turn("user", [args.prompt])]
     plan = sample.accept_plan(Path(args.plan).read_text(), None) if args.plan else None
     runs = []
     for seed in range(args.repeats + 1):
         with torch.no_grad():
             t0 = time.perf_counter()
-            reply = sample.respond(m, turns, "story", None, opts, torch.Generator().manual_seed(seed), plan)
+            reply = sample.respond(m, [], "story", {"instruction": args.prompt}, None, opts,
+                                   torch.Generator().manual_seed(seed), plan)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             total = time.perf_counter() - t0
         if seed:                                                    # seed 0 warms up
             runs.append({**reply.seconds, "total": total})
-    tokens = 0 if plan else len(m.tok.encode(reply.texts[0])) + 1     # the plan and the <unused0> that ends it
+    tokens = 0 if plan else len(m.tok.encode(reply.parts["plan"])) + 1     # the plan and the <unused0> ending it
     seconds = reply.audio.shape[1] / SAMPLE_RATE
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, SCT {args.dtype}, "
           f"{args.ckpt_dir}: {args.steps} steps, CFG {args.cfg}, {args.repeats} requests")
-    print(f"plan: {len(reply.plan.scene.sounds)} sounds, {tokens} tokens; audio {seconds:.2f} s = {reply.plan.scene.num_frames} frames")
+    print(f"plan: {len(reply.plan.scene.sounds)} sounds, {tokens} tokens; audio {seconds:.2f} s = "
+          f"{reply.plan.scene.num_frames} frames")
     for phase in ("plan", "diffusion", "vae", "total"):
         values = [r[phase] for r in runs]
         extra = {"plan": f"{tokens / statistics.mean(values):.0f} tokens/s" if tokens else "given (--plan)",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenizer import SAMPLE_RATE, StereoVAE, load_audio, resample, stft_distance  # noqa: E402
+from tokenizer import SAMPLE_RATE, StereoVAE, load_audio, load_model, resample, stft_distance  # noqa: E402
 
 FFTS = (2048, 1024, 512, 256, 128)
 FLOOR_DB = 40.0          # a channel's level is floored at its signal's louder channel's level minus this
@@ -70,7 +70,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    vae = StereoVAE.from_checkpoint(args.ckpt)
+    vae = load_model(StereoVAE, args.ckpt)
     print(f"{args.ckpt}: step {ckpt.get('step')}, latent {vae.latent_dim} x 2 = {vae.audio_dim} dims at 40 Hz, "
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

@@ -41,7 +41,8 @@ def sfx(i, text="steady rain falling", loud=-20, pan=0.0, start=0.0, dur=8.0):
 
 
 def tts(i, **kw):
-    values = dict(loudness=-14, panning=0.3, start_time=1.0, duration=2.0, speaker="Anna", gender="female", emotion="happy") | kw
+    values = dict(loudness=-14, panning=0.3, start_time=1.0, duration=2.0, speaker="Anna", gender="female",
+                  emotion="happy") | kw
     return cp.Sound(i, "tts", "Did you hear that?", **values)
 
 
@@ -54,12 +55,16 @@ def sine(freq, dbfs, seconds, channels=2):
 # scene schema
 
 def test_scene_json_round_trip_is_canonical_and_compact():
-    s = scene(sfx(0, loud=-22.04, dur=8.0), tts(3), sfx(5, "a dog barking", -12.5, -0.333, 1.25, 2.5), added=[5], removed=[4])
+    s = scene(sfx(0, loud=-22.04, dur=8.0), tts(3), sfx(5, "a dog barking", -12.5, -0.333, 1.25, 2.5),
+              added=[5], removed=[4])
     text = cp.scene_to_json(s)
     assert cp.parse_scene(text) == s
-    assert " " not in text.replace("a test scene", "").replace("steady rain falling", "").replace("a dog barking", "").replace("Did you hear that?", "")
+    stripped = text
+    for words in ("a test scene", "steady rain falling", "a dog barking", "Did you hear that?"):
+        stripped = stripped.replace(words, "")
+    assert " " not in stripped
     assert text.startswith('{"description":"a test scene","added":[5],"changed":[],"removed":[4],"text":[{"tool":"sfx"')
-    assert '"loudness":-22,' in text and '"duration":8,' in text and '"panning":-0.33,' in text  # rounded, shortest spelling
+    assert '"loudness":-22,' in text and '"duration":8,' in text and '"panning":-0.33,' in text  # rounded, shortest
     assert '"speaker":"Anna","gender":"female","emotion":"happy","loudness":-14' in text       # paper key order
     assert cp.parse_scene("Sure! Here is the plan:\n```json\n" + text + "\n```") == s
 
@@ -69,9 +74,11 @@ def test_scene_json_round_trip_is_canonical_and_compact():
     ('{"description": "x", "added": [], ', "invalid JSON"),
     ('{"description": "x", "added": [], "changed": [], "removed": []}', "missing ['text']"),
     ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [], "mood": 1}', "unknown ['mood']"),
-    ('{"description": "x", "added": ["1"], "changed": [], "removed": [], "text": []}', "added must be a list of integer ids"),
+    ('{"description": "x", "added": ["1"], "changed": [], "removed": [], "text": []}',
+     "added must be a list of integer ids"),
     ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [{"tool": "sfx", "text": "rain", '
-     '"loudness": "loud", "panning": 0, "start_time": 0, "duration": 8, "id": 0}]}', "loudness must be a finite number"),
+     '"loudness": "loud", "panning": 0, "start_time": 0, "duration": 8, "id": 0}]}',
+     "loudness must be a finite number"),
     ('{"description": "x", "added": [], "changed": [], "removed": [], "text": [{"tool": "sfx", "text": "rain", '
      '"panning": 0, "start_time": 0, "duration": 8, "id": 0}]}', "missing keys ['loudness']"),
 ])
@@ -103,10 +110,11 @@ def test_valid_scene_has_no_violations():
     ([sfx(0), sfx(1, " ", dur=2)], {}, "sound 1: text is empty"),
     ([sfx(0), tts(1, speaker=None)], {}, "sound 1: a tts sound needs a speaker and an emotion"),
     ([sfx(0), tts(1, gender="robot")], {}, "sound 1: tts gender 'robot' must be"),
-    ([sfx(0), cp.Sound(1, "sfx", "a dog barking", -20, 0, 0, 2, speaker="Rex")], {}, "sound 1: speaker/gender/emotion belong to tts"),
+    ([sfx(0), cp.Sound(1, "sfx", "a dog barking", -20, 0, 0, 2, speaker="Rex")], {},
+     "sound 1: speaker/gender/emotion belong to tts"),
     ([sfx(0, pan=0.5)], {}, "scene: no ambience"),                                    # not centred
     ([sfx(0, start=1.0, dur=7.0)], {}, "scene: no ambience"),                         # does not start at 0
-    ([sfx(0, dur=4.0), sfx(1, "a dog barking", -12, 0.7, 2.0, 4.0)], {}, "scene: no ambience"),  # shorter than another sound
+    ([sfx(0, dur=4.0), sfx(1, "a dog barking", -12, 0.7, 2.0, 4.0)], {}, "scene: no ambience"),  # shorter than one
     ([tts(0, start_time=0.0, panning=0.0, duration=8.0)], {}, "scene: no ambience"),  # speech is not ambience
     ([], {}, "scene: 0 sounds"),
     ([sfx(i, dur=8) for i in range(11)], {}, "scene: 11 sounds"),
@@ -114,7 +122,8 @@ def test_valid_scene_has_no_violations():
 ])
 def test_each_rule_rejects_a_crafted_scene(sounds, lists, message):
     errors = cp.validate_scene(scene(*sounds, **lists))
-    assert errors and all(message in e for e in errors), f"expected only violations containing {message!r}, got {errors}"
+    assert errors and all(message in e for e in errors), \
+        f"expected only violations containing {message!r}, got {errors}"
 
 
 def test_a_shared_id_is_reported_once():
@@ -131,18 +140,21 @@ def test_edit_lists_must_match_the_difference():
     assert check([sfx(0), dog, clock]) == []                                                   # nothing changed
     assert check([sfx(0), dog, clock, sfx(7, "a cat meowing", -15, 0, 2, 1)], added=[7]) == []  # add
     assert check([sfx(0), dog], removed=[2]) == []                                              # remove
-    for field, value in (("loudness", -18), ("panning", 0.5), ("start_time", 2.0), ("duration", 2.0)):  # the paper's "changed"
+    for field, value in (("loudness", -18), ("panning", 0.5), ("start_time", 2.0), ("duration", 2.0)):  # "changed"
         moved = replace(dog, **{field: value})
         assert check([sfx(0), moved, clock], changed=[1]) == [], field
         assert check([sfx(0), moved, clock], changed=[1, 1]) == ["sound 1: listed more than once in changed"]
-        assert "sound 1: is changed relative to the previous scene but not listed in changed" in check([sfx(0), moved, clock])
-    assert "sound 7: is added relative to the previous scene but not listed in added" in check([sfx(0), dog, clock, sfx(7, dur=2)])
+        assert "sound 1: is changed relative to the previous scene but not listed in changed" in \
+            check([sfx(0), moved, clock])
+    assert "sound 7: is added relative to the previous scene but not listed in added" in \
+        check([sfx(0), dog, clock, sfx(7, dur=2)])
     assert "sound 2: is removed relative to the previous scene but not listed in removed" in check([sfx(0), dog])
     assert "sound 1: listed in changed but it was not changed" in check([sfx(0), dog, clock], changed=[1])
     assert "sound 2: listed in removed but it was not removed" in check([sfx(0), dog, clock], removed=[2])
     assert "sound 0: listed in added but it was not added" in check([sfx(0), dog, clock], added=[0])
     renamed = replace(dog, text="a cat meowing")                 # new caption under the same id
-    assert any(e.startswith("sound 1: tool, text or voice changed under the same id") for e in check([sfx(0), renamed, clock]))
+    assert any(e.startswith("sound 1: tool, text or voice changed under the same id")
+               for e in check([sfx(0), renamed, clock]))
 
 
 def test_caption_of_keeps_sounds_and_clears_edit_lists():
@@ -178,7 +190,8 @@ def _expected_loudness(segments):
     for seconds, db in segments:
         bounds.append((t, t + seconds, 10 ** (db / 10)))
         t += seconds
-    powers = [sum(max(0.0, min(b, 0.1 * j + 0.4) - max(a, 0.1 * j)) * p for a, b, p in bounds) / 0.4 for j in range(round((t - 0.4) / 0.1) + 1)]
+    powers = [sum(max(0.0, min(b, 0.1 * j + 0.4) - max(a, 0.1 * j)) * p for a, b, p in bounds) / 0.4
+              for j in range(round((t - 0.4) / 0.1) + 1)]
     gated = [p for p in powers if p > 10 ** (-70 / 10)]
     relative = sum(gated) / len(gated) / 10
     kept = [p for p in gated if p > relative]
@@ -210,8 +223,10 @@ def test_pan_gains_follow_the_constant_power_law(p):
     assert float(energy[1] / energy.sum()) == pytest.approx(right ** 2, abs=1e-4)
 
 
-@pytest.mark.parametrize("sound", [sfx(0, "steady rain falling", pan=0.4, start=1.0, dur=3.0), sfx(0, "a dog barking", pan=-0.8, start=0.5, dur=4.0),
-                                   sfx(0, "church bells ringing", dur=6.0), sfx(0, "knocking on a wooden door", pan=1.0, start=2.0, dur=3.0),
+@pytest.mark.parametrize("sound", [sfx(0, "steady rain falling", pan=0.4, start=1.0, dur=3.0),
+                                   sfx(0, "a dog barking", pan=-0.8, start=0.5, dur=4.0),
+                                   sfx(0, "church bells ringing", dur=6.0),
+                                   sfx(0, "knocking on a wooden door", pan=1.0, start=2.0, dur=3.0),
                                    tts(0, start_time=1.0, duration=3.0, loudness=-20)])
 def test_a_sound_mixed_at_minus_20_lufs_measures_minus_20(sound):
     sound = replace(sound, loudness=-20)
@@ -225,7 +240,7 @@ def test_limiter_keeps_peaks_and_labels():
     x[1000] = 30.0                                                             # one huge spike
     y = cp.limit_peaks(x, 0.5)
     assert float(y.abs().max()) <= 0.5 and torch.equal(cp.limit_peaks(x * 1e-3, 0.5), x * 1e-3)  # quiet input untouched
-    assert torch.equal(y[2000:], x[2000:]) and float(y[1000]) == pytest.approx(0.5)  # only the spike's neighbourhood moves
+    assert torch.equal(y[2000:], x[2000:]) and float(y[1000]) == pytest.approx(0.5)  # only near the spike
     knock = cp.Renderer(seed=0).render(sfx(0, "knocking on a wooden door", dur=3))
     level, reached = cp.set_loudness(knock, -14)                               # needs limiting to get there
     assert float(level.abs().max()) <= cp.SOUND_CEILING + 1e-6
@@ -233,13 +248,15 @@ def test_limiter_keeps_peaks_and_labels():
 
 
 def test_loud_scene_is_limited_not_clipped():
-    loud = scene(sfx(0, "a babbling brook", -10, 0, 0, 6), sfx(1, "a car engine idling", -10, 0, 0, 6), sfx(2, "a siren wailing", -10, 0, 1, 4))
+    loud = scene(sfx(0, "a babbling brook", -10, 0, 0, 6), sfx(1, "a car engine idling", -10, 0, 0, 6),
+                 sfx(2, "a siren wailing", -10, 0, 1, 4))
     mix = cp.mix_scene(loud, cp.Renderer(seed=0))
     assert float(mix.audio.abs().max()) <= cp.MIX_CEILING + 1e-6 and mix.limited_db < 0
 
 
 def test_activity_is_energy_based_inside_the_placement():
-    mix = cp.mix_scene(scene(sfx(0, dur=6.0), sfx(1, "three knocks on a door", -15, 0.5, 1.0, 3.0)), cp.Renderer(seed=2))
+    mix = cp.mix_scene(scene(sfx(0, dur=6.0), sfx(1, "three knocks on a door", -15, 0.5, 1.0, 3.0)),
+                       cp.Renderer(seed=2))
     assert mix.activity[0] == [(0.0, 6.0)]                                     # a bed is active throughout
     knocks = mix.activity[1]
     assert knocks and all(1.0 <= a < b <= 4.0 for a, b in knocks)              # inside the placement
@@ -256,13 +273,14 @@ def test_a_mix_only_edit_renders_nothing_again():
     first = scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 3.0), tts(2))
     cp.mix_scene(first, renderer)
     assert renderer.renders == 3
-    moved = [sfx(0, loud=-26), cp.Sound(1, "sfx", "a dog barking", -18, 0.9, 2.5, 3.0), tts(2, panning=-0.9, start_time=4.0)]
+    moved = [sfx(0, loud=-26), cp.Sound(1, "sfx", "a dog barking", -18, 0.9, 2.5, 3.0),
+             tts(2, panning=-0.9, start_time=4.0)]
     cp.mix_scene(scene(*moved, changed=[0, 1, 2]), renderer)                   # loudness, panning, start: mix only
     assert renderer.renders == 3, "a loudness/panning/start change must not call a tool"
     cp.mix_scene(scene(sfx(0), sfx(3, "a cat meowing", -12, -0.5, 1.0, 3.0), tts(4, emotion="sad")), renderer)
     assert renderer.renders == 5                                               # new caption, new emotion: new renders
     cp.mix_scene(scene(sfx(0), sfx(1, "a dog barking", -12, -0.5, 1.0, 2.0)), renderer)
-    assert renderer.renders == 6                                               # a new length is a tool parameter (paper A.2)
+    assert renderer.renders == 6                                  # a new length is a tool parameter (paper A.2)
 
 
 def test_library_has_24_learnable_classes():
@@ -275,13 +293,16 @@ def test_library_has_24_learnable_classes():
         f = torch.linspace(0, 24_000, 513)
         bands = torch.stack([spec[(f >= lo) & (f < hi)].sum(0) for lo, hi in zip(edges[:-1], edges[1:])])  # [12, T]
         env = bands.sum(0)
-        return torch.cat([torch.log10(bands.mean(1) / bands.mean(1).sum() + 1e-9), (env.std() / env.mean()).log10()[None]])
-    feats = {n: [features(cp.ProceduralSFX().render(sfx(0, c.captions[0], dur=3.0), None, random.Random(seed))) for seed in range(4)]
+        return torch.cat([torch.log10(bands.mean(1) / bands.mean(1).sum() + 1e-9),
+                          (env.std() / env.mean()).log10()[None]])
+    feats = {n: [features(cp.ProceduralSFX().render(sfx(0, c.captions[0], dur=3.0), None, random.Random(seed)))
+                 for seed in range(4)]
              for n, c in cp.SOUND_CLASSES.items()}
     for n, c in cp.SOUND_CLASSES.items():
         assert len(c.captions) >= 2 and all(cp.caption_to_class(cap) == n for cap in c.captions)
     centroids = {n: torch.stack(v[:2]).mean(0) for n, v in feats.items()}    # "train" on seeds 0-1, test on 2-3
-    hits = sum(min(centroids, key=lambda m: float((centroids[m] - x).norm())) == n for n, v in feats.items() for x in v[2:])
+    hits = sum(min(centroids, key=lambda m: float((centroids[m] - x).norm())) == n
+               for n, v in feats.items() for x in v[2:])
     assert hits / (2 * len(feats)) >= 0.85, f"only {hits} of {2 * len(feats)} renders classified correctly"
 
 
@@ -304,8 +325,9 @@ def test_formant_tts_voices_and_emotions():
         e = x[: len(x) // 1200 * 1200].view(-1, 1200).pow(2).mean(1)
         return float((e > e.max() * 1e-4).sum()) / 40
     assert spoken(sad) > spoken(calm) > spoken(excited)                        # emotion sets the rate
-    assert torch.equal(calm, cp.FormantTTS().render(tts(0, emotion="calm", **line), cp.voice_for("Ben", "male"),
-                                                     random.Random(f"0|{tts(0, emotion='calm', **line).tool_params()}")))
+    sound = tts(0, emotion="calm", **line)
+    assert torch.equal(calm, cp.FormantTTS().render(sound, cp.voice_for("Ben", "male"),
+                                                     random.Random(f"0|{sound.tool_params()}")))
 
 
 def test_espeak_tts_when_installed():
@@ -351,7 +373,8 @@ def test_offline_conversations_are_deterministic_and_valid():
 
 
 def test_offline_eval_turns_follow_the_requested_kinds():
-    for i, kinds in enumerate([["remove", "change"], ["open", "add"], ["volume", "pan"], ["add", "remove"], ["pan", "volume"]]):
+    kind_pairs = [["remove", "change"], ["open", "add"], ["volume", "pan"], ["add", "remove"], ["pan", "volume"]]
+    for i, kinds in enumerate(kind_pairs):
         rng = random.Random(i)
         turns = cp.OfflineCopilot().conversation(cp.EVAL_SEEDS[i], rng, 3, kinds)
         assert [k for _, k, _ in turns] == ["story"] + kinds
@@ -407,7 +430,8 @@ def _paper_answer(**loudness_of_sound_3):
 
 
 def test_llm_backend_round_trip_retries_a_malformed_answer():
-    with FakeServer(["```json\n[{\"role\": \"user\", \"content\": \"oops\"", _paper_answer(loudness=-45), _paper_answer()]) as server:
+    malformed = "```json\n[{\"role\": \"user\", \"content\": \"oops\""
+    with FakeServer([malformed, _paper_answer(loudness=-45), _paper_answer()]) as server:
         llm = cp.LLMCopilot(server.url, "gemma-3-27b", attempts=3, backoff=0.0)
         turns = llm.conversation("leaves rustle", random.Random(0), n_turns=2, speech=False)
     assert [(k, len(s.sounds)) for _, k, s in turns] == [("story", 3), ("add", 4)]
@@ -416,16 +440,20 @@ def test_llm_backend_round_trip_retries_a_malformed_answer():
     assert llm.failures == 2 and len(server.requests) == 3
     path, first = server.requests[0]
     assert path == "/v1/chat/completions" and first["model"] == "gemma-3-27b"
-    assert first["messages"][0]["role"] == "system" and first["messages"][0]["content"].startswith("You are an intelligent AI prompt engineer.")
-    assert "one sound effects tool" in first["messages"][0]["content"] and "leaves rustle" in first["messages"][1]["content"]
+    system, user = first["messages"][0], first["messages"][1]
+    assert system["role"] == "system" and system["content"].startswith("You are an intelligent AI prompt engineer.")
+    assert "one sound effects tool" in system["content"] and "leaves rustle" in user["content"]
     feedback = server.requests[2][1]["messages"]                               # the errors went back to the LLM
-    assert feedback[-2]["role"] == "assistant" and "sound 3: loudness -45.0 dB outside [-30, -10]" in feedback[-1]["content"]
-    assert "invalid JSON" not in feedback[-1]["content"] and "not valid JSON" in server.requests[1][1]["messages"][-1]["content"]
+    assert feedback[-2]["role"] == "assistant"
+    assert "sound 3: loudness -45.0 dB outside [-30, -10]" in feedback[-1]["content"]
+    assert "invalid JSON" not in feedback[-1]["content"]
+    assert "not valid JSON" in server.requests[1][1]["messages"][-1]["content"]
 
 
 def test_llm_backend_retries_http_errors_and_gives_up_on_bad_answers():
     with FakeServer([503, _paper_answer()]) as server:
-        turns = cp.LLMCopilot(server.url, "m", backoff=0.0).conversation("rain", random.Random(0), n_turns=2, speech=True)
+        llm = cp.LLMCopilot(server.url, "m", backoff=0.0)
+        turns = llm.conversation("rain", random.Random(0), n_turns=2, speech=True)
     assert len(turns) == 2 and "two tools" in server.requests[1][1]["messages"][0]["content"]  # the SFX + TTS prompt
     with FakeServer([_paper_answer(loudness=-45)] * 2) as server:
         llm = cp.LLMCopilot(server.url, "m", attempts=2, backoff=0.0)
@@ -461,7 +489,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _copilot(out: Path, *flags: str) -> list[str]:
-    return [sys.executable, str(REPO / "copilot.py"), "--out", str(out), "--n", "4", "--eval-n", "3", "--seed", "5", *flags]
+    return [sys.executable, str(REPO / "copilot.py"), "--out", str(out), "--n", "4", "--eval-n", "3", "--seed", "5",
+            *flags]
 
 
 def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
@@ -481,7 +510,8 @@ def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
 
     train, evaluation = cp.read_conversations(tmp_path / "full"), cp.read_conversations(tmp_path / "full", "eval")
     assert [c.id for c in train] == [f"train-{i:07d}" for i in range(4)] and len(evaluation) == 3
-    assert all(c.seed_text in cp.EVAL_SEEDS and [t.kind for t in c.turns][0] == "story" and len(c.turns) == 3 for c in evaluation)
+    assert all(c.seed_text in cp.EVAL_SEEDS and [t.kind for t in c.turns][0] == "story" and len(c.turns) == 3
+               for c in evaluation)
     assert sorted(t.kind for c in evaluation for t in c.turns[1:]) == sorted(cp.EDIT_KINDS)   # six kinds, evenly
     turn = train[0].turns[-1]
     audio = load_audio(turn.audio)

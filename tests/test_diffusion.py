@@ -94,7 +94,8 @@ def test_vdenoiser_is_the_exact_denoiser_and_kdiffusion_vdenoiser():
     # k-diffusion VDenoiser with sigma_data = 1: c_skip, c_out, c_in and t = atan(s) 2 / pi.
     model = lambda x_t, t: torch.sin(x_t) * (1 + t[:, None])
     c = s[:, None]
-    kd = model(x / torch.sqrt(c ** 2 + 1), torch.atan(s) * 2 / math.pi) * (-c / torch.sqrt(c ** 2 + 1)) + x / (c ** 2 + 1)
+    root = torch.sqrt(c ** 2 + 1)
+    kd = model(x / root, torch.atan(s) * 2 / math.pi) * (-c / root) + x / (c ** 2 + 1)
     assert torch.allclose(dd.vdenoiser(model)(x, s), kd, atol=1e-12)
 
 

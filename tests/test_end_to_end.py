@@ -27,11 +27,13 @@ from tokenizer import (DESCRIBE, SAMPLE_RATE, StereoVAE, TextTokenizer, Turn, VA
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VAE = VAEConfig(latent_dim=4, encoder_dim=4, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,))
-INSTRUCTIONS = ["Rain on a tin roof, and a dog barking on the left.", "Move the dog to the right.", "Make the rain louder."]
+INSTRUCTIONS = ["Rain on a tin roof, and a dog barking on the left.", "Move the dog to the right.",
+                "Make the rain louder."]
 
 
 def _scene(rain_db: float, dog_pan: float, changed: list[int]) -> str:
-    sounds = [dict(tool="sfx", text="rain on a tin roof", loudness=rain_db, panning=0, start_time=0, duration=0.63, id=0),
+    sounds = [dict(tool="sfx", text="rain on a tin roof", loudness=rain_db, panning=0, start_time=0, duration=0.63,
+                   id=0),
               dict(tool="sfx", text="a dog barking", loudness=-15, panning=dog_pan, start_time=0.1, duration=0.4, id=1)]
     obj = dict(description="Rain on a roof with a dog barking.", added=[], changed=changed, removed=[], text=sounds)
     return scene_to_json(parse_scene(json.dumps(obj)))
@@ -81,7 +83,8 @@ def reproduces(sct: SCT, tok: TextTokenizer, conversations: list[list[Turn]]) ->
 
 
 def fit_sct(tok: TextTokenizer, conversations: list[list[Turn]], audio_dim: int, max_steps: int = 500) -> SCT:
-    """Overfit a tiny SCT with the Transfusion Forcing loss until it reproduces every model text (checked every 25 steps)."""
+    """Overfit a tiny SCT with the Transfusion Forcing loss until it reproduces every model text (checked every 25
+    steps)."""
     torch.manual_seed(0)
     cfg = SCTConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_generation_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -94,9 +97,10 @@ def fit_sct(tok: TextTokenizer, conversations: list[list[Turn]], audio_dim: int,
     for step in range(1, max_steps + 1):
         b = training_row(examples, audio_dim, gen)
         mask, lm = b["span"] > 0, b["labels"] != -100
-        h_text, h_audio = sct(b["ids"][None], b["audio"][None], mask[None], b["t"][None], b["span"][None], b["doc"][None])
+        h_text, h_audio = sct(b["ids"][None], b["audio"][None], mask[None], b["t"][None], b["span"][None],
+                              b["doc"][None])
         loss, _, _ = transfusion_loss(sct.lm_logits(h_text[0, lm]), b["labels"][lm], sct.velocity(h_audio[0, mask]),
-                                      b["v"], b["weight"], loss_weight=0.5)   # light diffusion weight: text matters here
+                                      b["v"], b["weight"], loss_weight=0.5)   # light diffusion weight: text matters
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -153,7 +157,8 @@ def check_audio(wav: Path, scene_json: str) -> None:
     info = sf.info(str(wav))
     want = round(parse_scene(scene_json).duration * SAMPLE_RATE)
     assert (info.samplerate, info.channels, info.frames) == (SAMPLE_RATE, 2, want), \
-        f"{wav.name}: got {info.samplerate} Hz, {info.channels} ch, {info.frames} samples; expected 48000 Hz, 2 ch, {want}"
+        f"{wav.name}: got {info.samplerate} Hz, {info.channels} ch, {info.frames} samples; " \
+        f"expected 48000 Hz, 2 ch, {want}"
 
 
 def plan_of(path: Path) -> str:
@@ -166,9 +171,11 @@ def test_storytelling_writes_plan_and_audio_deterministically(world, tmp_path):
             for name, seed in (("a", 1), ("b", 1), ("c", 2))}
     for name, r in runs.items():
         assert r.returncode == 0, f"run {name} failed:\n{r.stderr}"
-        assert plan_of(tmp_path / f"{name}.json") == SCENES[0], f"run {name} planned {plan_of(tmp_path / f'{name}.json')}"
+        planned = plan_of(tmp_path / f"{name}.json")
+        assert planned == SCENES[0], f"run {name} planned {planned}"
         check_audio(tmp_path / f"{name}.wav", SCENES[0])
-    assert "plan:" in runs["a"].stdout and '"a dog barking"' in runs["a"].stdout, f"the plan is not printed:\n{runs['a'].stdout}"
+    assert "plan:" in runs["a"].stdout and '"a dog barking"' in runs["a"].stdout, \
+        f"the plan is not printed:\n{runs['a'].stdout}"
     a, b, c = (sf.read(str(tmp_path / f"{n}.wav"), dtype="float32")[0] for n in "abc")   # the WAV header holds a time
     assert (a == b).all(), "the same seed gave different audio"
     assert not (a == c).all(), "seeds 1 and 2 gave identical audio"
@@ -179,7 +186,7 @@ def test_edit_uploaded_clip_writes_caption_plan_and_audio(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert plan_of(tmp_path / "edit.caption.json") == CAPTION
     assert plan_of(tmp_path / "edit.json") == SCENES[1]
-    assert validate_scene(parse_scene(SCENES[1]), parse_scene(CAPTION)) == [], "the edit must be valid against the caption"
+    assert validate_scene(parse_scene(SCENES[1]), parse_scene(CAPTION)) == [], "the edit must be valid vs the caption"
     check_audio(tmp_path / "edit.wav", SCENES[1])
 
 
@@ -192,7 +199,8 @@ def test_describe_writes_caption_json_only(world, tmp_path):
 
 
 def test_chat_carries_plans_forward_undoes_and_loads(world, tmp_path):
-    script = "\n".join([INSTRUCTIONS[0], INSTRUCTIONS[1], "/undo", INSTRUCTIONS[1], INSTRUCTIONS[2], "/quit", "ignored"])
+    script = "\n".join([INSTRUCTIONS[0], INSTRUCTIONS[1], "/undo", INSTRUCTIONS[1], INSTRUCTIONS[2], "/quit",
+                        "ignored"])
     r = run(world, "--chat", "--out", tmp_path / "chat", stdin=script)
     assert r.returncode == 0, r.stderr
     assert "removed turn 1" in r.stderr, r.stderr

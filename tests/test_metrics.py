@@ -2,7 +2,7 @@
 synthetic sound world), KAD/FAD, tcpWER (hand cases and meeteval), the OpenFLAM adapter and the evaluation tables.
 
 `python tests/test_metrics.py [steps]` trains SmallFLAM on the synthetic world for longer and prints its
-held-out detection quality (the README's figures).
+held-out detection quality (bench/README.md's figures).
 """
 import json
 import math
@@ -130,7 +130,8 @@ def test_detection_quality_hand_case():
 
 def test_kad_against_the_definition():
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
     d = [(x[i] - x[j]).norm() for i in range(4) for j in range(i + 1, 4)]
     h = sorted(d)[(len(d) - 1) // 2]                                 # lower median, as torch.median
 
@@ -216,8 +217,10 @@ def test_tcpwer_matches_meeteval_on_random_cases():
 
     for case in range(40):
         ref = segments(rng.randint(1, 3), ["A", "B", "C"])
-        hyp = [(s, a + rng.uniform(-1.5, 1.5), b + rng.uniform(-1.5, 1.5), w) for s, a, b, w in segments(3, ["x", "y", "z"])]
-        hyp = [(s, a, max(a, b), w) for s, a, b, w in hyp] + ([(s.lower(), a, b, w) for s, a, b, w in ref] if case % 2 else [])
+        hyp = [(s, a + rng.uniform(-1.5, 1.5), b + rng.uniform(-1.5, 1.5), w)
+               for s, a, b, w in segments(3, ["x", "y", "z"])]
+        hyp = [(s, a, max(a, b), w) for s, a, b, w in hyp] + \
+            ([(s.lower(), a, b, w) for s, a, b, w in ref] if case % 2 else [])
         collar = [0.0, 0.5, 1.0][case % 3]
         want = ref_tcp(seglst(ref), seglst(hyp), collar=collar)
         got = tcpwer(ref, hyp, collar=collar)
@@ -398,16 +401,19 @@ def render(sc: dict, seconds: float = 2.0) -> torch.Tensor:
     for s in sc["text"]:
         a, b = int(s["start_time"] * SAMPLE_RATE), int((s["start_time"] + s["duration"]) * SAMPLE_RATE)
         caption = metrics.flam_caption(s)
-        audio[:, a:b] += 10 ** (s["loudness"] / 20) * torch.sin(2 * math.pi * TONES[caption] * torch.arange(b - a) / SAMPLE_RATE)
+        audio[:, a:b] += 10 ** (s["loudness"] / 20) * torch.sin(
+            2 * math.pi * TONES[caption] * torch.arange(b - a) / SAMPLE_RATE)
     return audio
 
 
 def fake_eval_split(root: Path) -> list:
     speech = sound(2, "Hello there, friend.", "tts", gender="male", speaker="Al", start_time=0.5, duration=1.0)
-    low, mid, high = sound(1, "a low tone"), sound(1, "a middle tone"), sound(3, "a high tone", start_time=1.5, duration=0.5)
+    low, mid = sound(1, "a low tone"), sound(1, "a middle tone")
+    high = sound(3, "a high tone", start_time=1.5, duration=0.5)
     story = scene([low, speech])
     plans = {
-        "c0": [("story", story), ("add", scene([low, speech, high], added=[3])), ("remove", scene([speech, high], removed=[1]))],
+        "c0": [("story", story), ("add", scene([low, speech, high], added=[3])),
+               ("remove", scene([speech, high], removed=[1]))],
         "c1": [("story", story), ("change", scene([mid, speech], changed=[1])),
                ("volume", scene([mid, {**speech, "loudness": -12}], changed=[2]))],
     }
@@ -454,7 +460,8 @@ def test_evaluate_tables_on_a_fake_split(tmp_path):
     assert ed["System"]["all"]["delta_multiflam"] == pytest.approx(0.0, abs=1e-6) and ed["System"]["all"]["n"] == 4
     assert ed["Ground truth"]["all"]["delta_multiflam"] < 0.01        # kept sounds stay
     assert un["Ground truth"]["tcpwer"] == 0 and un["System"]["tcpwer"] == pytest.approx(1 / 6)  # "fiend": 1 of 6 words
-    assert un["Ground truth"]["multiflam"] > 0.99 and un["System"]["multiflam"] == pytest.approx(0.5, abs=1e-3)  # c1 hears no high tone
+    # c1 hears no high tone
+    assert un["Ground truth"]["multiflam"] > 0.99 and un["System"]["multiflam"] == pytest.approx(0.5, abs=1e-3)
     text = metrics.format_tables(r)
     for word in ("Storytelling (n=2)", "Editing (n=4)", "Understanding", "Ground truth", "add", "volume", "16.67"):
         assert word in text, text
@@ -474,8 +481,8 @@ def test_cli_reads_the_eval_split_and_writes_json(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "copilot", types.SimpleNamespace(read_conversations=read_conversations))
     model = SmallFLAM(FLAM_PRESETS["toy"])
     torch.save({"kind": "flam", "config": asdict(model.config), "model": model.state_dict()}, tmp_path / "flam.pt")
-    metrics.main(["--data", str(tmp_path / "data"), "--system", str(tmp_path / "out"), "--flam", str(tmp_path / "flam.pt"),
-                  "--json", str(tmp_path / "r.json")])
+    metrics.main(["--data", str(tmp_path / "data"), "--system", str(tmp_path / "out"),
+                  "--flam", str(tmp_path / "flam.pt"), "--json", str(tmp_path / "r.json")])
     assert seen["args"] == (tmp_path / "data", "eval")
     assert "Storytelling (n=2)" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["understanding"]["System"]["tcpwer"] == 0

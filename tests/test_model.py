@@ -15,8 +15,9 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 # A tiny Gemma 2 with every feature switched on: sliding window shorter than the test sequences,
 # query_pre_attn_scalar != head_dim, both soft-caps.
 HF_KW = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, max_position_embeddings=256,
-             attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attn_implementation="eager")
+             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+             max_position_embeddings=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+             attn_implementation="eager")
 TINY = SCTConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_generation_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
                  audio_dim=6)
@@ -28,7 +29,8 @@ def spread_weights(model, seed=0):
     logits well past their soft-caps (transformers' own init zeroes the norms and never reaches the caps)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        std = 0.5 if "norm" in name else 2.0 if "embed" in name else 1.0 if ("q_proj" in name or "k_proj" in name) else 0.3
+        qk = "q_proj" in name or "k_proj" in name
+        std = 0.5 if "norm" in name else 2.0 if "embed" in name else 1.0 if qk else 0.3
         p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
@@ -190,18 +192,22 @@ def test_cached_greedy_equals_naive_with_audio_and_left_padding():
         rows.append((ids, torch.randn(int((span > 0).sum()), 6, generator=g), span))
     batched = model.generate(*map(list, zip(*rows)), max_new_tokens=9)
     for (ids, lat, span), got in zip(rows, batched):
-        assert model.generate([ids], [lat], [span], max_new_tokens=9)[0].tolist() == got.tolist(), "batching changed a row"
+        alone = model.generate([ids], [lat], [span], max_new_tokens=9)[0]
+        assert alone.tolist() == got.tolist(), "batching changed a row"
         seq, sp, audio = ids[None].clone(), span[None].clone(), torch.zeros(1, len(ids), 6)
         audio[0, span > 0] = lat
         for _ in range(9):                                            # naive: a full forward per token
             h_text = model(seq, audio, sp > 0, torch.zeros(sp.shape), sp)[0]
             seq = torch.cat([seq, model.lm_logits(h_text[:, -1]).argmax(-1, keepdim=True)], 1)
-            sp, audio = torch.cat([sp, torch.zeros(1, 1, dtype=torch.long)], 1), torch.cat([audio, torch.zeros(1, 1, 6)], 1)
-        assert got.tolist() == seq[0, len(ids):].tolist(), f"cached {got.tolist()} vs naive {seq[0, len(ids):].tolist()}"
+            sp = torch.cat([sp, torch.zeros(1, 1, dtype=torch.long)], 1)
+            audio = torch.cat([audio, torch.zeros(1, 1, 6)], 1)
+        naive = seq[0, len(ids):].tolist()
+        assert got.tolist() == naive, f"cached {got.tolist()} vs naive {naive}"
     stop = int(batched[0][-1])
     stopped = model.generate([rows[0][0]], [rows[0][1]], [rows[0][2]], max_new_tokens=9, stop_ids=[stop])[0]
     expected = batched[0][: batched[0].tolist().index(stop) + 1]
-    assert stopped.tolist() == expected.tolist(), f"stop id {stop}: expected {expected.tolist()}, got {stopped.tolist()}"
+    assert stopped.tolist() == expected.tolist(), \
+        f"stop id {stop}: expected {expected.tolist()}, got {stopped.tolist()}"
 
 
 def test_prefix_cached_denoise_step_equals_full_forward():
@@ -209,7 +215,8 @@ def test_prefix_cached_denoise_step_equals_full_forward():
     g = torch.Generator().manual_seed(8)
     F_ = 7
     cond_span = layout({1: (2, 8)}, 13)[0]                           # cond: an earlier clean audio span
-    prefixes = [(torch.randint(3, 97, (13,), generator=g).masked_fill(cond_span > 0, 0), torch.randn(6, 6, generator=g), cond_span),
+    prefixes = [(torch.randint(3, 97, (13,), generator=g).masked_fill(cond_span > 0, 0),
+                 torch.randn(6, 6, generator=g), cond_span),
                 (torch.randint(3, 97, (4,), generator=g), torch.zeros(0, 6), torch.zeros(4, dtype=torch.long))]
     x, t = torch.randn(2, F_, 6, generator=g), torch.tensor([0.7, 0.7])
     cache = model.prefix_cache(*map(list, zip(*prefixes)), num_frames=F_)
@@ -225,7 +232,8 @@ def test_prefix_cached_denoise_step_equals_full_forward():
         times = torch.cat([torch.zeros(P), torch.full((F_,), 0.7)])[None]
         with torch.no_grad():
             ref = model.velocity(model(full_ids, audio, full_span > 0, times, full_span)[1])[0, P:]
-        assert (v[b] - ref).abs().max() < 1e-5, f"row {b}: cached step differs from full forward by {(v[b] - ref).abs().max()}"
+        assert (v[b] - ref).abs().max() < 1e-5, \
+            f"row {b}: cached step differs from full forward by {(v[b] - ref).abs().max()}"
         assert torch.equal(v[b], v_again[b])
 
 
@@ -252,7 +260,8 @@ def test_audio_embedding_norm_follows_text_embedding_norm():
         mask = torch.ones(1, 4000, dtype=torch.bool)
         model.time_embed.mlp[2].bias.fill_(0.0)
         model.time_embed.mlp[2].weight.fill_(0.0)                    # isolate the projection
-        audio_rms = model.embed(torch.zeros(1, 4000, dtype=torch.long), latents, mask, torch.zeros(1, 4000)).pow(2).mean().sqrt()
+        audio = model.embed(torch.zeros(1, 4000, dtype=torch.long), latents, mask, torch.zeros(1, 4000))
+        audio_rms = audio.pow(2).mean().sqrt()
         text_rms = (model.model.embed_tokens.weight * 64 ** 0.5).pow(2).mean().sqrt()
     assert abs(audio_rms / text_rms - 1) < 0.05, f"audio RMS {audio_rms} vs text RMS {text_rms}"
 
@@ -301,7 +310,8 @@ def test_loader_errors(hf_gemma, tmp_path):
     with pytest.raises(FileNotFoundError, match="model-00099-of-00099"):
         SCT.from_gemma(tmp_path / "empty", 1, 6)
     with pytest.raises(ValueError, match=r"missing tensors: \['model.norm.weight'\]"):
-        SCT.from_gemma(gemma_dir(src, tmp_path / "missing", lambda d: {k: v for k, v in d.items() if k != "model.norm.weight"}), 1, 6)
+        SCT.from_gemma(gemma_dir(src, tmp_path / "missing",
+                                 lambda d: {k: v for k, v in d.items() if k != "model.norm.weight"}), 1, 6)
     with pytest.raises(ValueError, match=r"unknown tensors: \['model.extra.weight"):
         SCT.from_gemma(gemma_dir(src, tmp_path / "extra", lambda d: {**d, "model.extra.weight": torch.zeros(2)}), 1, 6)
     with pytest.raises(ValueError, match=r"wrong shapes: \['model.layers.0.mlp.down_proj.weight: \(64, 96\)"):

@@ -100,7 +100,8 @@ def test_prefixes_follow_the_training_layout(m):
 
 
 def test_cached_cfg_sampling_equals_full_sequence_reference(m):
-    """sample_latents (prefix cache, cond + uncond batched) against CFG written out with SCT.forward over whole sequences."""
+    """sample_latents (prefix cache, cond + uncond batched) against CFG written out with SCT.forward over whole
+    sequences."""
     D, F, w = m.sct.config.audio_dim, 6, 2.5
     scene = parse_scene(SCENES[0])
     scene.sounds = [s for s in scene.sounds if s.id == 0]
@@ -121,7 +122,8 @@ def test_cached_cfg_sampling_equals_full_sequence_reference(m):
         return torch.stack(out)
 
     with torch.no_grad():
-        want = diffusion_sample(guided(v_both, w), (1, F, D), DiffusionConfig(steps=4), torch.Generator().manual_seed(3))[0]
+        want = diffusion_sample(guided(v_both, w), (1, F, D), DiffusionConfig(steps=4),
+                                torch.Generator().manual_seed(3))[0]
         got = sample.sample_latents(m, [user, Turn("model", texts + [torch.zeros(F, D)])],
                                     sample.Options(steps=4, cfg=w), torch.Generator().manual_seed(3))
     assert got.shape == (F, D)
