@@ -302,6 +302,7 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
 # The modes
 
 def write_text(path: Path, text: str) -> None:
+    """A text file, written by tokenizer.write_atomic."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
