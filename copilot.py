@@ -108,10 +108,9 @@ class Scene:
     def duration(self) -> float:
         return max((s.end for s in self.sounds), default=0.0)
 
-    @property
-    def num_frames(self) -> int:
-        """Length of the audio span that follows the plan: ceil(latest end time * 40) latent frames."""
-        return math.ceil(round(self.duration * FRAME_RATE, 6))
+    def num_frames(self, frame_rate: float) -> int:
+        """Frames of the audio span that follows the plan: ceil(latest end time * frame_rate), e.g. the VAE's rate."""
+        return math.ceil(round(self.duration * frame_rate, 6))
 
     def by_id(self) -> dict[int, Sound]:
         return {s.id: s for s in self.sounds}
@@ -729,7 +728,7 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
     through the peak limiter at 0.99, one gain for both channels (the reduction is returned as limited_db).
     Activity, the FLAM metrics' ground truth: the 40 Hz frames inside the placement where the sound's own energy is
     within 30 dB of its loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
-    F = scene.num_frames
+    F = scene.num_frames(FRAME_RATE)                    # the mixer keeps its 40 Hz grid (the FLAM labels)
     out = torch.zeros(2, F * HOP)
     activity, shortfall = {}, 0.0
     for s in scene.sounds:

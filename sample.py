@@ -39,7 +39,7 @@ from copilot import MAX_END, MAX_START, Scene, SceneError, parse_scene, read_con
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
 from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation,
-                       load_audio, load_checkpoint, load_model, save_audio, task_turns, write_atomic)
+                       load_audio, load_checkpoint, load_model, save_audio, task_turns, write_atomic, FRAME_RATE)
 
 CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
 
@@ -272,10 +272,10 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
                   notes + [n for c in (caption, plan) if c is not None for n in c.notes])
     if plan is None:
         return reply
-    if plan.scene.num_frames == 0:
+    if plan.scene.num_frames(FRAME_RATE) == 0:
         raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(plan.scene)}")
     t1 = time.perf_counter()
-    placeholder = torch.zeros(plan.scene.num_frames, m.sct.config.audio_dim)
+    placeholder = torch.zeros(plan.scene.num_frames(FRAME_RATE), m.sct.config.audio_dim)
     reply.latents = sample_latents(m, history + task_turns(task, **user, **{**reply.parts, "audio": placeholder}),
                                    opts, generator)
     t2 = time.perf_counter()

@@ -50,7 +50,7 @@ def main():
         conversations = cp.read_conversations(d)
         turns = [t for c in conversations for t in c.turns]
         size = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
-        seconds = sum(t.scene.num_frames / 40 for t in turns)
+        seconds = sum(t.scene.num_frames(40) / 40 for t in turns)
     print(f"dataset: {a.n / elapsed:.2f} conversations/s, {len(turns) / a.n:.2f} turns each, "
           f"{size / a.n / 1e6:.2f} MB per conversation ({size / seconds / 1e3:.0f} kB per second of stereo audio)")
     limited = sorted(t.limited_db for t in turns if t.limited_db < 0)

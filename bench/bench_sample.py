@@ -59,7 +59,7 @@ def main() -> None:
     print(f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, SCT {args.dtype}, "
           f"{args.ckpt_dir}: {args.steps} steps, CFG {args.cfg}, {args.repeats} requests")
     print(f"plan: {len(reply.plan.scene.sounds)} sounds, {tokens} tokens; audio {seconds:.2f} s = "
-          f"{reply.plan.scene.num_frames} frames")
+          f"{reply.plan.scene.num_frames(40)} frames")
     for phase in ("plan", "diffusion", "vae", "total"):
         values = [r[phase] for r in runs]
         extra = {"plan": f"{tokens / statistics.mean(values):.0f} tokens/s" if tokens else "given (--plan)",

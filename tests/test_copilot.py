@@ -87,10 +87,11 @@ def test_parse_scene_errors_name_the_problem(text, message):
         cp.parse_scene(text)
 
 
-def test_num_frames_is_ceil_of_latest_end_times_40():
-    assert scene(sfx(0, dur=8.0)).num_frames == 320
-    assert scene(sfx(0, dur=2.35)).num_frames == 94          # 2.35 * 40 = 94.00000000000001 in floats
-    assert scene(sfx(0, dur=3.0), sfx(1, start=2.0, dur=1.01)).num_frames == 121
+def test_num_frames_is_ceil_of_latest_end_time_times_the_frame_rate():
+    assert scene(sfx(0, dur=8.0)).num_frames(40) == 320 and scene(sfx(0, dur=8.0)).num_frames(10) == 80
+    assert scene(sfx(0, dur=2.35)).num_frames(40) == 94      # 2.35 * 40 = 94.00000000000001 in floats
+    assert scene(sfx(0, dur=3.0), sfx(1, start=2.0, dur=1.01)).num_frames(40) == 121
+    assert scene(sfx(0, dur=3.0), sfx(1, start=2.0, dur=1.01)).num_frames(10) == 31
 
 
 def test_valid_scene_has_no_violations():
@@ -231,7 +232,7 @@ def test_pan_gains_follow_the_constant_power_law(p):
 def test_a_sound_mixed_at_minus_20_lufs_measures_minus_20(sound):
     sound = replace(sound, loudness=-20)
     mix = cp.mix_scene(scene(sound), cp.Renderer(seed=3))
-    assert mix.audio.shape == (2, scene(sound).num_frames * 1200)
+    assert mix.audio.shape == (2, scene(sound).num_frames(40) * 1200)
     assert cp.integrated_loudness(mix.audio) == pytest.approx(-20, abs=0.5)
 
 
@@ -515,7 +516,7 @@ def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
     assert sorted(t.kind for c in evaluation for t in c.turns[1:]) == sorted(cp.EDIT_KINDS)   # six kinds, evenly
     turn = train[0].turns[-1]
     audio = load_audio(turn.audio)
-    assert audio.shape == (2, turn.scene.num_frames * 1200) and audio.abs().max() > 0.01
+    assert audio.shape == (2, turn.scene.num_frames(40) * 1200) and audio.abs().max() > 0.01
     assert set(turn.activity) == {s.id for s in turn.scene.sounds}
     for c in train + evaluation:
         assert all(t.violations == [] for t in c.turns)
