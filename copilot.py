@@ -1,20 +1,17 @@
 """AudioCopilot: the data simulator behind AudioChat (paper section 3.2 and appendix A, Figs. 8-10).
 
-A simulated user asks for an audio story and edits it turn by turn; a simulated sound designer answers every
-turn with a scene, the JSON plan of every sound (paper Figs. 9-10): tool parameters (caption or transcript,
-voice, length) and mix parameters (loudness, panning, start time). Tools render each sound, the mixer places
-them into 48 kHz stereo, and the scene JSON becomes AudioChat's structured chain of thought.
-
-Top to bottom:
-  the scene   Sound, Scene, scene_to_json (canonical: what the model reads and writes), parse_scene,
-              validate_scene (every rule of the Fig. 8 prompt), scene_diff (added/removed/changed), caption_of
-  the tools   ProceduralSFX (25 sound classes: noise bands, partials, event rhythms) and FormantTTS, or any
-              object with render(sound, voice, rng) -> mono [S] at 48 kHz; Renderer caches renders by tool
-              parameters, so a loudness, panning or start-time edit renders nothing again (paper A.2)
-  the mixer   mix_scene: each sound levelled to its loudness where it sits in the mix (ITU-R BS.1770-4),
-              constant-power panning, a 5 ms look-ahead peak limiter, energy-based activity (the FLAM labels)
-  designers   OfflineCopilot, procedural (the default: no model, the same bytes on every machine), and
-              LLMCopilot, any OpenAI-compatible chat server (vLLM serving Gemma 3 27B in paper A.1)
+A simulated user asks for an audio story and edits it turn by turn; a simulated sound designer answers every turn
+with a scene, the JSON plan of every sound (Figs. 9-10): tool parameters (caption or transcript, voice, length) and
+mix parameters (loudness, panning, start time). Tools render the sounds, the mixer places them in 48 kHz stereo, and
+the scene JSON becomes AudioChat's structured chain of thought. Top to bottom:
+  the scene   Sound, Scene, scene_to_json, parse_scene, validate_scene (the Fig. 8 rules), scene_diff, classify_edit
+  the world   SOUND_CLASSES: 5 beds and 10 events, each with one caption, a synthesis recipe (ProceduralSFX), a
+              loudness ceiling and the user's words for it. No speech; EspeakTTS (espeak-ng) or any Tool can speak
+  the mixer   Renderer (caches by tool parameters, A.2), BS.1770-4 loudness, constant-power panning, a peak limiter,
+              activity on a 40 Hz grid (the FLAM labels)
+  designers   OfflineCopilot (default): a procedural user who states sides, levels and times and edits in everyday
+              words, and a designer who honours them; text only, well under a millisecond per conversation.
+              LLMCopilot: any OpenAI-compatible chat server with the paper's prompt (vLLM + Gemma 3 27B in A.1)
   datasets    write_dataset / read_conversations; conversation i depends only on (seed, split, i)
 
     python copilot.py --out data/toy --n 600 --eval-n 60 --workers 2
@@ -24,7 +21,6 @@ Top to bottom:
 """
 import argparse
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -35,10 +31,8 @@ import random
 import re
 import shutil
 import subprocess
-import time
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -46,7 +40,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from tokenizer import FRAME_RATE, HOP, SAMPLE_RATE, resample, save_audio, write_atomic
+from tokenizer import SAMPLE_RATE, resample, save_audio, write_atomic
 
 log = logging.getLogger("copilot")
 
@@ -55,6 +49,8 @@ MAX_START, MAX_END = 4.0, 8.0     # s: latest start_time; latest start_time + du
 AMBIENCE_PAN = 0.1                # an ambience is centred: |panning| <= 0.1
 MAX_SOUNDS, MAX_TURNS = 10, 5     # "up to 10 prompts" per designer message; "up to 5 interactions ... 10 messages"
 EDIT_KINDS = ("open", "add", "remove", "change", "volume", "pan")  # StoryGen-Eval's six edit tasks (section 3.3)
+GRID = 40                         # Hz: the mixer's activity grid (the FLAM labels); a mix is ceil(duration * 40) * HOP
+HOP = SAMPLE_RATE // GRID         # 1200 samples per grid frame
 
 
 # -----------------------------------------------------------------------------
@@ -76,7 +72,7 @@ class Sound:
     duration: float            # s, start_time + duration <= 8
     speaker: str | None = None  # tts only: who speaks; one voice per (speaker, gender) across turns
     gender: str | None = None   # tts only: "male" or "female"
-    emotion: str | None = None  # tts only: e.g. "happy", "sad", "angry" (sets pitch and rate)
+    emotion: str | None = None  # tts only: e.g. "happy", "sad", "angry"
 
     def __post_init__(self):
         self.loudness, self.panning = float(round(self.loudness, 1)), float(round(self.panning, 2))
@@ -118,6 +114,7 @@ class Scene:
 
 _SOUND_KEYS = ("tool", "text", "speaker", "gender", "emotion", "loudness", "panning", "start_time", "duration", "id")
 _SCENE_KEYS = ("description", "added", "changed", "removed", "text")
+_NUMBERS = ("loudness", "panning", "start_time", "duration")
 
 
 def scene_to_json(scene: Scene) -> str:
@@ -130,15 +127,13 @@ def scene_to_json(scene: Scene) -> str:
 
 
 def parse_scene(text: str | dict) -> Scene:
-    """A Scene from the first JSON object in `text` (surrounding prose or a ```json fence is ignored), or from
-    a decoded JSON object. Types are checked here; ranges and the prompt's rules are validate_scene's job."""
+    """A Scene from the first JSON object in `text` (prose around it is ignored) or a decoded object; checks types."""
     obj = text
     if isinstance(text, str):
-        start = text.find("{")
-        if start < 0:
+        if "{" not in text:
             raise SceneError(f"no JSON object found in {text[:80]!r}")
         try:
-            obj, _ = json.JSONDecoder().raw_decode(text, start)
+            obj = json.JSONDecoder().raw_decode(text, text.index("{"))[0]
         except json.JSONDecodeError as e:
             raise SceneError(f"invalid JSON at character {e.pos}: {e.msg}") from e
     if not isinstance(obj, dict):
@@ -156,18 +151,14 @@ def parse_scene(text: str | dict) -> Scene:
         if not isinstance(d, dict):
             raise SceneError(f"sound #{n}: must be an object")
         where = f"sound #{n} (id {d.get('id')!r})"
-        missing = {"tool", "text", "loudness", "panning", "start_time", "duration", "id"} - set(d)
-        unknown = set(d) - set(_SOUND_KEYS)
+        missing, unknown = {"id", "tool", "text", *_NUMBERS} - set(d), set(d) - set(_SOUND_KEYS)
         if missing or unknown:
             raise SceneError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
         for k, v in d.items():
-            if k == "id" and type(v) is not int:
-                raise SceneError(f"{where}: id must be an integer, got {v!r}")
-            if k in ("tool", "text", "speaker", "gender", "emotion") and not isinstance(v, str):
+            if k == "id" and type(v) is not int or k in _NUMBERS and not (type(v) in (int, float) and math.isfinite(v)):
+                raise SceneError(f"{where}: {k} must be {'an integer' if k == 'id' else 'a finite number'}, got {v!r}")
+            if k not in _NUMBERS + ("id",) and not isinstance(v, str):
                 raise SceneError(f"{where}: {k} must be a string, got {v!r}")
-            if k in ("loudness", "panning", "start_time", "duration") and not (
-                    type(v) in (int, float) and math.isfinite(v)):
-                raise SceneError(f"{where}: {k} must be a finite number, got {v!r}")
     return Scene(obj["description"], [Sound(**d) for d in obj["text"]], obj["added"], obj["changed"], obj["removed"])
 
 
@@ -178,8 +169,7 @@ def ambience_ids(scene: Scene) -> list[int]:
 
 
 def scene_diff(previous: Scene | None, scene: Scene) -> dict[str, list[int]]:
-    """The edit lists the paper defines (Fig. 8) for going from `previous` to `scene`: added = new ids, removed
-    = vanished ids, changed = kept ids whose volume, panning, start time or duration differ. None: a first scene."""
+    """Fig. 8's edit lists from `previous` (None: a first scene) to `scene`: new, vanished and remixed ids."""
     if previous is None:
         return {"added": [], "removed": [], "changed": []}
     old, new = previous.by_id(), scene.by_id()
@@ -188,11 +178,8 @@ def scene_diff(previous: Scene | None, scene: Scene) -> dict[str, list[int]]:
 
 
 def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
-    """Every rule of the paper's prompt (Fig. 8) that `scene` breaks, one message per violation.
-
-    With `previous`, the edit lists must equal scene_diff. A new caption, transcript, voice or tool is a new
-    sound: the old id goes to `removed` and the new sound takes a new id; keeping the id is a violation.
-    """
+    """Every rule of the Fig. 8 prompt that `scene` breaks, one message each; with `previous`, the edit lists must
+    equal scene_diff, and a new caption, transcript, voice or tool needs a new id (the old one goes to `removed`)."""
     errors = [m for bad, m in (
         (not scene.description.strip(), "scene: description is empty (describe the whole soundscape)"),
         (not 1 <= len(scene.sounds) <= MAX_SOUNDS, f"scene: {len(scene.sounds)} sounds (allowed 1 to {MAX_SOUNDS})"),
@@ -217,8 +204,7 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
              "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
         listed = getattr(scene, k)
-        twice = sorted({i for i in listed if listed.count(i) > 1})
-        errors += [f"sound {i}: listed more than once in {k}" for i in twice]
+        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed if listed.count(i) > 1})]
         if previous is None and listed:
             errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
@@ -257,9 +243,8 @@ def classify_edit(previous: Scene, scene: Scene) -> str:
     return "open"
 
 
-
 # -----------------------------------------------------------------------------
-# The SFX tool: a procedural sound library (the toy scale's stand-in for a text-to-audio model)
+# The toy world: 15 sound classes, each with one caption, one synthesis recipe and the words a user calls it by
 
 class Layer(NamedTuple):
     """One synthesis layer. A sound class sums one or two layers; two layers with equal timing fields
@@ -281,93 +266,102 @@ class Layer(NamedTuple):
 
 
 class SoundClass(NamedTuple):
-    name: str                  # short noun the simulated user refers to ("remove the dog")
-    bed: bool                  # can serve as the scene's ambience
-    top: float                 # loudest loudness the designer gives it, dB (a clock ticks softly, a siren does not)
-    keywords: str              # words of a seed sentence that call for this class
-    captions: tuple            # caption paraphrases the designer writes
+    """A sound of the toy world. The word fields are "|"-separated alternatives the simulated user draws from."""
+    name: str                  # class name
+    bed: bool                  # an ambience (lasts the whole scene, centred) rather than an event
+    top: float                 # loudest loudness the designer gives it, dB (knocks are soft, a siren is not)
+    caption: str               # the one caption the designer writes (the plan's "text")
+    keywords: str              # words of a seed sentence or of a free caption that call for it
     layers: tuple              # synthesis recipe
+    nouns: str                 # noun phrases that ask for it ("a barking dog"); a level adjective goes after the article
+    names: str                 # short names after "the" ("remove the dog")
+    clauses: str               # subject and verb ("a dog barks")
+    settings: str = ""         # beds: places that imply it ("by the sea")
 
 
 L, C = Layer, SoundClass
-SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, keywords; captions; layers
-    C("rain", True, -18, "rain storm wet drizzle roof umbrella",
-      ("steady rain falling", "rain pattering on a roof", "a light rain shower"),
-      (L("noise", 800, 12000, am=(-0.5, 0.2)), L("noise", 3000, 12000, rate=40, jit=1, dur=0.015, gain=0.6))),
-    C("wind", True, -18, "wind gust hill mountain cold winter snow",
-      ("wind blowing through trees", "a howling wind", "gusts of wind"),
-      (L("noise", 150, 700, am=(-0.4, 0.9)), L("noise", 900, 1400, am=(-0.3, 1.0), gain=0.3))),
-    C("stream", True, -16, "river stream water brook creek flowing",
-      ("a babbling brook", "water flowing in a stream", "a gentle river"),
-      (L("noise", 300, 6000, am=(-6, 0.4)), L("tone", 700, 1, rate=14, jit=1, dur=0.04, glide=1.8, gain=0.5))),
-    C("fire", True, -20, "fire fireplace campfire warm burning",
-      ("a crackling fire", "logs burning in a fireplace", "a campfire crackling"),
-      (L("noise", 100, 1200, am=(-1, 0.3)), L("noise", 1500, 9000, rate=12, jit=1, dur=0.02))),
-    C("waves", True, -16, "sea ocean beach waves shore harbour boat ship",
-      ("ocean waves crashing on the shore", "waves lapping at a beach"),
-      (L("noise", 100, 4000, am=(0.12, 0.95)),)),
-    C("crowd", True, -16, "crowd people market cafe party restaurant",
-      ("a crowd murmuring", "distant chatter in a busy cafe"),
-      (L("noise", 250, 2500, am=(-4, 0.5)), L("tone", 170, 10, vib=(3, 0.15), am=(-3, 0.7), gain=0.5))),
-    C("crickets", True, -14, "night summer field crickets insects evening",
-      ("crickets chirping at night", "insects chirping in a field"),
-      (L("tone", 4500, 2, rate=2.5, jit=0.2, dur=0.25, shape="g", am=(35, 1.0)),)),
-    C("traffic", True, -16, "city street traffic road cars town urban",
-      ("distant city traffic", "a busy street", "cars passing on a road"),
-      (L("noise", 40, 1500, am=(-0.3, 0.5)), L("tone", 55, 12, am=(-0.2, 0.6), gain=0.3))),
-    C("fan", True, -16, "room office fan machine quiet indoor study",
-      ("the hum of an electric fan", "a quiet room with a humming fan"),
-      (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6))),
-    C("thunder", False, -12, "thunder storm lightning dark",
-      ("a rumble of thunder", "thunder rolling in the distance", "a thunderclap"),
-      (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)),
-       L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5))),
-    C("birds", False, -12, "bird birds morning garden forest spring park dawn",
-      ("birds singing", "gentle birdsong", "a songbird chirping"),
-      (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),)),
-    C("dog", False, -12, "dog bark barking farm yard", ("a dog barking", "a dog barking twice", "a small dog yapping"),
+SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, caption, keywords; layers; nouns, names; clauses, settings
+    C("rain", True, -18, "steady rain falling", "rain rainy rainfall raining storm wet drizzle roof umbrella shower",
+      (L("noise", 800, 12000, am=(-0.5, 0.2)), L("noise", 3000, 12000, rate=40, jit=1, dur=0.015, gain=0.6)),
+      "rain|steady rain|rainfall|a rain shower|rain on the roof|falling rain|a rainstorm|drizzle", "rain|rainfall",
+      "the rain falls|rain pours down|the rain keeps falling|rain patters on the roof",
+      "on a rainy day|in the rain|during a rainstorm"),
+    C("wind", True, -18, "wind blowing through trees", "wind windy gust gusts breeze hill cold winter snow howling",
+      (L("noise", 150, 700, am=(-0.4, 0.9)), L("noise", 900, 1400, am=(-0.3, 1.0), gain=0.3)),
+      "wind|a howling wind|gusts of wind|a strong wind|wind in the trees|a breeze|blowing wind", "wind|gusts|breeze",
+      "the wind howls|the wind blows|a strong wind blows|the wind gusts", "on a windy hill|on a stormy day"),
+    C("fire", True, -20, "a crackling fire", "fire fireplace campfire flames crackling warm burning logs camped",
+      (L("noise", 100, 1200, am=(-1, 0.3)), L("noise", 1500, 9000, rate=12, jit=1, dur=0.02)),
+      "a fire|a crackling fire|a campfire|a fireplace|crackling flames|a log fire", "fire|campfire|fireplace|flames",
+      "a fire crackles|the fire crackles|a campfire burns|the fireplace crackles",
+      "by the fireplace|around a campfire|by the fire"),
+    C("fan", True, -16, "the hum of an electric fan", "fan room office machine hum humming indoor study afternoon",
+      (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6)),
+      "a fan|a humming fan|an electric fan|the hum of a fan|a fan in a quiet room|a machine hum", "fan|hum|humming",
+      "a fan hums|an electric fan whirs|the fan keeps humming|a fan runs", "in a quiet office|in a small room"),
+    C("waves", True, -16, "ocean waves crashing on the shore", "sea ocean beach wave waves shore harbour boat ship surf",
+      (L("noise", 100, 4000, am=(0.12, 0.95)),),
+      "waves|ocean waves|the sea|waves on the shore|the surf|the ocean", "waves|sea|ocean|surf",
+      "the waves crash|waves roll in|the sea roars|waves wash on the shore", "by the sea|at the beach|on the shore"),
+    C("dog", False, -12, "a dog barking", "dog dogs bark barks barked barking puppy farm yard",
       (L("tone", 450, 14, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, glide=0.8),
-       L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4))),
-    C("knocking", False, -16, "door knock knocked visitor", ("knocking on a wooden door", "three knocks on a door"),
+       L("noise", 500, 3000, rate=0.7, jit=0.5, dur=0.22, shape="h", group=2, gap=0.3, gain=0.4)),
+      "a dog|a dog barking|a barking dog|barking|a puppy barking|dog barks|a dog that barks", "dog|barking|dog barking",
+      "a dog barks|the dog barks|a dog starts barking|a puppy yaps"),
+    C("bells", False, -12, "church bells ringing", "bell bells church chime chimes village sunday wedding tower",
+      (L("bell", 400, 0, rate=0.5, dur=3.0),),
+      "bells|church bells|a church bell|a bell ringing|bells ringing|chimes of a bell", "bells|bell|church bells",
+      "church bells ring|a bell rings|the bells chime|a church bell tolls"),
+    C("knocking", False, -16, "knocking on a wooden door", "door knock knocks knocked knocking visitor",
       (L("noise", 150, 900, rate=0.4, jit=0.3, dur=0.15, group=3, gap=0.22),
-       L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22))),
-    C("footsteps", False, -18, "footsteps walk walked walking steps corridor stairs",
-      ("footsteps on a wooden floor", "slow footsteps in a corridor"),
-      (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),)),
-    C("clock", False, -22, "clock time tick ticking waiting hour",
-      ("a clock ticking", "an antique clock ticking softly"),
-      (L("noise", 2000, 9000, rate=2, dur=0.04), L("tone", 1800, 1, rate=2, dur=0.1))),
-    C("bells", False, -12, "church bell bells village sunday wedding tower",
-      ("church bells ringing", "a distant church bell tolling"),
-      (L("bell", 400, 0, rate=0.5, dur=3.0),)),
-    C("siren", False, -10, "siren police ambulance emergency accident",
-      ("an ambulance siren passing", "a police siren wailing"),
-      (L("tone", 700, 4, vib=(0.3, 0.3)),)),
-    C("engine", False, -12, "car engine motor drive garage truck",
-      ("a car engine idling", "a truck engine rumbling", "a motor running"),
-      (L("tone", 42, 20, vib=(0.2, 0.08), am=(14, 0.3)), L("noise", 50, 500, gain=0.5))),
-    C("phone", False, -12, "phone telephone call ring office", ("a telephone ringing", "an old phone ringing"),
+       L("tone", 190, 3, rate=0.4, jit=0.3, dur=0.2, group=3, gap=0.22)),
+      "knocking|a knock at the door|knocks on a door|knocking at the door|door knocks", "knocking|knocks|knock",
+      "someone knocks|somebody knocks on the door|a visitor knocks|someone knocks at the door"),
+    C("siren", False, -10, "a police siren wailing", "siren sirens police ambulance emergency accident",
+      (L("tone", 700, 4, vib=(0.3, 0.3)),),
+      "a siren|an ambulance siren|a police siren|sirens|an ambulance|a wailing siren", "siren|sirens|ambulance",
+      "a siren wails|an ambulance passes|a police siren sounds|sirens wail"),
+    C("birds", False, -12, "birds singing", "bird birds birdsong morning garden forest spring park dawn chirping",
+      (L("tone", 2800, 2, rate=5, jit=0.6, dur=0.12, shape="g", glide=1.5, vib=(30, 0.04)),),
+      "birds|birdsong|birds singing|a bird|chirping birds|songbirds", "birds|birdsong|bird",
+      "birds sing|a bird chirps|birds chirp|songbirds sing"),
+    C("thunder", False, -12, "a rumble of thunder", "thunder thunderclap storm lightning rumble",
+      (L("noise", 30, 400, rate=0.3, jit=0.5, dur=3.0, am=(-8, 0.6)),
+       L("noise", 800, 6000, rate=0.3, jit=0.5, dur=0.8, shape="h", gain=0.5)),
+      "thunder|a thunderclap|a rumble of thunder|thunder rolling|rolling thunder", "thunder|thunderclap",
+      "thunder rumbles|thunder rolls|thunder cracks|a thunderclap breaks"),
+    C("phone", False, -12, "a telephone ringing", "phone telephone call rang office",
       (L("tone", 440, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)),
-       L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8)))),
-    C("piano", False, -12, "piano music melody song concert", ("a slow piano melody", "soft piano notes"),
-      (L("tone", 220, 8, rate=1.5, jit=0.1, dur=1.2, notes=True),)),
-    C("typing", False, -20, "typing keyboard computer office writer desk letter",
-      ("typing on a keyboard", "fast keyboard clicks"),
-      (L("noise", 1500, 7000, rate=8, jit=0.7, dur=0.05),)),
-    C("helicopter", False, -12, "helicopter rescue sky flying",
-      ("a helicopter flying overhead", "helicopter blades chopping"),
-      (L("noise", 60, 800, am=(12, 0.9)),)),
-    C("cat", False, -12, "cat kitten meow pet kitchen", ("a cat meowing", "a kitten mewing softly"),
-      (L("tone", 500, 8, rate=0.4, jit=0.5, dur=0.7, shape="h", glide=0.7, vib=(5, 0.02)),)),
-    C("owl", False, -14, "owl night forest dark woods moon", ("an owl hooting", "an owl calling in the woods"),
-      (L("tone", 380, 2, rate=0.5, dur=0.45, shape="h", group=2, gap=0.5, glide=0.9),)),
-    C("horse", False, -16, "horse hooves gallop riding carriage",
-      ("a horse galloping", "hooves clopping on cobblestones"),
-      (L("noise", 80, 1500, rate=2.5, jit=0.05, dur=0.12, group=3, gap=0.09),)),
+       L("tone", 480, 3, rate=0.33, dur=1.2, shape="g", am=(20, 0.8))),
+      "a phone|a phone ringing|a telephone|a ringing phone|the telephone", "phone|telephone|ringing phone",
+      "a phone rings|the telephone rings|a phone starts ringing|the phone rings"),
+    C("piano", False, -12, "a slow piano melody", "piano music melody song concert playing",
+      (L("tone", 220, 8, rate=1.5, jit=0.1, dur=1.2, notes=True),),
+      "a piano|piano music|a piano melody|some piano|a piano tune", "piano|piano music|melody",
+      "a piano plays|someone plays the piano|piano music plays|a piano plays a tune"),
+    C("cat", False, -12, "a cat meowing", "cat cats kitten meow meowing pet kitchen",
+      (L("tone", 500, 8, rate=0.4, jit=0.5, dur=0.7, shape="h", glide=0.7, vib=(5, 0.02)),),
+      "a cat|a cat meowing|a meowing cat|a kitten|meowing", "cat|meowing|kitten",
+      "a cat meows|the cat meows|a kitten mews|a cat cries"),
+    C("footsteps", False, -18, "footsteps on a wooden floor", "footsteps steps walk walked walking corridor stairs",
+      (L("noise", 100, 2500, rate=1.9, jit=0.08, dur=0.25),),
+      "footsteps|steps|footsteps on wood|walking|footsteps in the hall", "footsteps|steps|walking",
+      "someone walks by|footsteps approach|somebody walks across the room|steps echo"),
 )}
-CAPTION_CLASS = {c: k.name for k in SOUND_CLASSES.values() for c in k.captions}  # caption -> class name
+CAPTION_CLASS = {c.caption: c.name for c in SOUND_CLASSES.values()}
+BEDS = [n for n, c in SOUND_CLASSES.items() if c.bed]
+EVENTS = [n for n, c in SOUND_CLASSES.items() if not c.bed]
 _BELL = ((0.5, 0.5), (1.0, 1.0), (1.19, 0.6), (1.5, 0.4), (2.0, 0.5), (2.52, 0.3), (3.01, 0.2))  # (ratio, amplitude)
 _PENTATONIC = (0, 2, 4, 7, 9, 12, 14)  # semitones above f0
+
+
+def caption_to_class(caption: str) -> str:
+    """The sound class a caption asks for: its own caption, else the most keyword hits (ties: table order)."""
+    if caption in CAPTION_CLASS:
+        return CAPTION_CLASS[caption]
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    hits = {name: len(words & set(c.keywords.split())) for name, c in SOUND_CLASSES.items()}
+    return max(hits, key=hits.get)
 
 
 def _band_noise(n: int, lo: float, hi: float, tilt: float, g: torch.Generator) -> torch.Tensor:
@@ -422,165 +416,52 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
     return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
+
 class Tool(Protocol):
-    """A sound tool: render(sound, voice, rng) -> [S] mono float tensor at 48 kHz. A real text-to-audio or TTS
-    model plugs in as a class with this method (`voice` is the tts sound's Voice; map it to one of your speakers):
-        class MyTextToAudio:
-            def render(self, sound, voice, rng):
-                return my_model.generate(sound.text, seconds=sound.duration, seed=rng.getrandbits(32))
-        mix = mix_scene(scene, Renderer({"sfx": MyTextToAudio(), "tts": MyTTS()}, seed=0))   # or in make_conversation
-    """
+    """A sound tool: mono [S] float at 48 kHz for a sound; `voice` is a tts sound's Voice. Models plug in this way."""
     def render(self, sound: Sound, voice: "Voice | None", rng: random.Random) -> torch.Tensor: ...
 
 
 class ProceduralSFX:
-    """The built-in SFX tool: the caption picks a sound class (exact caption, else keyword overlap),
-    `rng` varies pitch (+-2 semitones), event rate (x0.8..1.25) and spectral tilt (+-0.15: timbre)."""
+    """The built-in SFX tool: the caption picks a class (caption_to_class); `rng` varies pitch (+-2 semitones),
+    event rate (x0.8..1.25) and spectral tilt (+-0.15: timbre)."""
 
     def render(self, sound: Sound, voice, rng: random.Random) -> torch.Tensor:
-        cls = SOUND_CLASSES[caption_to_class(sound.text)]
-        n = round(sound.duration * SAMPLE_RATE)
+        cls, n = SOUND_CLASSES[caption_to_class(sound.text)], round(sound.duration * SAMPLE_RATE)
         pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
         seed = rng.getrandbits(60) * 4
-        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i)
-                   for i, layer in enumerate(cls.layers))
+        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
 
 
-def caption_to_class(caption: str) -> str:
-    """The sound class a caption asks for: a known paraphrase, else the most keyword hits (ties: table order)."""
-    if caption in CAPTION_CLASS:
-        return CAPTION_CLASS[caption]
-    words = set(re.findall(r"[a-z]+", caption.lower()))
-    hits = {name: len(words & set(c.keywords.split() + name.split())) for name, c in SOUND_CLASSES.items()}
-    return max(hits, key=hits.get)
-
-
-# -----------------------------------------------------------------------------
-# The TTS tool: a formant synthesiser driven by the transcript (default), or espeak-ng
-
-@dataclass(frozen=True)
-class Voice:
-    """A speaker's voice; `voice_for` gives every (speaker, gender) the same voice in every turn (paper A.2)."""
-    f0: float                  # mean pitch, Hz
-    formant_scale: float       # vocal tract: formant frequencies x this (female voices ~1.17)
-    rate: float                # speaking rate factor
-    variant: int               # espeak-ng voice variant number
+class Voice(NamedTuple):
+    """A speaker's voice; voice_for gives each (speaker, gender) the same voice in every turn (paper A.2)."""
+    rate: float                # speaking-rate factor
+    variant: int               # espeak-ng voice variant (m1..m7, f1..f5)
 
 
 def voice_for(speaker: str, gender: str) -> Voice:
-    """The voice of a speaker: a deterministic function of (speaker, gender), so it persists across turns
-    and changes only if the gender changes."""
     rng = random.Random(f"{speaker.strip().lower()}|{gender}")   # str seeds hash with SHA-512: the same on every run
-    if gender == "female":
-        return Voice(rng.uniform(175, 240), rng.uniform(1.12, 1.22), rng.uniform(0.9, 1.1), rng.randint(1, 5))
-    return Voice(rng.uniform(95, 140), rng.uniform(0.95, 1.05), rng.uniform(0.9, 1.1), rng.randint(1, 7))
+    return Voice(rng.uniform(0.9, 1.1), rng.randint(1, 5 if gender == "female" else 7))
 
 
-# emotion: (pitch factor, speaking-rate factor, pitch range of word accents). Unknown emotions read as neutral.
-EMOTIONS = {"neutral": (1.0, 1.0, 0.12), "happy": (1.15, 1.1, 0.3), "excited": (1.25, 1.2, 0.4),
-            "sad": (0.88, 0.8, 0.05), "angry": (1.05, 1.15, 0.35), "calm": (0.95, 0.88, 0.08),
-            "scared": (1.2, 1.25, 0.2), "surprised": (1.2, 1.0, 0.45)}
-# Formant targets (F1, F2, F3 in Hz, adult male; Peterson & Barney style averages) for vowels and sonorants.
-_VOWELS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (390, 1990, 2550), "o": (570, 840, 2410),
-           "u": (440, 1020, 2240), "y": (390, 1990, 2550), "ee": (270, 2290, 3010), "ea": (270, 2290, 3010),
-           "oo": (300, 870, 2240), "ou": (640, 1190, 2390),
-           "ow": (640, 1190, 2390), "ai": (660, 1720, 2410), "ay": (660, 1720, 2410), "oa": (570, 840, 2410)}
-_SONORANTS = {"m": (280, 900, 2200), "n": (280, 1700, 2600), "ng": (280, 2300, 2750), "l": (360, 1300, 2700),
-              "r": (420, 1300, 1600), "w": (300, 610, 2200)}
-_NOISE_BANDS = ((4000, 9000), (2000, 5500), (1000, 8000), (500, 4000))  # Hz: s, sh, f/th, h/breath
-# fricatives and plosives: letter(s) -> (index into _NOISE_BANDS, voiced)
-_FRICATIVES = {"s": (0, False), "z": (0, True), "sh": (1, False), "ch": (1, False), "j": (1, True), "f": (2, False),
-               "v": (2, True), "th": (2, False), "ph": (2, False), "h": (3, False)}
-_PLOSIVES = {"p": (3, False), "b": (3, True), "t": (0, False), "d": (0, True), "k": (1, False), "c": (1, False),
-             "q": (1, False), "g": (1, True), "x": (0, False)}
-_CTRL = 200  # control rate of the formant synthesiser, Hz
-
-
-def _segments(text: str) -> list[tuple]:
-    """Letters -> (seconds, voicing, formants or None = hold, noise band or None, accented) segments; the first
-    vowel of each word carries the word's pitch accent."""
-    segs, i, text, new_word = [], 0, text.lower(), True
-    while i < len(text):
-        unit = text[i:i + 2] if text[i:i + 2] in {**_VOWELS, **_SONORANTS, **_FRICATIVES} else text[i]
-        i += len(unit)
-        if unit in _VOWELS:
-            segs.append((0.11, 1.0, _VOWELS[unit], None, new_word))
-        elif unit in _SONORANTS:
-            segs.append((0.06, 0.5, _SONORANTS[unit], None, False))
-        elif unit in _FRICATIVES:
-            band, voiced = _FRICATIVES[unit]
-            segs.append((0.09, 0.3 * voiced, None, band, False))
-        elif unit in _PLOSIVES:                                  # a closure, then the burst
-            band, voiced = _PLOSIVES[unit]
-            segs += [(0.05, 0.15 * voiced, None, None, False), (0.03, 0.0, None, band, False)]
-        elif unit in ",;:.!?" or unit.isspace():
-            segs.append((0.3 if unit in ".!?" else 0.18 if unit in ",;:" else 0.05, 0.0, None, None, False))
-        new_word = unit.isspace() or (new_word and unit not in _VOWELS)
-    return segs
-
-
-class FormantTTS:
-    """The built-in TTS: a deterministic formant synthesiser. Letters give formant and noise targets at
-    200 Hz (smoothed for coarticulation); a glottal source of harmonics of a pitch contour (declination,
-    word accents, a rise on questions) is shaped by three formant resonances; fricatives and bursts are
-    band-passed noise. Emotion sets pitch, range and rate; the voice sets pitch and formant scale."""
-
-    def render(self, sound: Sound, voice: Voice, rng: random.Random) -> torch.Tensor:
-        pitch, speed, accent = EMOTIONS.get(sound.emotion, EMOTIONS["neutral"])
-        segs = _segments(sound.text) or [(0.3, 0.0, None, None, False)]
-        natural = sum(s[0] for s in segs) / (voice.rate * speed)
-        stretch = min(1.0, (sound.duration - 0.1) / natural) / (voice.rate * speed)  # always fits the duration
-        frames, formant, accents = [], (500, 1500, 2500), []
-        for sec, voicing, target, band, accented in segs:
-            formant = target or formant
-            accents += [len(frames)] * accented
-            frames += [(voicing, *formant, *(0.5 * (b == band) for b in range(4)))] * max(
-                1, round(sec * stretch * _CTRL))
-        c = torch.tensor(frames).T                                          # [8, C]: voicing, F1-3, 4 noise bands
-        c = torch.nn.functional.avg_pool1d(c[None], 5, 1, 2, count_include_pad=False)[0]  # 25 ms coarticulation
-        C = c.shape[1]
-        pos = torch.linspace(0, 1, C)
-        f0 = voice.f0 * pitch * (1.1 - 0.2 * pos)                           # declination
-        for w in accents:                                                    # word accents: 150 ms bumps
-            f0 = f0 * (1 + accent * rng.uniform(0.3, 1.0) * torch.exp(-((torch.arange(C) - w - 10) / 12.0) ** 2))
-        if sound.text.rstrip().endswith("?"):
-            f0 = f0 * (1 + 0.4 * (pos - 0.8).clamp(min=0) / 0.2)
-        n_out, lead = round(sound.duration * SAMPLE_RATE), int(0.05 * SAMPLE_RATE)
-        S = min(C * SAMPLE_RATE // _CTRL, n_out - lead)
-        up = lambda v, n: torch.nn.functional.interpolate(v.reshape(1, -1, C), size=n, mode="linear",
-                                                          align_corners=True)[0]
-        # Voiced part at 16 kHz (its harmonics stay below 5 kHz), resampled to 48 kHz afterwards.
-        n16 = -(-S // 3)
-        phase = (2 * math.pi * torch.cumsum(up(f0, n16)[0].double(), 0) / 16_000).remainder(2 * math.pi).float()
-        k = torch.arange(1, int(5000 / float(f0.min())) + 1)[:, None]     # [K, 1] harmonic numbers
-        F = c[1:4, None, :] * voice.formant_scale                            # [3, 1, C]
-        bw = torch.tensor([90.0, 110.0, 170.0])[:, None, None] * voice.formant_scale
-        amp = torch.tensor([1.0, 0.6, 0.3])[:, None, None]
-        gain = (amp / (1 + ((k * f0 - F) / (bw / 2)) ** 2)).sum(0) / k.sqrt() * c[0]  # [K, C] formant envelope at k f0
-        y = resample((up(gain, n16) * torch.sin(k * phase)).sum(0), 16_000, SAMPLE_RATE)[:S]
-        g = torch.Generator().manual_seed(rng.getrandbits(62))
-        for b, (lo, hi) in enumerate(_NOISE_BANDS):
-            if c[4 + b].max() > 0:
-                y += 0.25 * up(c[4 + b], S)[0] * _band_noise(S, lo, hi, 0.0, g)
-        return torch.nn.functional.pad(y, (lead, n_out - lead - S))
+EMOTIONS = {"neutral": (1.0, 1.0), "happy": (1.15, 1.1), "excited": (1.25, 1.2), "sad": (0.88, 0.8),  # (pitch, rate)
+            "angry": (1.05, 1.15), "calm": (0.95, 0.88), "scared": (1.2, 1.25), "surprised": (1.2, 1.0)}
 
 
 class EspeakTTS:
     """espeak-ng as the TTS tool (`--tts espeak`): voice variant by speaker, pitch and rate by emotion."""
 
     def __init__(self, binary: str = "espeak-ng"):
-        self.binary = shutil.which(binary)
-        if self.binary is None:
-            raise RuntimeError(f"{binary} not found on PATH; install it (e.g. `apt-get install espeak-ng`) or use "
-                               f"--tts builtin")
+        if (path := shutil.which(binary)) is None:
+            raise RuntimeError(f"{binary} not found on PATH; install it (e.g. `apt-get install espeak-ng`)")
+        self.binary = path
 
     def render(self, sound: Sound, voice: Voice, rng: random.Random) -> torch.Tensor:
-        pitch, speed, _ = EMOTIONS.get(sound.emotion, EMOTIONS["neutral"])
-        variant = f"{'f' if sound.gender == 'female' else 'm'}{voice.variant}"
-        cmd = [self.binary, "-v", f"en-us+{variant}", "-s", str(round(165 * voice.rate * speed)),
-               "-p", str(max(0, min(99, round(50 * pitch)))), "--stdout", sound.text]
-        wav = subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout
-        data, sr = sf.read(io.BytesIO(wav), dtype="float32")
+        pitch, speed = EMOTIONS.get(sound.emotion, EMOTIONS["neutral"])   # unknown emotions read as neutral
+        cmd = [self.binary, "-v", f"en-us+{'f' if sound.gender == 'female' else 'm'}{voice.variant}", "-s",
+               str(round(165 * voice.rate * speed)), "-p", str(min(99, round(50 * pitch))), "--stdout", sound.text]
+        wav = io.BytesIO(subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout)
+        data, sr = sf.read(wav, dtype="float32")
         return resample(torch.from_numpy(data), sr, SAMPLE_RATE)
 
 
@@ -588,15 +469,14 @@ class EspeakTTS:
 # Rendering with a cache (paper A.2), loudness (ITU-R BS.1770-4) and the mixer
 
 class Renderer:
-    """Renders sounds with pluggable tools, caching by tool parameters: a sound is rendered again only
-    when its caption/transcript, voice or length changes, never for loudness, panning or start time.
-    One Renderer per conversation (its caches grow with the conversation's sounds)."""
+    """Renders sounds with pluggable tools ({"sfx": Tool, "tts": Tool}), caching by tool parameters: a loudness,
+    panning or start-time edit renders nothing again (A.2). One Renderer per conversation (its caches grow)."""
 
     def __init__(self, tools: dict[str, Tool] | None = None, seed: int | str = 0):
-        self.tools = tools if tools is not None else {"sfx": ProceduralSFX(), "tts": FormantTTS()}
+        self.tools = tools if tools is not None else {"sfx": ProceduralSFX()}   # the toy world has no speech
         self.seed = seed               # with the tool parameters, fixes every render (deterministic data)
-        self.cache: dict[tuple, torch.Tensor] = {}   # tool params -> [S] render
-        self.levelled: dict[tuple, tuple] = {}   # mix_scene's levelled sounds (offset, [S'] samples, loudness)
+        self.cache: dict[tuple, torch.Tensor] = {}     # tool params -> [S] render
+        self.levelled: dict[tuple, tuple] = {}         # mix_scene's placed, levelled sounds: ([F * HOP], loudness)
         self.renders = 0               # how many times a tool was actually called
 
     def render(self, sound: Sound) -> torch.Tensor:
@@ -604,13 +484,13 @@ class Renderer:
         key = sound.tool_params()
         if key not in self.cache:
             if sound.tool not in self.tools:
-                raise ValueError(f"sound {sound.id}: no tool {sound.tool!r} (have {sorted(self.tools)})")
+                fix = "; speech needs a TTS tool: --tts espeak, or Renderer({..., 'tts': MyTTS()})" * (sound.tool == "tts")
+                raise ValueError(f"sound {sound.id}: no {sound.tool!r} tool (have {sorted(self.tools)}){fix}")
             voice = voice_for(sound.speaker or "", sound.gender or "") if sound.tool == "tts" else None
             x = self.tools[sound.tool].render(sound, voice, random.Random(f"{self.seed}|{key}")).float().squeeze()
             if x.dim() != 1 or not torch.isfinite(x).all():
-                raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} (finite: "
-                                 f"{bool(torch.isfinite(x).all())}) "
-                                 f"for sound {sound.id}; a tool must return a finite mono [S] tensor at 48 kHz")
+                raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} with non-finite values or more "
+                                 f"than one channel for sound {sound.id}; a tool returns a finite mono [S] tensor")
             n = round(sound.duration * SAMPLE_RATE)
             self.cache[key] = torch.nn.functional.pad(x[:n], (0, max(0, n - len(x))))
             self.renders += 1
@@ -622,27 +502,19 @@ _K_WEIGHTING = (((1.53512485958697, -2.69169618940638, 1.19839281085285), (1.0, 
                 ((1.0, -2.0, 1.0), (1.0, -1.99004745483398, 0.99007225036621)))
 
 
-@functools.lru_cache(maxsize=8)
-def _k_response(n: int) -> torch.Tensor:
-    """[n // 2 + 1] complex response of the two K-weighting biquads on the grid of an n-point rfft."""
-    z = torch.exp(-1j * torch.linspace(0, math.pi, n // 2 + 1, dtype=torch.float64))  # z^-1
-    return math.prod((b[0] + b[1] * z + b[2] * z * z) / (a[0] + a[1] * z + a[2] * z * z) for b, a in _K_WEIGHTING)
-
-
 def k_weight(x: torch.Tensor) -> torch.Tensor:
-    """[C, S] -> [C, S] K-weighted (48 kHz). The two biquads are applied through their frequency response on
-    an FFT grid padded by 16384 samples, where the filters' impulse response has decayed below 1e-25,
-    so this equals direct IIR filtering to float precision (and runs fast without scipy)."""
+    """[C, S] -> [C, S] K-weighted (48 kHz): the biquads' frequency response on an FFT grid padded by 16384 samples,
+    where their impulse response is below 1e-25, equals IIR filtering to float precision, fast and without scipy."""
     S = x.shape[-1]
     n = 1 << (S + 16384 - 1).bit_length()
-    return torch.fft.irfft(torch.fft.rfft(x.double(), n) * _k_response(n), n)[..., :S]
+    z = torch.exp(-1j * torch.linspace(0, math.pi, n // 2 + 1, dtype=torch.float64))  # z^-1 on the rfft grid
+    response = math.prod((b[0] + b[1] * z + b[2] * z * z) / (a[0] + a[1] * z + a[2] * z * z) for b, a in _K_WEIGHTING)
+    return torch.fft.irfft(torch.fft.rfft(x.double(), n) * response, n)[..., :S]
 
 
 def integrated_loudness(x: torch.Tensor) -> float:
-    """Integrated loudness in LUFS of [C, S] (or [S]) at 48 kHz, ITU-R BS.1770-4: K-weighting, mean square
-    in 400 ms blocks with 75 % overlap, channels summed with weight 1 (L, R), absolute gate -70 LUFS,
-    relative gate -10 LU. A sound shorter than 0.5 s is tiled to 0.5 s first and the result is floored at
-    -70 LUFS (Scaper's rule), so every sound, however short, has a loudness."""
+    """Integrated loudness, LUFS, of [C, S] or [S] at 48 kHz (ITU-R BS.1770-4). A sound shorter than 0.5 s is
+    tiled to 0.5 s first and the result floored at -70 LUFS (Scaper's rule): every sound has a loudness."""
     if x.shape[-1] == 0:
         return -70.0
     x = x.reshape(-1, x.shape[-1]).double()
@@ -670,11 +542,10 @@ MIX_CEILING = 0.99     # clip policy: the summed mix goes through the same limit
 ACTIVITY_DB = 30.0     # a 40 Hz frame is active when the sound's energy there is within this many dB of its peak
 
 
-def limiter_gain(x: torch.Tensor, ceiling: float, block: int = 240) -> torch.Tensor:
-    """[S] gain in (0, 1] that keeps [S] or [C, S] `x` within +-ceiling, one gain for all channels (the stereo
-    image stays put). Per 5 ms block the gain min(1, ceiling / block peak) is taken, then the minimum with
-    both neighbour blocks, then interpolated linearly between block centres: a sample's gain lies between
-    the gains of its own block and a neighbour, both at most its own block's need, so no sample overshoots."""
+def limit_peaks(x: torch.Tensor, ceiling: float, block: int = 240) -> tuple[torch.Tensor, float]:
+    """([S] or [C, S] within +-ceiling, the deepest gain reduction in dB): one gain for all channels (the image stays).
+    Per 5 ms block, min(1, ceiling / peak), then the minimum with both neighbours, interpolated between block centres:
+    a sample's gain lies between its own block's and a neighbour's, both at most its own block's need: no overshoot."""
     S = x.shape[-1]
     peak = torch.nn.functional.pad(x.abs().reshape(-1, S).amax(0), (0, -S % block)).view(-1, block).amax(1)
     need = (ceiling / peak.clamp(min=1e-12)).clamp(max=1.0)
@@ -682,154 +553,126 @@ def limiter_gain(x: torch.Tensor, ceiling: float, block: int = 240) -> torch.Ten
     t = (torch.arange(S) + 0.5) / block - 0.5                      # sample position in block-centre units
     i = t.floor().long().clamp(0, len(need) - 1)
     j, w = (i + 1).clamp(max=len(need) - 1), (t - t.floor()).clamp(0, 1)
-    return need[i] * (1 - w) + need[j] * w
-
-
-def limit_peaks(x: torch.Tensor, ceiling: float) -> torch.Tensor:
-    """[S] or [C, S] through the look-ahead peak limiter (limiter_gain); the clamp only absorbs float rounding."""
-    return (x * limiter_gain(x, ceiling)).clamp(-ceiling, ceiling)
+    gain = need[i] * (1 - w) + need[j] * w
+    return (x * gain).clamp(-ceiling, ceiling), round(20 * math.log10(float(gain.min())), 2)   # clamp: float rounding
 
 
 def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
-    """([S] scaled to `lufs` integrated loudness, the loudness it reaches). When scaling would peak above -1 dBFS,
-    the sound goes through limit_peaks and the gain is refined by the secant method until it measures `lufs`
-    (0.05 LU, 5 rounds): a knock asked to be -10 dB still is. What a sparse sound cannot reach is returned."""
-    now = integrated_loudness(x)
-    if now <= -70:
+    """([S] at `lufs` integrated loudness, the loudness reached). A sound peaking above -1 dBFS is limited and its gain
+    corrected by the secant method (0.05 LU, 5 rounds): a knock asked to be -10 dB still is, if it can be."""
+    if (now := integrated_loudness(x)) <= -70:
         return x * 0, -70.0
-    g = lufs - now                                                 # dB, the gain without limiting
+    g, g_prev, err, err_prev = lufs - now, None, 0.0, None             # dB: the gain, the loudness still missing
     y = x * 10 ** (g / 20)
-    if float(y.abs().max()) <= SOUND_CEILING:
-        return y, lufs
-    g_prev = err_prev = None
-    for _ in range(5):
-        y = limit_peaks(x * 10 ** (g / 20), SOUND_CEILING)
+    for _ in range(5 * (float(y.abs().max()) > SOUND_CEILING)):
+        y = limit_peaks(x * 10 ** (g / 20), SOUND_CEILING)[0]
         err = lufs - integrated_loudness(y)
         if abs(err) < 0.05 or (err_prev is not None and abs(err_prev - err) < 0.01):  # done, or saturated
             break
         slope = (err_prev - err) / (g - g_prev) if g_prev is not None else 1.0
-        g_prev, err_prev = g, err
-        g += min(20.0, err / max(slope, 0.05))
+        g_prev, err_prev, g = g, err, g + min(20.0, err / max(slope, 0.05))
     return y, lufs - err
 
 
 @dataclass
 class Mix:
-    audio: torch.Tensor                              # [2, num_frames * 1200] float32 at 48 kHz
-    activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s, on the 40 Hz frame grid
+    audio: torch.Tensor                              # [2, ceil(duration * 40) * 1200] float32 at 48 kHz
+    activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s, on the 40 Hz grid
     limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: no clipping)
     level_error: float                               # dB, largest |reached - asked| loudness of a sound
 
 
 def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
-    """Render, level, pan and place every sound of `scene` into a 48 kHz stereo mix. Each sound is faded (10 ms),
-    placed at start_time in a silent scene and set to `loudness` LUFS there (set_loudness), so the label is its
-    integrated loudness in the mix; then panned with the constant-power law and added. Clip policy: the sum goes
-    through the peak limiter at 0.99, one gain for both channels (the reduction is returned as limited_db).
-    Activity, the FLAM metrics' ground truth: the 40 Hz frames inside the placement where the sound's own energy is
-    within 30 dB of its loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
-    F = scene.num_frames(FRAME_RATE)                    # the mixer keeps its 40 Hz grid (the FLAM labels)
-    out = torch.zeros(2, F * HOP)
-    activity, shortfall = {}, 0.0
+    """The 48 kHz stereo mix of `scene`. Each sound is faded, placed at start_time in silence and set to `loudness`
+    LUFS there (the label is its loudness in the mix), then panned and added; the sum goes through the limiter at
+    0.99. Activity (the FLAM ground truth): the 40 Hz frames where the sound's own energy is within 30 dB of its
+    loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
+    F = scene.num_frames(GRID)
+    out, activity, shortfall = torch.zeros(2, F * HOP), {}, 0.0
     for s in scene.sounds:
         key = (s.tool_params(), s.loudness, s.start_time, F)
-        if key not in renderer.levelled:  # a panning edit reuses the levelled sound
-            x = renderer.render(s).clone()
+        if key not in renderer.levelled:                               # a panning edit reuses the levelled sound
+            x, a = renderer.render(s).clone(), round(s.start_time * SAMPLE_RATE)
             m = min(len(x), int(FADE * SAMPLE_RATE) + 1)
             fade = 0.5 - 0.5 * torch.cos(math.pi * torch.arange(m) / m)
             x[:m] *= fade
             x[len(x) - m:] *= fade.flip(0)
-            # Level the sound with the silence around it that BS.1770's 400 ms blocks (on a 100 ms grid) see in the
-            # mix; blocks further away are silent there and fall below the absolute gate, so they change nothing.
-            a = round(s.start_time * SAMPLE_RATE)
-            lo = max(0, a - 19_200) // 4800 * 4800
-            window = torch.nn.functional.pad(x, (a - lo, max(0, min(19_200, F * HOP - a - len(x)))))
-            renderer.levelled[key] = (lo, *set_loudness(window, s.loudness))
-        lo, y, reached = renderer.levelled[key]
-        placed = torch.zeros(F * HOP)
-        placed[lo:lo + len(y)] = y[:F * HOP - lo]
+            placed = torch.zeros(F * HOP)
+            placed[a:a + len(x)] = x[:F * HOP - a]
+            renderer.levelled[key] = set_loudness(placed, s.loudness)  # the silence around it falls below the gate
+        placed, reached = renderer.levelled[key]
         shortfall = max(shortfall, abs(reached - s.loudness))
         left, right = pan_gains(s.panning)
         out += torch.stack([left * placed, right * placed])
         energy = 10 * torch.log10(placed.view(F, HOP).pow(2).mean(1) + 1e-20)  # [F] dB per frame
-        active = ((energy > energy.max() - ACTIVITY_DB) & (energy > -100)).tolist()
-        runs = []                                                               # [start, end) frames of active runs
-        for f in (f for f, on in enumerate(active) if on):
+        active, runs = ((energy > energy.max() - ACTIVITY_DB) & (energy > -100)).tolist(), []
+        for f in (f for f, on in enumerate(active) if on):                      # [start, end) frames of active runs
             if runs and f - runs[-1][1] <= 4:
                 runs[-1][1] = f + 1
             else:
                 runs.append([f, f + 1])
-        activity[s.id] = [(i / FRAME_RATE, j / FRAME_RATE) for i, j in runs]
-    gain = limiter_gain(out, MIX_CEILING)
-    limited_db = round(20 * math.log10(float(gain.min())), 2)
-    return Mix((out * gain).clamp(-MIX_CEILING, MIX_CEILING), activity, limited_db, round(shortfall, 2))
+        activity[s.id] = [(i / GRID, j / GRID) for i, j in runs]
+    audio, limited_db = limit_peaks(out, MIX_CEILING)
+    return Mix(audio, activity, limited_db, round(shortfall, 2))
 
 
 # -----------------------------------------------------------------------------
-# The offline designer: a simulated user and sound designer (the default backend, used by the toy scale)
+# The offline designer: a simulated user and sound designer for the toy world (the default backend)
 
-# Seeds: the paper seeds AudioCopilot with LibriSpeech and Common Voice transcripts (A.0); these short
-# sentences are our own. Evaluation seeds are disjoint from training seeds, as test-clean is in the paper.
-TRAIN_SEEDS = (
-    "The rain had not stopped for three days.", "She opened the door and the dog ran out into the yard.",
-    "Far away, the church bells rang for the wedding.", "The old clock in the hall struck midnight.",
-    "We sat by the fire and listened to the wind.", "A storm was coming over the hills.",
-    "The market was full of people and noise.", "He walked slowly along the river.",
-    "Birds sang in the garden at dawn.", "The ship left the harbour before sunrise.",
-    "Somebody knocked twice on the door.", "The city never sleeps, even at night.",
-    "She typed the letter as fast as she could.", "The helicopter circled above the accident.",
-    "A cat slept on the warm kitchen floor.", "The horse pulled the carriage through the village.",
-    "An owl called somewhere in the dark woods.", "Crickets filled the warm summer evening.",
-    "The waves broke gently on the beach.", "An ambulance raced down the busy street.",
-    "The engine would not start in the cold.", "The phone rang in the empty office.",
-    "A quiet room, a humming fan and a long afternoon.", "The piano played softly in the hall.",
-    "Thunder rolled over the dark fields.", "Footsteps echoed in the long corridor.",
-)
-EVAL_SEEDS = (
-    "Snow fell quietly on the mountain village.", "The fishermen pulled their boat onto the shore.",
-    "A dog barked when the stranger walked past the farm.", "Rain tapped on the window of the study.",
-    "The café was warm and full of voices.", "At night the forest was never really silent.",
-    "The clock ticked while she waited for the call.", "Lightning lit up the old house on the hill.",
-    "They camped by the river and lit a fire.", "The station was crowded before the last train.",
-)
-LINES = ("Did you hear that?", "We should go inside before it gets worse.", "Come here, quickly!",
-         "I think someone is at the door.", "It's so peaceful here.", "Where did everyone go?",
-         "Listen, it's starting again.", "I told you we would be late.", "This is the best day ever!",
-         "Please, don't leave me here.", "Stay close to me.", "What a beautiful morning.", "Get out of here!",
-         "I can't believe it worked.", "Let's wait a little longer.", "Who's there?")
-SPEAKERS = (("Anna", "female"), ("Ben", "male"), ("Clara", "female"), ("David", "male"), ("Elena", "female"),
-            ("Frank", "male"), ("Grace", "female"), ("Hugo", "male"), ("the narrator", "male"),
-            ("the old woman", "female"))
-# The simulated user's phrasings, one tuple per turn kind ({x}: a sound's name, {y}: a caption).
-STORY = ("Create a soundscape with {list}.", "I'd like to hear {list}.", "Make an audio scene with {list}.",
-         "Give me {list}.", "Can you make a scene where there is {list}?", "Sound design for this: {list}.",
-         "Compose a short audio story: {list}.", "Create a soundscape inspired by this: \"{seed}\"",
-         "Sound-design this moment: {seed}", "{seed} Make it sound like that.",
-         "Turn this line into a short audio story: {seed}")
-ADD = ("Add {x}{where}{when}.", "Can you add {x}{where}{when}?", "Put in {x}{where}{when}.",
-       "I want to hear {x}{where}{when}.", "Let's also have {x}{where}{when}.", "Bring in {x}{where}{when}.",
-       "Include {x}{where}{when}, please.")
-REMOVE = ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.",
-          "Please delete the {x}.", "Lose the {x}.", "Can you drop the {x}?", "Mute the {x} completely, take it out.")
-CHANGE = ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.",
-          "Change the {x} to {y}.", "Turn the {x} into {y}.", "Could the {x} be {y} instead?")
-VOLUME = ("Make the {x} {more}.", "Can you make the {x} {more}?", "The {x} should be {more}.",
-          "I'd like the {x} {more}.", "Mix the {x} {more}, please.", "Could the {x} be {more}?",
-          "Bring the {x} in {more}.")
-PAN = ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?",
-       "I want the {x} {p}.", "Shift the {x} {p}.")
-SIDES = (("to the left", -0.8, -0.5), ("to the right", 0.5, 0.8), ("hard left", -1.0, -1.0), ("hard right", 1.0, 1.0),
-         ("to the centre", 0.0, 0.0), ("slightly to the left", -0.3, -0.2), ("slightly to the right", 0.2, 0.3))
-OPEN = {"busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.",
-                   "Make it feel more lively."),
-        "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.",
-                   "Make the foreground softer."),
-        "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.",
-                  "Open up the stereo image."),
-        "later": ("Let the events start a bit later.", "Give it a slower build-up.",
-                  "Delay the foreground sounds by a second."),
-        "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.",
-                    "Keep the foreground sounds brief.")}
+# Seeds: the paper seeds AudioCopilot with LibriSpeech and Common Voice transcripts (A.0); these sentences are ours.
+# Their words pick matching classes some of the time (a light bias); evaluation seeds are disjoint from training's.
+TRAIN_SEEDS = ("The rain had not stopped for three days.", "The dog ran out into the yard.", "Somebody knocked twice.",
+               "Far away, the church bells rang for the wedding.", "We sat by the fire and listened to the wind.",
+               "Birds sang in the garden at dawn.", "A cat slept on the kitchen floor.", "The waves broke on the beach.",
+               "An ambulance raced down the street.", "A quiet room, a humming fan and a long afternoon.",
+               "The piano played softly in the hall.", "Thunder rolled over the fields.", "The phone rang at noon.",
+               "Footsteps echoed in the corridor.", "The ship left the harbour before sunrise.", "A winter night.")
+EVAL_SEEDS = ("Snow fell quietly on the mountain village.", "The fishermen pulled their boat onto the shore.",
+              "A dog barked when the stranger walked past the farm.", "They camped by the river and lit a fire.",
+              "Lightning lit up the old house on the hill.", "The telephone would not stop.", "Music upstairs.")
+# The user's words. SIDES: side -> (the panning range the designer honours, phrases); LEVELS: level -> (adjectives
+# for a noun phrase, all starting with a consonant: "an old fan" -> "a loud old fan"; adverbs for a clause).
+SIDES = {"left": ((-0.8, -0.5), ("on the left", "to the left", "from the left", "on the left side", "in the left channel")),
+         "hard left": ((-1.0, -1.0), ("hard left", "far left", "all the way to the left", "fully left")),
+         "right": ((0.5, 0.8), ("on the right", "to the right", "from the right", "on the right side",
+                                "in the right channel")),
+         "hard right": ((1.0, 1.0), ("hard right", "far right", "all the way to the right", "fully right")),
+         "centre": ((0.0, 0.0), ("in the middle", "in the centre", "in the center", "centered"))}
+LEVELS = {"loud": (("loud", "very loud", "noisy"), ("loudly", "loud and close")),
+          "quiet": (("quiet", "soft", "faint", "gentle", "distant"), ("softly", "quietly", "in the distance"))}
+STARTS = ("at the start", "right at the beginning", "from the start", "straight away")   # how a user says 0 s
+NUMBERS = ("zero", "one", "two", "three")
+BACKGROUND = ("in the background", "as the background", "all the way through", "throughout")
+FILLERS = ("at night", "in the morning", "in a small village", "on a cold evening", "somewhere in the countryside",
+           "in the city", "late at night", "on a quiet afternoon", "in an old house", "at dawn", "outside", "in winter")
+STORY = ("Create a soundscape with {x}.", "I'd like to hear {x}.", "Make an audio scene with {x}.", "Give me {x}.",
+         "Can you make a scene with {x}?", "Let me hear {x}.", "Generate {x}.", "Play {x}.", "I want {x}.",
+         "Compose a scene: {x}.", "Please create {x}.", "An audio story with {x}.", "Picture this: {x}.",
+         "Set the scene with {x}.", "{X}.", "{X}, please.", "Design a sound scene with {x}.", "Could I hear {x}?",
+         "Make me a soundscape of {x}.", "A scene where there is {x}.")
+SETTING = ("{S}, with {x}.", "{X} {s}.", "A scene {s}: {x}.", "I want {x} {s}.")
+EDIT_WORDS = {  # the user's edit requests ({x}: a sound's short name, {y}: a noun phrase, {p}: a side)
+    "add": ("Add {y}.", "Can you add {y}?", "Put in {y}.", "I want to hear {y} too.", "Let's also have {y}.",
+            "Bring in {y}.", "Include {y}, please.", "Also add {y}.", "Now add {y}.", "Could you add {y}?"),
+    "remove": ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.",
+               "Please delete the {x}.", "Lose the {x}.", "Can you drop the {x}?", "No more {x}.", "Cut the {x}."),
+    "change": ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.",
+               "Change the {x} to {y}.", "Turn the {x} into {y}.", "Could the {x} be {y} instead?",
+               "Use {y} instead of the {x}."),
+    "volume": ("Make the {x} {more}.", "Can you make the {x} {more}?", "The {x} should be {more}.",
+               "I'd like the {x} {more}.", "Turn the {x} {up}.", "Could the {x} be {more}?", "Turn {up} the {x}."),
+    "pan": ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?",
+            "I want the {x} {p}.", "Shift the {x} {p}.", "Put the {x} {p}."),
+    "busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.",
+               "Make it more lively.", "Add a couple more sounds."),
+    "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.",
+               "Make the foreground softer.", "Everything except the background a bit quieter."),
+    "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.",
+              "Open up the stereo image."),
+    "later": ("Let the events start a bit later.", "Give it a slower build-up.", "Delay the foreground sounds by a "
+              "second.", "Start everything a second later."),
+    "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.",
+                "Keep the foreground sounds brief.")}
 
 
 def _join(items: list[str]) -> str:
@@ -837,11 +680,19 @@ def _join(items: list[str]) -> str:
 
 
 @dataclass
+class Spec:
+    """What the user states about one sound: its class and, where said, its side, level and start time."""
+    cls: str
+    side: str | None = None     # a key of SIDES
+    level: str | None = None    # a key of LEVELS
+    start: float | None = None  # s
+
+
+@dataclass
 class Simulation:
     """The state of one simulated conversation, passed to every step of the offline designer."""
-    rng: random.Random        # everything random in the conversation comes from here (deterministic data)
+    rng: random.Random        # everything random comes from here: a conversation is a function of the rng's state
     matched: list[str]        # sound classes whose keywords the seed sentence contains
-    speech: bool              # the SFX + TTS prompt (paper A.2), else SFX only
     next_id: int = 0          # ids are never reused within a conversation
 
     def new_id(self) -> int:
@@ -849,199 +700,172 @@ class Simulation:
         return self.next_id - 1
 
 
-def _new_sfx(sim: Simulation, exclude: set[str], bed: bool = False) -> tuple[str, str]:
-    """(class, caption) of a new sfx: a seed-matched class when there is one (60 %), else any class."""
-    pool = [n for n, c in SOUND_CLASSES.items() if n not in exclude and (c.bed or not bed)]
+def _pick(sim: Simulation, pool: list[str], exclude: set[str]) -> str:
+    """A class of `pool` not in `exclude`: a seed-matched one 60 % of the time when there is one, else any."""
+    pool = [n for n in pool if n not in exclude]
     matched = [n for n in sim.matched if n in pool]
-    name = sim.rng.choice(matched if matched and sim.rng.random() < 0.6 else pool)
-    return name, sim.rng.choice(SOUND_CLASSES[name].captions)
+    return sim.rng.choice(matched if matched and sim.rng.random() < 0.6 else pool)
 
 
-def _sound(sim: Simulation, tool: str, text: str, length: float, **kw) -> Sound:
-    """A new sound with a fresh id, placed within `length` s."""
-    rng, i = sim.rng, sim.new_id()
-    if tool == "tts":
-        duration = min(length, round(0.4 * len(text.split()) + 0.8, 1))
-        loud, pan = rng.randint(-18, -10), round(rng.uniform(-0.5, 0.5), 1)
+def _spec(cls: str, rng: random.Random, length: float, p_side=0.4, p_level=0.25, p_time=0.3) -> Spec:
+    """An event as a user asks for it, each attribute stated with its probability."""
+    side = rng.choice(list(SIDES)) if rng.random() < p_side else None
+    level = rng.choice(list(LEVELS)) if rng.random() < p_level else None
+    start = min(rng.choice((0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)), length - 1) if rng.random() < p_time else None
+    return Spec(cls, side, level, start)
+
+
+def _say(spec: Spec, rng: random.Random, clause: bool = False, bed: bool = False) -> str:
+    """The user's words for a sound, a noun phrase ("a loud dog barking on the left after 2 seconds") or a clause
+    ("a dog barks loudly on the left"), with its stated level, side and start time."""
+    c = SOUND_CLASSES[spec.cls]
+    words = rng.choice((c.clauses if clause else c.nouns).split("|")).split()
+    if spec.level and clause:
+        words.append(rng.choice(LEVELS[spec.level][1]))
+    elif spec.level:                                   # after the article: "an electric fan" -> "a quiet electric fan"
+        at = int(words[0] in ("a", "an", "the", "some"))
+        words[at:at] = [rng.choice(LEVELS[spec.level][0])]
+        words[0] = "a" if words[0] == "an" else words[0]
+    stated = [rng.choice(SIDES[spec.side][1])] if spec.side else []
+    if (t := spec.start) is not None:                  # "at the start", "after 1.5 seconds", "after two seconds"
+        n, whole = f"{t:g} second" + "s" * (t != 1), f"{NUMBERS[int(t)]} second" + "s" * (t != 1)
+        stated.append(rng.choice(STARTS if t == 0 else (f"after {n}", f"at {n}", f"{n} in") + (
+            (f"after {whole}", f"at the {t:g} second mark") if t.is_integer() else ())))
+    rng.shuffle(stated)
+    return " ".join(words + stated + ([rng.choice(BACKGROUND)] if bed and rng.random() < 0.4 else []))
+
+
+def _design(spec: Spec, sid: int, length: float, rng: random.Random, bed: bool = False) -> Sound:
+    """The designer's sound for what the user stated; the rest is the designer's choice. A bed lasts the scene,
+    centred; a stated level gets a loudness range apart from the unstated one; a stated side its SIDES range."""
+    c = SOUND_CLASSES[spec.cls]
+    top = int(c.top)
+    if bed:
+        loudness = rng.randint(*{"loud": (-22, -20), "quiet": (-30, -28)}.get(spec.level, (-27, -23)))
+        return Sound(sid, "sfx", c.caption, loudness, 0.0, 0.0, length)
+    loudness = rng.randint(*{"loud": (top - 2, top), "quiet": (-28, -24)}.get(spec.level, (-23, top - 3)))
+    lo, hi = SIDES[spec.side][0] if spec.side else (-0.9, 0.9)
+    duration = round(rng.uniform(1.0, min(3.0, length)), 1)
+    if spec.start is None:
+        start = round(rng.uniform(0, max(0.0, min(MAX_START, length - duration))), 1)
     else:
-        cls = SOUND_CLASSES[caption_to_class(text)]
-        longest = min(length, 5.0 if cls.layers[0].rate == 0 else 4.0)   # continuous sounds may last longer
-        duration = round(rng.uniform(min(1.0, longest), longest), 1)
-        loud, pan = rng.randint(int(max(-30, cls.top - 10)), int(cls.top)), round(rng.uniform(-0.9, 0.9), 1)
-    start = round(rng.uniform(0, max(0.0, min(MAX_START, length - duration))), 1)
-    return Sound(i, tool, text, **dict(loudness=loud, panning=pan, start_time=start, duration=duration) | kw)
-
-
-def _speech(sim: Simulation, sounds: list[Sound], length: float, speaker: tuple[str, str] | None = None) -> Sound:
-    """A new line of speech within `length` s; it follows the last line in `sounds` when it fits (turn taking)."""
-    name, gender = speaker or sim.rng.choice(SPEAKERS)
-    s = _sound(sim, "tts", sim.rng.choice(LINES), length, speaker=name, gender=gender,
-               emotion=sim.rng.choice(tuple(EMOTIONS)))
-    ends = [t.end for t in sounds if t.tool == "tts"]
-    after = round(max(ends, default=0.0) + 0.3, 1)
-    return replace(s, start_time=after) if ends and after <= MAX_START and after + s.duration <= length else s
+        start, duration = spec.start, round(min(duration, length - spec.start), 1)
+    return Sound(sid, "sfx", c.caption, loudness, round(rng.uniform(lo, hi), 1), start, duration)
 
 
 def _scene(sounds: list[Sound], previous: Scene | None = None) -> Scene:
     """The designer's scene: a description naming every sound, and the edit lists of scene_diff."""
-    parts = [f"{s.speaker} saying \"{s.text}\"" if s.tool == "tts" else s.text for s in sounds]
-    description = parts[0][0].upper() + parts[0][1:] + (", with " + _join(parts[1:]) if len(parts) > 1 else "") + "."
+    parts = [s.text for s in sounds]
+    description = parts[0].capitalize() + (", with " + _join(parts[1:]) if parts[1:] else "") + "."
     return Scene(description, sounds, **scene_diff(previous, Scene(description, sounds)))
 
 
-def _name(sim: Simulation, s: Sound) -> str:
-    """How the user refers to a sound: its class, its caption, or the speaker's voice (after "the")."""
-    if s.tool == "tts":
-        return sim.rng.choice((f"voice of {s.speaker}", f"line from {s.speaker}", f"speech of {s.speaker}"))
-    short = s.text.removeprefix("a ").removeprefix("an ").removeprefix("the ")
-    return sim.rng.choice((caption_to_class(s.text), short))
+def _story(sim: Simulation, n_events: int | None = None) -> tuple[str, Scene, list[Spec]]:
+    """A story turn: (prompt, scene, what the prompt stated, bed first). The prompt is a request listing the sounds
+    (45 %), sentences joined by while/and/as (35 %), or a setting that implies the bed, then the events (20 %)."""
+    rng, mode = sim.rng, sim.rng.random()
+    length = rng.choice((4.0, 5.0, 5.0, 6.0))
+    bed = Spec(_pick(sim, BEDS, set()), level=rng.choice(list(LEVELS)) if mode < 0.8 and rng.random() < 0.15 else None)
+    events = []
+    for _ in range(n_events or rng.choice((1, 1, 2, 2, 3))):
+        events.append(_spec(_pick(sim, EVENTS, {e.cls for e in events}), rng, length))
+    sounds = [_design(bed, sim.new_id(), length, rng, bed=True)] + [_design(e, sim.new_id(), length, rng) for e in events]
+    if mode < 0.45:                                    # a request listing the sounds, the bed first or last
+        items = [_say(bed, rng, bed=True)] + [_say(e, rng) for e in events]
+        items = _join(items[1:] + items[:1] if rng.random() < 0.5 else items)
+        items += " " + rng.choice(FILLERS) if rng.random() < 0.25 else ""
+        text = rng.choice(STORY).format(x=items, X=items[0].upper() + items[1:])
+    elif mode < 0.8:                                   # sentences: the rain falls, while a dog barks on the left
+        parts = [_say(bed, rng, clause=True)] + [_say(e, rng, clause=True) for e in events]
+        parts = parts if rng.random() < 0.5 else parts[1:] + parts[:1]
+        text = rng.choice((", while ", " and ", ", as ", " while ")).join(parts[:2])
+        text += ", " + _join(parts[2:]) if parts[2:] else ""
+        text = (rng.choice(FILLERS) + ", " if rng.random() < 0.3 else "") + text
+        text = text[0].upper() + text[1:] + "."
+    else:                                              # a setting that implies the bed: by the sea, with ...
+        s, x = rng.choice(SOUND_CLASSES[bed.cls].settings.split("|")), _join([_say(e, rng) for e in events])
+        text = rng.choice(SETTING).format(s=s, S=s[0].upper() + s[1:], x=x, X=x[0].upper() + x[1:])
+    return text, _scene(sounds), [bed] + events
 
 
-def _story(sim: Simulation, seed_text: str, min_sounds: int, max_sounds: int) -> tuple[str, str, Scene]:
-    rng = sim.rng
-    length = rng.choice((5.0, 6.0, 7.0, 8.0, 8.0, 8.0))
-    bed, caption = _new_sfx(sim, set(), bed=True)
-    sounds = [_sound(sim, "sfx", caption, length, start_time=0.0, duration=length,
-                     panning=rng.choice((-0.1, 0.0, 0.0, 0.1)),
-                     loudness=rng.randint(-30, int(min(-20, SOUND_CLASSES[bed].top))))]
-    used = {bed}
-    speakers = rng.sample(SPEAKERS, rng.randint(1, 2)) if sim.speech else []
-    for k in range(rng.randint(min_sounds - 1, max_sounds - 1)):
-        if k < len(speakers):
-            sounds.append(_speech(sim, sounds, length, speakers[k]))
-        else:
-            name, caption = _new_sfx(sim, used)
-            used.add(name)
-            sounds.append(_sound(sim, "sfx", caption, length))
-    parts = [f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice" if s.tool == "tts" else s.text for s in sounds]
-    rng.shuffle(parts)
-    template = rng.choice(STORY)
-    return template.format(list=_join(parts), seed=seed_text), "story", _scene(sounds)
-
-
-# The six edit kinds: each returns (instruction, the new scene's sounds), or None when the scene does not allow it.
-
-def _add(sim: Simulation, scene: Scene):
-    if len(scene.sounds) >= 7:
+def _edit(sim: Simulation, scene: Scene, kind: str) -> tuple[str, list[Sound]] | None:
+    """An edit of `kind` in the user's words and the new scene's sounds, or None when the scene does not allow it.
+    One sound: add, remove (one ambience stays), change (a bed for a bed: a new id), volume (+-4..8 dB), pan (to a
+    side at least 0.3 away); open: busier (two new sounds), or calmer (-6 dB), wider (0.4 outwards), later (+1 s)
+    or shorter (x0.6) for every foreground sound."""
+    rng, sounds, amb = sim.rng, scene.sounds, ambience_ids(scene)[:1]
+    used, foreground = {caption_to_class(s.text) for s in sounds}, [s for s in sounds if s.id not in amb]
+    name = lambda s: rng.choice(SOUND_CLASSES[caption_to_class(s.text)].names.split("|"))  # "remove the dog"
+    swap = lambda old, new: [new if s is old else s for s in sounds]
+    if kind == "add" and len(sounds) < 6:                               # room for busier, then add
+        spec = _spec(_pick(sim, EVENTS, used), rng, scene.duration, 0.5, 0.25, 0.4)
+        new = _design(spec, sim.new_id(), scene.duration, rng)
+        return rng.choice(EDIT_WORDS["add"]).format(y=_say(spec, rng)), sounds + [new]
+    if kind == "remove" and foreground:
+        gone = rng.choice(foreground)
+        return rng.choice(EDIT_WORDS["remove"]).format(x=name(gone)), [s for s in sounds if s is not gone]
+    if kind == "change":
+        old = rng.choice(sounds)
+        c = SOUND_CLASSES[_pick(sim, BEDS if old.id in amb else EVENTS, used)]
+        new = replace(old, id=sim.new_id(), text=c.caption, loudness=min(old.loudness, c.top))
+        return rng.choice(EDIT_WORDS["change"]).format(x=name(old), y=rng.choice(c.nouns.split("|"))), swap(old, new)
+    if kind == "volume" and (options := [(s, d) for s in sounds for d in (rng.randint(4, 8), -rng.randint(4, 8))
+                                         if -30 <= s.loudness + d <= SOUND_CLASSES[caption_to_class(s.text)].top]):
+        s, d = rng.choice(options)
+        more = rng.choice(("", "a bit ", "a little ") if abs(d) < 6 else ("much ", "a lot ")) + \
+            ("louder" if d > 0 else "quieter")
+        instruction = rng.choice(EDIT_WORDS["volume"]).format(x=name(s), more=more, up="up" if d > 0 else "down")
+        return instruction, swap(s, replace(s, loudness=s.loudness + d))
+    if kind == "pan" and foreground:
+        s = rng.choice(foreground)
+        (lo, hi), words = rng.choice([v for v in SIDES.values() if min(abs(s.panning - p) for p in v[0]) >= 0.3])
+        instruction = rng.choice(EDIT_WORDS["pan"]).format(x=name(s), p=rng.choice(words))
+        return instruction, swap(s, replace(s, panning=round(rng.uniform(lo, hi), 1)))
+    if kind != "open":
         return None
-    rng, kw, where, when = sim.rng, {}, "", ""
-    if rng.random() < 0.5:
-        side, lo, hi = rng.choice(SIDES)
-        where = " " + side.replace("to the ", "on the ").replace("centre", "middle")
-        kw["panning"] = round(rng.uniform(lo, hi), 1)
-    if rng.random() < 0.4:
-        kw["start_time"] = float(rng.randint(0, 3))
-        when = (" at the start", " after one second", " after two seconds", " after three seconds")[
-            int(kw["start_time"])]
-    length = scene.duration - kw.get("start_time", 0.0)             # so the new sound ends within the scene
-    if sim.speech and rng.random() < 0.4:
-        s = _speech(sim, scene.sounds, length)
-        x = f"{s.speaker} saying \"{s.text}\" in a {s.emotion} voice"
-    else:
-        _, x = _new_sfx(sim, {caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"})
-        s = _sound(sim, "sfx", x, length)
-    return rng.choice(ADD).format(x=x, where=where, when=when), scene.sounds + [replace(s, **kw)]
-
-
-def _remove(sim: Simulation, scene: Scene):
-    if len(scene.sounds) < 3:
-        return None
-    keep = ambience_ids(scene)[:1]                                   # one ambience stays
-    gone = sim.rng.choice([s for s in scene.sounds if s.id not in keep])
-    return sim.rng.choice(REMOVE).format(x=_name(sim, gone)), [s for s in scene.sounds if s.id != gone.id]
-
-
-def _change(sim: Simulation, scene: Scene):
-    """A new caption, emotion or gender: a new sound under a new id (the paper's remove + add)."""
-    rng, old = sim.rng, sim.rng.choice(scene.sounds)
-    if old.tool == "tts" and rng.random() < 0.5:
-        emotion = rng.choice([e for e in EMOTIONS if e != old.emotion])
-        new, instruction = replace(old, emotion=emotion), f"Make {old.speaker} sound {emotion} instead."
-    elif old.tool == "tts":
-        gender = "female" if old.gender == "male" else "male"
-        new, instruction = replace(old, gender=gender), f"Give {old.speaker} a {gender} voice."
-    else:
-        used = {caption_to_class(s.text) for s in scene.sounds if s.tool == "sfx"}
-        name, caption = _new_sfx(sim, used, bed=old.id in ambience_ids(scene))
-        new = replace(old, text=caption, loudness=min(old.loudness, SOUND_CLASSES[name].top))
-        instruction = rng.choice(CHANGE).format(x=_name(sim, old), y=caption)
-    new = replace(new, id=sim.new_id())
-    return instruction, [new if s.id == old.id else s for s in scene.sounds]
-
-
-def _volume(sim: Simulation, scene: Scene):
-    rng, options = sim.rng, []
-    for s in scene.sounds:
-        top = -10 if s.tool == "tts" else SOUND_CLASSES[caption_to_class(s.text)].top
-        options += [(s, d) for d in (rng.randint(4, 8), -rng.randint(4, 8)) if -30 <= s.loudness + d <= top]
-    if not options:
-        return None
-    s, d = rng.choice(options)
-    more = rng.choice(("", "a bit ") if abs(d) < 6 else ("much ", "a lot ")) + ("louder" if d > 0 else "quieter")
-    instruction = rng.choice(VOLUME).format(x=_name(sim, s), more=more)
-    return instruction, [replace(x, loudness=x.loudness + d) if x is s else x for x in scene.sounds]
-
-
-def _pan(sim: Simulation, scene: Scene):
-    keep = ambience_ids(scene)[:1]                                   # one ambience stays centred
-    s = sim.rng.choice([s for s in scene.sounds if s.id not in keep])
-    side, lo, hi = sim.rng.choice([x for x in SIDES if min(abs(s.panning - x[1]), abs(s.panning - x[2])) >= 0.3])
-    instruction = sim.rng.choice(PAN).format(x=_name(sim, s), p=side)
-    return instruction, [replace(x, panning=round(sim.rng.uniform(lo, hi), 1)) if x is s else x for x in scene.sounds]
-
-
-def _open(sim: Simulation, scene: Scene):
-    """An open-ended edit of the whole scene: busier (two new sounds), or one change to every foreground
-    sound: calmer (-6 dB), wider (panned 0.4 outwards), later (+1 s) or shorter (x0.6, speech excepted)."""
-    amb = ambience_ids(scene)[:1]
     fits = lambda s: s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration
     ops = {"calmer": lambda s: replace(s, loudness=max(-30, s.loudness - 6)),
            "wider": lambda s: replace(s, panning=max(-1.0, min(1.0, s.panning + math.copysign(0.4, s.panning)))),
            "later": lambda s: replace(s, start_time=s.start_time + 1) if fits(s) else s,
-           "shorter": lambda s: replace(s, duration=max(0.5, round(s.duration * 0.6, 1))) if s.tool == "sfx" else s}
-    edits = {op: [f(s) if s.id not in amb else s for s in scene.sounds] for op, f in ops.items()}
-    options = [op for op, sounds in edits.items() if sounds != scene.sounds] + ["busier"] * (len(scene.sounds) <= 5)
-    op = sim.rng.choice(options)
+           "shorter": lambda s: replace(s, duration=max(0.5, round(s.duration * 0.6, 1)))}
+    edits = {op: [f(s) if s.id not in amb else s for s in sounds] for op, f in ops.items()}
+    op = rng.choice([op for op, new in edits.items() if new != sounds] + ["busier"] * (len(sounds) <= 4))
     if op == "busier":
-        edits[op] = _add(sim, replace(scene, sounds=_add(sim, scene)[1]))[1]
-    return sim.rng.choice(OPEN[op]), edits[op]
-
-
-EDITS = {"open": _open, "add": _add, "remove": _remove, "change": _change, "volume": _volume, "pan": _pan}
+        edits[op] = _edit(sim, replace(scene, sounds=_edit(sim, scene, "add")[1]), "add")[1]
+    return rng.choice(EDIT_WORDS[op]), edits[op]
 
 
 class OfflineCopilot:
-    """Procedural user and designer. conversation() returns [(instruction, kind, scene)]: a storytelling turn
-    (2-6 sounds, one ambience), then edits of the six kinds; seed words pick sound classes by keyword, and
-    everything else comes from `rng`, so a conversation is a pure function of (seed text, rng state)."""
+    """The procedural user and designer. Text only (nothing is rendered): a conversation is a pure function of
+    (seed text, rng state) and takes well under a millisecond, so training can draw plans on the fly."""
     failures = 0   # invalid answers: the procedural designer writes valid scenes by construction (asserted)
 
-    def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
-                     speech: bool | None = None) -> list[tuple[str, str, Scene]]:
+    def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
+                     kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
+        """[(instruction, kind, scene)]: a story (a bed and 1-3 events; 2 with `kinds`), then edits of the given
+        kinds, or of random feasible ones."""
         words = set(re.findall(r"[a-z]+", seed_text.lower()))
-        matched = [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())]
-        sim = Simulation(rng, matched, rng.random() < 0.35 if speech is None else speech)  # paper A.2: SFX(+TTS)
-        turns = [_story(sim, seed_text, *((3, 4) if kinds else (2, 6)))]   # eval: room for any two edits
+        sim = Simulation(rng, [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())])
+        text, scene, _ = _story(sim, 2 if kinds else None)
+        assert not (errors := validate_scene(scene)), (errors, text)
+        turns = [(text, "story", scene)]
         for t in range(1, n_turns):
             previous = turns[-1][2]
             options = [kinds[t - 1]] if kinds else rng.sample(EDIT_KINDS, len(EDIT_KINDS))
-            edit = next(((k, e) for k in options if (e := EDITS[k](sim, previous))), None)
+            kind, edit = next(((k, e) for k in options if (e := _edit(sim, previous, k))), (options, None))
             if edit is None:
                 raise RuntimeError(f"no feasible {options} edit for scene {scene_to_json(previous)}")
-            kind, (instruction, sounds) = edit
-            scene = _scene(sounds, previous)
+            scene = _scene(edit[1], previous)
             errors = validate_scene(scene, previous)
-            assert not errors and kind in ("open", classify_edit(previous, scene)), (kind, errors, instruction)
-            turns.append((instruction, kind, scene))
+            assert not errors and kind in ("open", classify_edit(previous, scene)), (kind, errors, edit[0])
+            turns.append((edit[0], kind, scene))
         return turns
 
     def t2a(self, rng: random.Random) -> list[tuple[str, str, Scene]]:
-        """A single-sound conversation for the text-to-audio and captioning tasks: the caption is the prompt."""
-        cls = SOUND_CLASSES[rng.choice(sorted(SOUND_CLASSES))]
-        caption = rng.choice(cls.captions)
-        sound = Sound(0, "sfx", caption, rng.randint(int(max(-30, cls.top - 8)), int(cls.top)), 0.0, 0.0,
-                      rng.choice((3, 4, 5, 6, 8)))
-        return [(caption, "t2a", Scene(caption[0].upper() + caption[1:] + ".", [sound]))]
+        """A single-sound conversation (text-to-audio, captioning), asked for in the user's words for its class."""
+        c = SOUND_CLASSES[rng.choice(list(SOUND_CLASSES))]
+        sound = Sound(0, "sfx", c.caption, rng.randint(int(max(-30, c.top - 8)), int(c.top)), 0, 0, rng.choice((2, 3, 4)))
+        return [(rng.choice(c.nouns.split("|")), "t2a", _scene([sound]))]
 
 
 # -----------------------------------------------------------------------------
@@ -1125,28 +949,24 @@ Example output:
 ```"""
 
 
+
 def _example(tts: bool) -> list[dict]:
-    """The paper's example conversation (Figs. 9-10) in the answer format: user text / system json messages.
-    Fig. 10 prints only the added sound "due to lack of space"; as its caption says AudioCopilot always shows
-    all sounds, the edit turn lists all four. The third turn, with speech, is ours (the SFX + TTS prompt)."""
+    """The paper's example (Figs. 9-10) as user text / system json messages. Fig. 10 prints only the added sound "due
+    to lack of space", but AudioCopilot always shows all sounds: the edit lists all four. The speech turn is ours."""
     room = [Sound(0, "sfx", "gentle birdsong outside a window", -28, 0.1, 0, 8),
             Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8),
             Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
-    start = "A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong"
-    first = Scene(start + " and a gentle ticking clock create a serene atmosphere. The faint aroma of fresh flowers "
-                  "lingers in the air.", room)
-    second = Scene(start + ", a gentle ticking clock, refined chatter, and someone delicately handling a flower create "
-                   "a serene atmosphere. The faint aroma of fresh flowers lingers in the air.",
+    start, end = ("A peaceful, elegant morning soundscape within a luxurious room. Delicate sounds of birdsong",
+                  " create a serene atmosphere. The faint aroma of fresh flowers lingers in the air.")
+    first = Scene(start + " and a gentle ticking clock" + end, room)
+    second = Scene(start + ", a gentle ticking clock, refined chatter, and someone delicately handling a flower" + end,
                    room + [Sound(3, "sfx", "delicate flower petals rustling", -22, 0, 1.2, 2.5)], added=[3])
+    butler = Sound(4, "tts", "Your tea is ready, madam.", -16, 0.3, 4.0, 2.5, "the butler", "male", "calm")
     turns = [("Create a soundscape of a quiet, refined morning in a luxurious room.", first),
              ("I want to emphasize the delicate nature of the flower detail mentioned. Add a sound for someone "
-              "delicately handling a flower.", second)]
-    if tts:
-        butler = Sound(4, "tts", "Your tea is ready, madam.", -16, 0.3, 4.0, 2.5, speaker="the butler", gender="male",
-                       emotion="calm")
-        third = Scene(second.description + " A butler politely announces that the tea is ready.",
-                      second.sounds + [butler], added=[4])
-        turns.append(("Have a butler politely announce that the tea is ready.", third))
+              "delicately handling a flower.", second),
+             ("Have a butler politely announce that the tea is ready.", Scene(second.description + " A butler "
+              "politely announces that the tea is ready.", second.sounds + [butler], added=[4]))][:2 + tts]
     return [message for instruction, scene in turns for message in (
         {"role": "user", "content": [{"type": "text", "text": instruction}]},
         {"role": "system", "content": [{"type": "json", **json.loads(scene_to_json(scene))}]})]
@@ -1157,77 +977,56 @@ _KIND_WORDS = {"open": "an open-ended edit", "add": "adding a sound", "remove": 
                "pan": "adjusting the panning of one sound"}
 
 
-def chat_completion(base_url: str, model: str, messages: list[dict], *, temperature: float = 1.0,
-                    max_tokens: int = 8192, timeout: float = 300.0, retries: int = 3, backoff: float = 2.0,
+def chat_completion(base_url: str, model: str, messages: list[dict], *, timeout: float = 300.0,
                     seed: int | None = None) -> str:
-    """POST {base_url}/chat/completions (OpenAI API) and return the answer text. Connection errors, timeouts
-    and HTTP 408/429/5xx are retried `retries` times with exponential backoff (backoff * 2**k s); other
-    HTTP errors fail at once. The bearer token, if any, comes from the OPENAI_API_KEY environment variable."""
-    url = base_url.rstrip("/") + "/chat/completions"
-    body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+    """The answer of POST {base_url}/chat/completions (OpenAI API; bearer token from $OPENAI_API_KEY). A failure
+    raises CopilotError: the conversation is dropped, and rerunning the dataset job asks for it again."""
+    url, key = base_url.rstrip("/") + "/chat/completions", os.environ.get("OPENAI_API_KEY")
+    body = {"model": model, "messages": messages, "temperature": 1.0, "max_tokens": 8192}
     body |= {"seed": seed} if seed is not None else {}
-    headers = {"Content-Type": "application/json"}
-    headers |= {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as e:
-            if e.code not in (408, 429, 500, 502, 503, 504) or attempt == retries:
-                raise CopilotError(f"{url}: HTTP {e.code} {e.reason}: {e.read()[:300]!r}; check --base-url and "
-                                   f"--model") from e
-            problem = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            if attempt == retries:
-                raise CopilotError(f"{url} unreachable after {retries + 1} tries ({e}); is the server running "
-                                   f"(e.g. `vllm serve {model}`) and is --base-url right?") from e
-            problem = str(e)
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-            raise CopilotError(f"{url}: the answer is not an OpenAI chat completion ({e!r})") from e
-        log.warning("%s: %s, retry %d/%d in %.1f s", url, problem, attempt + 1, retries, backoff * 2 ** attempt)
-        time.sleep(backoff * 2 ** attempt)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=timeout) as r:
+            return json.loads(r.read())["choices"][0]["message"]["content"]
+    except (OSError, LookupError, TypeError, ValueError) as e:        # OSError: HTTP, connection and timeout errors
+        raise CopilotError(f"{url}: {type(e).__name__}: {e}; is the server running (e.g. `vllm serve {model}`), and are --base-url "
+                           f"and --model right?") from e
 
 
-def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None) -> tuple[list, list[str]]:
-    """An LLM answer (a JSON list of up to 10 messages, user / system alternating, Figs. 9-10) ->
-    ([(instruction, kind, scene)], rule violations), each scene validated against the previous one and
-    each edit against the requested kind. An answer that cannot be read as scenes raises SceneError."""
+def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None,
+                 tts: bool = True) -> tuple[list, list[str]]:
+    """An LLM answer (a JSON list of user / system messages, Figs. 9-10) -> ([(instruction, kind, scene)], the rules
+    it breaks: each scene against the previous one, each edit against the asked kind, no speech unless `tts`).
+    An answer that cannot be read as scenes raises SceneError."""
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)          # prefer the fenced block, if any
     text = fenced.group(1) if fenced else text
-    start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
-    if start < 0:
-        raise SceneError("no JSON found in the answer; return one JSON list of messages")
     try:
-        messages, _ = json.JSONDecoder().raw_decode(text, start)
+        messages = json.JSONDecoder().raw_decode(text, min((i for i in (text.find("["), text.find("{")) if i >= 0),
+                                                            default=len(text)))[0]
     except json.JSONDecodeError as e:
-        raise SceneError(f"the answer is not valid JSON (character {e.pos}: {e.msg})") from e
-    if not isinstance(messages, list) or not messages or len(messages) % 2 or len(messages) > 2 * MAX_TURNS:
-        length = len(messages) if isinstance(messages, list) else "-"
-        raise SceneError(f"expected a JSON list of 2 to {2 * MAX_TURNS} messages (user and system alternating), "
-                         f"got {type(messages).__name__} of length {length}")
-    if n_turns is not None and len(messages) != 2 * n_turns:
-        raise SceneError(f"expected exactly {n_turns} interactions ({2 * n_turns} messages), got {len(messages)} "
-                         f"messages")
+        raise SceneError(f"the answer holds no valid JSON (character {e.pos}: {e.msg}); return one JSON list") from e
+    count = len(messages) if isinstance(messages, list) else 0
+    if count not in ([2 * n_turns] if n_turns else range(2, 2 * MAX_TURNS + 1, 2)):
+        raise SceneError(f"expected a JSON list of {2 * n_turns if n_turns else f'2 to {2 * MAX_TURNS}'} messages "
+                         f"(user and system alternating), got {type(messages).__name__} of length {count}")
     turns, errors, previous = [], [], None
-    for t in range(len(messages) // 2):
-        user, system = messages[2 * t: 2 * t + 2]
-        try:  # the structure; any problem here makes the whole answer unreadable
+    for t, (user, system) in enumerate(zip(messages[::2], messages[1::2])):
+        try:                                           # the structure; a problem here makes the answer unreadable
             if not (isinstance(user, dict) and user.get("role") == "user" and isinstance(system, dict)
                     and system.get("role") in ("system", "assistant")):
                 raise SceneError("messages must alternate role \"user\" then role \"system\"")
             instruction = user.get("content")
-            if isinstance(instruction, list):  # the paper's form: [{"type": "text", "text": ...}]
-                instruction = " ".join(c.get("text", "") for c in instruction
-                                       if isinstance(c, dict) and c.get("type") == "text")
+            if isinstance(instruction, list):          # the paper's form: [{"type": "text", "text": ...}]
+                instruction = " ".join(c.get("text", "") for c in instruction if isinstance(c, dict))
             if not isinstance(instruction, str) or not instruction.strip():
                 raise SceneError("the user message has no text")
-            obj = system.get("content")
-            obj = obj[0] if isinstance(obj, list) and obj else obj
-            scene = parse_scene(obj)
+            content = system.get("content")
+            scene = parse_scene(content[0] if isinstance(content, list) and content else content)
         except SceneError as e:
             raise SceneError(f"turn {t + 1}: {e}") from e
         errors += [f"turn {t + 1}: {e}" for e in validate_scene(scene, previous)]
+        errors += [f"turn {t + 1}: sound {s.id} uses tts, but only the sfx tool exists" for s in scene.sounds
+                   if s.tool == "tts" and not tts]
         kind = "story" if previous is None else classify_edit(previous, scene)
         asked = kinds[t - 1] if kinds and t else None
         if asked not in (None, "open", kind):
@@ -1239,29 +1038,28 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
 
 
 class LLMCopilot:
-    """The LLM backend: one chat completion simulates a whole conversation (paper A.2). An invalid answer
-    is sent back with its error list and the LLM is asked again, up to `attempts` answers. A conversation
-    still invalid after that raises CopilotError and is dropped (counted in `failures`, logged), unless
-    `keep_invalid` and its scenes can be rendered: then it is kept, and the dataset stores each turn's
-    violations, for the two-stage data of paper A.3 (all data first, then the validated subset)."""
+    """The LLM backend: one chat completion simulates a whole conversation (paper A.2). An invalid answer goes back
+    with its errors, up to `attempts` answers; a conversation still invalid raises CopilotError (it is dropped),
+    unless `keep_invalid` and it can be rendered: then it is kept with its violations (the two-stage data of A.3)."""
 
-    def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, **http):
+    def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, speech: float = 0.5,
+                 **http):
         self.base_url, self.model, self.attempts, self.keep_invalid = base_url, model, attempts, keep_invalid
-        self.http = http
+        self.speech = speech           # share of conversations given the SFX + TTS prompt (A.2; 0 without a TTS tool)
+        self.http = http               # chat_completion's keyword arguments (timeout)
         self.failures = 0              # invalid answers seen (each one was retried, kept flagged, or dropped)
 
-    def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3, kinds: list[str] | None = None,
-                     speech: bool | None = None) -> list[tuple[str, str, Scene]]:
-        tts = rng.random() < 0.5 if speech is None else speech   # paper A.2: one of two prompts at random
-        request = f"Inspiration: {seed_text}\n\nSimulate exactly {n_turns} interactions."
-        if kinds:
-            request += " After the first request, the user's edits are, in order: " + "; ".join(
-                _KIND_WORDS[k] for k in kinds) + "."
+    def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
+                     kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
+        tts = rng.random() < self.speech                               # paper A.2: one of two prompts at random
+        request = f"Inspiration: {seed_text}\n\nSimulate exactly {n_turns} interactions." + (
+            f" After the first request, the user's edits are, in order: {'; '.join(_KIND_WORDS[k] for k in kinds)}."
+            if kinds else "")
         messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": request}]
         for attempt in range(self.attempts):
             answer = chat_completion(self.base_url, self.model, messages, seed=rng.getrandbits(31), **self.http)
             try:
-                turns, problems = parse_answer(answer, n_turns, kinds)
+                turns, problems = parse_answer(answer, n_turns, kinds, tts)
             except SceneError as e:
                 turns, problems = [], [str(e)]
             if not problems:
@@ -1269,11 +1067,10 @@ class LLMCopilot:
             self.failures += 1
             log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts,
                         "\n".join(problems))
-            feedback = ("Your JSON breaks these rules:\n" + "\n".join(problems) +
-                        "\nReturn the whole corrected JSON list only.")
-            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
-        renderable = all(s.tool in ("sfx", "tts") and s.duration > 0 for *_, sc in turns for s in sc.sounds)
-        if self.keep_invalid and turns and renderable:
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Your JSON breaks these "
+                          "rules:\n" + "\n".join(problems) + "\nReturn the whole corrected JSON list only."}]
+        if self.keep_invalid and turns and all(s.tool in ("sfx", "tts")[:1 + tts] and s.duration > 0
+                                               for *_, scene in turns for s in scene.sounds):
             log.warning("keeping the invalid conversation for seed %r; its violations are stored with it", seed_text)
             return turns
         raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last "
@@ -1302,23 +1099,29 @@ class Conversation:
     turns: list[ConversationTurn]
 
 
+def _flag(default, help: str, **argparse_kw):
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
 @dataclass
 class DatasetConfig:
-    """What fixes a dataset's content; stored as DIR/config.json and checked when a job resumes."""
-    seed: int = 0                  # conversation i of a split depends only on (seed, split, i)
-    backend: str = "offline"       # "offline" (procedural designer) or "openai" (an OpenAI-compatible LLM server)
-    tts: str = "builtin"           # "builtin" formant synthesiser or "espeak" (espeak-ng must be installed)
-    t2a_frac: float = 0.2          # training conversations that are one sound (text-to-audio, captioning; offline)
-    max_turns: int = 5             # most turns per training conversation (paper: up to 5, 3 on average)
-    shard_size: int = 1000         # conversations per shard directory
-    base_url: str = "http://localhost:8000/v1"  # openai backend: the server's base URL
-    model: str = "google/gemma-3-27b-it"        # openai backend: the served model name (paper A.1)
-    attempts: int = 3              # openai backend: answers per conversation before it is dropped (or kept, flagged)
-    keep_invalid: bool = False     # openai backend: keep still-invalid conversations with their violations (A.3)
-    timeout: float = 300.0         # openai backend: seconds per HTTP request
+    """What fixes a dataset's content; stored as DIR/config.json and checked on resume. Each field is a flag."""
+    seed: int = _flag(0, "conversation i of a split depends only on (seed, split, i)")
+    backend: str = _flag("offline", "the procedural designer, or an OpenAI-compatible LLM server",
+                         choices=("offline", "openai"))
+    tts: str = _flag("none", "speech: none (the toy world has none; the LLM gets the SFX prompt) or espeak (espeak-ng "
+                             "installed; the LLM gets the SFX + TTS prompt half of the time)", choices=("none", "espeak"))
+    t2a_frac: float = _flag(0.2, "share of single-sound training conversations (text-to-audio, captioning; offline)")
+    max_turns: int = _flag(5, "most turns per training conversation (paper: up to 5)", choices=range(1, 6))
+    shard_size: int = _flag(1000, "conversations per shard directory")
+    base_url: str = _flag("http://localhost:8000/v1", "openai backend: the server's base URL")
+    model: str = _flag("google/gemma-3-27b-it", "openai backend: the served model name (paper A.1)")
+    attempts: int = _flag(3, "openai backend: answers per conversation (errors are fed back) before it is dropped")
+    keep_invalid: bool = _flag(False, "openai backend: keep conversations still invalid, with their violations (A.3)")
+    timeout: float = _flag(300.0, "openai backend: seconds per HTTP request")
 
 
-TURN_WEIGHTS = (1, 2, 4, 2, 1)     # relative frequency of 1..5 turns in a training conversation
+TURN_WEIGHTS = (1, 2, 4, 2, 1)     # relative frequency of 1..5 turns in a training conversation (3 on average)
 
 
 def conversation_path(root: Path, split: str, i: int, shard_size: int) -> Path:
@@ -1331,15 +1134,14 @@ def _write_json(path: Path, obj, indent: int | None = None) -> None:
 
 
 def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dict:
-    """Simulate, render and write conversation i of `split` (audio first, the JSON last: its presence marks
-    completion). Evaluation conversations have 3 turns (storytelling, then two edits; every block of three
-    conversations covers the six edit kinds once) and seeds disjoint from training. Returns statistics."""
+    """Simulate, render and write conversation i of `split` (the audio, then the JSON that marks it finished) ->
+    statistics. Eval conversations: 3 turns (a story, two edits; each block of three covers the six edit kinds)."""
     path = conversation_path(root, split, i, cfg.shard_size)
     rng = random.Random(f"{cfg.seed}|{split}|{i}")
     seed_text = rng.choice(EVAL_SEEDS if split == "eval" else TRAIN_SEEDS)
     offline = OfflineCopilot()
-    copilot = offline if cfg.backend == "offline" else LLMCopilot(cfg.base_url, cfg.model, cfg.attempts,
-                                                                  cfg.keep_invalid, timeout=cfg.timeout)
+    copilot = offline if cfg.backend == "offline" else LLMCopilot(
+        cfg.base_url, cfg.model, cfg.attempts, cfg.keep_invalid, 0.5 * (cfg.tts != "none"), timeout=cfg.timeout)
     try:
         if split == "eval":
             kinds = random.Random(f"{cfg.seed}|eval-block|{i // 3}").sample(EDIT_KINDS, 6)[2 * (i % 3): 2 * (i % 3) + 2]
@@ -1347,34 +1149,28 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
         elif cfg.backend == "offline" and rng.random() < cfg.t2a_frac:
             turns = offline.t2a(rng)
         else:
-            n_turns = rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0]
-            turns = copilot.conversation(seed_text, rng, n_turns)
+            turns = copilot.conversation(seed_text, rng, rng.choices(range(1, cfg.max_turns + 1),
+                                                                     TURN_WEIGHTS[:cfg.max_turns])[0])
     except CopilotError as e:
         return {"id": path.stem, "failed": str(e), "invalid_answers": copilot.failures}
-    tools = {"sfx": ProceduralSFX(), "tts": EspeakTTS() if cfg.tts == "espeak" else FormantTTS()}
+    tools = {"sfx": ProceduralSFX()} | ({"tts": EspeakTTS()} if cfg.tts == "espeak" else {})
     renderer, records = Renderer(tools, seed=f"{cfg.seed}|{split}|{i}"), []
     for t, (instruction, kind, scene) in enumerate(turns):
-        mix = mix_scene(scene, renderer)
-        audio = path.with_name(f"{path.stem}-t{t}.flac")
+        mix, audio = mix_scene(scene, renderer), path.with_name(f"{path.stem}-t{t}.flac")
         save_audio(audio, mix.audio)
         records.append({"instruction": instruction, "kind": kind, "scene": scene_to_json(scene), "audio": audio.name,
                         "activity": {str(k): [list(v) for v in iv] for k, iv in mix.activity.items()},
                         "limited_db": mix.limited_db, "level_error": mix.level_error,
                         "violations": validate_scene(scene, turns[t - 1][2] if t else None)})
     _write_json(path, {"id": path.stem, "seed_text": seed_text, "turns": records})
-    return {"id": path.stem, "kinds": [r["kind"] for r in records], "invalid_answers": copilot.failures,
-            "limited": sum(r["limited_db"] < 0 for r in records)}
-
-
-def _run_job(job: tuple) -> dict:
-    return make_conversation(*job)
+    return {"id": path.stem, "kinds": [r["kind"] for r in records], "invalid_answers": copilot.failures}
 
 
 def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig | None = None,
                   workers: int = 1) -> dict:
-    """Write n training and eval_n evaluation conversations under root/{train,eval}/, skipping finished ones;
-    a killed job leaves *.tmp files (removed here) and conversations without their JSON, generated again with
-    the same bytes. One torch thread per process, so --workers does not change the bytes. Returns counts."""
+    """Write n training and eval_n evaluation conversations under root/{train,eval}/ -> counts. Finished ones are
+    skipped and *.tmp files of a killed job removed, so a rerun resumes with the same bytes; one torch thread per
+    process, so --workers does not change the bytes either."""
     root, cfg = Path(root), cfg or DatasetConfig()
     settings = json.loads(json.dumps(vars(cfg)))
     if (root / "config.json").exists():
@@ -1389,32 +1185,30 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
         tmp.unlink()
     jobs = []
     for split, count in (("train", n), ("eval", eval_n)):
-        if count:
-            (root / split).mkdir(exist_ok=True)
-        jobs += [(cfg, root, split, i) for i in range(count)
-                 if not conversation_path(root, split, i, cfg.shard_size).exists()]
-    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "limited": 0, "failed": 0, "invalid_answers": 0,
-             "kinds": {}}
+        (root / split).mkdir(exist_ok=True) if count else None
+        jobs += [(cfg, root, split, i) for i in range(count) if not conversation_path(root, split, i, cfg.shard_size).exists()]
+    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "failed": 0, "invalid_answers": 0, "kinds": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with (multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,)) if workers > 1
               else contextlib.nullcontext()) as pool:
-            results = pool.imap_unordered(_run_job, jobs) if pool else map(_run_job, jobs)
-            for r in tqdm(results, total=len(jobs), desc=f"copilot -> {root}", unit="conv"):
+            for r in tqdm(pool.imap_unordered(_run_job, jobs) if pool else map(_run_job, jobs), total=len(jobs),
+                          desc=f"copilot -> {root}", unit="conv"):
                 stats["invalid_answers"] += r["invalid_answers"]
                 if "failed" in r:
-                    stats["failed"] += 1
                     log.error("%s dropped: %s", r["id"], r["failed"])
-                    continue
-                stats["written"] += 1
-                stats["limited"] += r["limited"]
-                for k in r["kinds"]:
+                stats["failed" if "failed" in r else "written"] += 1
+                for k in r.get("kinds", []):
                     stats["kinds"][k] = stats["kinds"].get(k, 0) + 1
     finally:
         torch.set_num_threads(threads)
     log.info("%s: %s", root, stats)
     return stats
+
+
+def _run_job(job: tuple) -> dict:
+    return make_conversation(*job)
 
 
 def read_conversations(root: str | Path, split: str = "train") -> list[Conversation]:
@@ -1433,43 +1227,26 @@ def read_conversations(root: str | Path, split: str = "train") -> list[Conversat
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
                              f"copilot.py command that wrote {root} to regenerate it") from e
-        missing = [t.audio.name for t in turns if not t.audio.is_file()]
-        if missing:
+        if missing := [t.audio.name for t in turns if not t.audio.is_file()]:
             raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
                                     f"to regenerate it")
         conversations.append(Conversation(obj["id"], obj["seed_text"], turns))
     return conversations
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
 def main(argv: list[str] | None = None) -> None:
-    d = DatasetConfig()
     p = argparse.ArgumentParser(description="AudioCopilot: simulate AudioChat conversations and render their audio.")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="dataset directory (train/ and eval/ shards, config.json)")
-    g.add_argument("--n", type=int, required=True, help="number of training conversations")
-    g.add_argument("--eval-n", type=int, default=0, help="held-out evaluation conversations (StoryGen-Eval shape)")
-    g.add_argument("--seed", type=int, default=d.seed, help="conversation i depends only on (seed, split, i)")
-    g.add_argument("--workers", type=int, default=1, help="parallel processes (the output does not depend on it)")
-    g.add_argument("--shard-size", type=int, default=d.shard_size, help="conversations per shard directory")
-    g = p.add_argument_group("simulation")
-    g.add_argument("--backend", choices=("offline", "openai"), default=d.backend,
-                   help="procedural designer, or an OpenAI-compatible LLM server")
-    g.add_argument("--t2a-frac", type=float, default=d.t2a_frac, help="share of single-sound training conversations")
-    g.add_argument("--max-turns", type=int, default=d.max_turns, choices=range(1, 6), help="most turns a conversation")
-    g.add_argument("--tts", choices=("builtin", "espeak"), default=d.tts, help="speech: formant synth or espeak-ng")
-    g = p.add_argument_group("openai backend")
-    g.add_argument("--base-url", default=d.base_url, help="server base URL (vLLM: http://HOST:8000/v1)")
-    g.add_argument("--model", default=d.model, help="served model name")
-    g.add_argument("--attempts", type=int, default=d.attempts, help="answers per conversation (errors are fed back)")
-    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
-    g.add_argument("--keep-invalid", action="store_true",
-                   help="keep conversations still invalid after --attempts, flagged with their violations (paper A.3)")
+    p.add_argument("--out", required=True, help="dataset directory (train/ and eval/ shards, config.json)")
+    p.add_argument("--n", type=int, required=True, help="number of training conversations")
+    p.add_argument("--eval-n", type=int, default=0, help="held-out evaluation conversations (StoryGen-Eval shape)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (the output does not depend on it)")
+    g = p.add_argument_group("dataset settings (DatasetConfig, stored in DIR/config.json)")
+    for f in fields(DatasetConfig):
+        kw = {"action": "store_true"} if isinstance(f.default, bool) else {"type": type(f.default)}
+        g.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw, **f.metadata)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = DatasetConfig(**{k: getattr(a, k) for k in vars(d)})   # the flags carry DatasetConfig's field names
+    cfg = DatasetConfig(**{f.name: getattr(a, f.name) for f in fields(DatasetConfig)})
     print(json.dumps(write_dataset(a.out, a.n, a.eval_n, cfg, a.workers)))
 
 

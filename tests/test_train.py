@@ -319,7 +319,7 @@ def test_rows_are_packed_isolated_and_stateless(toy):
     assert not row["audio_mask"][pad].any()
     assert not (row["loss_mask"] & ~row["audio_mask"]).any() and (row["t"][~row["audio_mask"]] == 0).all()
     assert not (row["labels"][~pad][row["audio_mask"][~pad]] != -100).any(), "no LM loss on audio frames"
-    dropped, stats = train.draw_row(td, mixture, 1500, dc, 1.0, 0, 7, 3)      # every document unconditional
+    dropped, stats = train.draw_row(td, td.mixture(dict(story=1, edit=1, t2a=1), True), 1500, dc, 1.0, 0, 7, 3)
     assert all(v.shape[0] == 1500 for v in dropped.values()) and (dropped["doc_ids"] == stats["docs"]).sum() == \
         1500 - stats["tokens"] and dropped["audio_mask"].sum() == dropped["loss_mask"].sum() > 0
     _, short = train.draw_row(td, mixture, 400, dc, 0.1, 0, 7, 3)
