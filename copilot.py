@@ -1,22 +1,16 @@
 """AudioCopilot: the data simulator behind AudioChat (paper section 3.2 and appendix A, Figs. 8-10).
 
-A simulated user asks for an audio story and edits it turn by turn; a simulated sound designer answers every turn
-with a scene, the JSON plan of every sound (Figs. 9-10): tool parameters (caption or transcript, voice, length) and
-mix parameters (loudness, panning, start time). Tools render the sounds, the mixer places them in 48 kHz stereo, and
-the scene JSON becomes AudioChat's structured chain of thought. Top to bottom:
-  the scene   Sound, Scene, scene_to_json, parse_scene, validate_scene (the Fig. 8 rules), scene_diff, classify_edit
-  the world   SOUND_CLASSES: 5 beds and 10 events, each with one caption, a synthesis recipe (ProceduralSFX), a
-              loudness ceiling and the user's words for it. No speech; EspeakTTS (espeak-ng) or any Tool can speak
-  the mixer   Renderer (caches by tool parameters, A.2), BS.1770-4 loudness, constant-power panning, a peak limiter,
-              activity on a 40 Hz grid (the FLAM labels)
-  designers   OfflineCopilot (default): a procedural user who states sides, levels and times and edits in everyday
-              words, and a designer who honours them; text only, well under a millisecond per conversation.
-              LLMCopilot: any OpenAI-compatible chat server with the paper's prompt (vLLM + Gemma 3 27B in A.1)
-  datasets    write_dataset / read_conversations; conversation i depends only on (seed, split, i)
+A simulated user asks for an audio story and edits it; a simulated sound designer answers each turn with a scene,
+the JSON plan of every sound (Figs. 9-10); tools render the sounds and the mixer places them in 48 kHz stereo. Top
+to bottom: the scene schema (parse, validate, diff); the toy world (15 sound classes, each with one caption, a
+synthesis recipe and the user's words for it; no speech, but EspeakTTS or any Tool can speak); the mixer (BS.1770-4
+loudness, constant-power panning, a limiter, activity on a 40 Hz grid: the FLAM labels); the designers
+(OfflineCopilot: a procedural user who states sides, levels and times, and a designer who honours them, text only;
+LLMCopilot: the paper's prompt on any OpenAI-compatible server); datasets (conversation i depends only on (seed,
+split, i)).
 
     python copilot.py --out data/toy --n 600 --eval-n 60 --workers 2
-    python copilot.py --backend openai --base-url http://localhost:8000/v1 --model google/gemma-3-27b-it \\
-        --out data/llm --n 100000 --eval-n 1200 --workers 32
+    python copilot.py --backend openai --base-url http://localhost:8000/v1 --model google/gemma-3-27b-it --n 100000
     python -m pytest -q tests/test_copilot.py
 """
 import argparse
@@ -204,7 +198,8 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
              "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
         listed = getattr(scene, k)
-        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed if listed.count(i) > 1})]
+        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed
+                                                                              if listed.count(i) > 1})]
         if previous is None and listed:
             errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
@@ -247,8 +242,7 @@ def classify_edit(previous: Scene, scene: Scene) -> str:
 # The toy world: 15 sound classes, each with one caption, one synthesis recipe and the words a user calls it by
 
 class Layer(NamedTuple):
-    """One synthesis layer. A sound class sums one or two layers; two layers with equal timing fields
-    (rate, jit, group, gap) share their event times (a knock's thud and its wooden ring)."""
+    """One synthesis layer; a class sums one or two, and two with equal timing fields share their event times."""
     src: str                   # "noise": band-passed noise | "tone": harmonics of f0 | "bell": inharmonic partials
     lo: float                  # noise: low band edge, Hz | tone, bell: fundamental f0, Hz
     hi: float                  # noise: high band edge, Hz | tone: number of harmonics (amplitude 1/k)
@@ -273,7 +267,7 @@ class SoundClass(NamedTuple):
     caption: str               # the one caption the designer writes (the plan's "text")
     keywords: str              # words of a seed sentence or of a free caption that call for it
     layers: tuple              # synthesis recipe
-    nouns: str                 # noun phrases that ask for it ("a barking dog"); a level adjective goes after the article
+    nouns: str                 # noun phrases asking for it ("a barking dog"); a level adjective follows the article
     names: str                 # short names after "the" ("remove the dog")
     clauses: str               # subject and verb ("a dog barks")
     settings: str = ""         # beds: places that imply it ("by the sea")
@@ -299,7 +293,7 @@ SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, caption, keywords; laye
       (L("tone", 100, 6), L("noise", 200, 2000, gain=0.6)),
       "a fan|a humming fan|an electric fan|the hum of a fan|a fan in a quiet room|a machine hum", "fan|hum|humming",
       "a fan hums|an electric fan whirs|the fan keeps humming|a fan runs", "in a quiet office|in a small room"),
-    C("waves", True, -16, "ocean waves crashing on the shore", "sea ocean beach wave waves shore harbour boat ship surf",
+    C("waves", True, -16, "ocean waves crashing on the shore", "sea ocean beach waves shore harbour boat ship surf",
       (L("noise", 100, 4000, am=(0.12, 0.95)),),
       "waves|ocean waves|the sea|waves on the shore|the surf|the ocean", "waves|sea|ocean|surf",
       "the waves crash|waves roll in|the sea roars|waves wash on the shore", "by the sea|at the beach|on the shore"),
@@ -348,25 +342,20 @@ SOUND_CLASSES = {c.name: c for c in (  # name, bed, top, caption, keywords; laye
       "footsteps|steps|footsteps on wood|walking|footsteps in the hall", "footsteps|steps|walking",
       "someone walks by|footsteps approach|somebody walks across the room|steps echo"),
 )}
-CAPTION_CLASS = {c.caption: c.name for c in SOUND_CLASSES.values()}
-BEDS = [n for n, c in SOUND_CLASSES.items() if c.bed]
-EVENTS = [n for n, c in SOUND_CLASSES.items() if not c.bed]
+BEDS, EVENTS = [n for n, c in SOUND_CLASSES.items() if c.bed], [n for n, c in SOUND_CLASSES.items() if not c.bed]
 _BELL = ((0.5, 0.5), (1.0, 1.0), (1.19, 0.6), (1.5, 0.4), (2.0, 0.5), (2.52, 0.3), (3.01, 0.2))  # (ratio, amplitude)
 _PENTATONIC = (0, 2, 4, 7, 9, 12, 14)  # semitones above f0
 
 
 def caption_to_class(caption: str) -> str:
     """The sound class a caption asks for: its own caption, else the most keyword hits (ties: table order)."""
-    if caption in CAPTION_CLASS:
-        return CAPTION_CLASS[caption]
     words = set(re.findall(r"[a-z]+", caption.lower()))
-    hits = {name: len(words & set(c.keywords.split())) for name, c in SOUND_CLASSES.items()}
+    hits = {n: (c.caption == caption, len(words & set(c.keywords.split()))) for n, c in SOUND_CLASSES.items()}
     return max(hits, key=hits.get)
 
 
 def _band_noise(n: int, lo: float, hi: float, tilt: float, g: torch.Generator) -> torch.Tensor:
-    """[n] unit-RMS Gaussian noise with a band-pass of 4th-order (Butterworth-like) edges at lo and hi Hz
-    and a spectral tilt (f / 1 kHz) ** tilt, drawn directly in the frequency domain (one inverse FFT)."""
+    """[n] unit-RMS noise, band-passed with 4th-order edges at lo and hi Hz, tilted by (f / 1 kHz) ** tilt."""
     f = torch.fft.rfftfreq(n, 1 / SAMPLE_RATE).clamp(min=1.0)
     X = torch.complex(torch.randn(len(f), generator=g), torch.randn(len(f), generator=g))
     x = torch.fft.irfft(X * (f / 1000) ** tilt / torch.sqrt((1 + (lo / f) ** 4) * (1 + (f / hi) ** 4)), n)
@@ -374,8 +363,7 @@ def _band_noise(n: int, lo: float, hi: float, tilt: float, g: torch.Generator) -
 
 
 def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, seed: int) -> torch.Tensor:
-    """[n] one layer at 48 kHz, unit RMS; `pitch`, `rate` and `tilt` scale its frequencies, its event
-    rate and its spectral slope (timbre)."""
+    """[n] one layer at 48 kHz, unit RMS; `pitch`, `rate`, `tilt` scale its frequencies, event rate and slope."""
     g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     t = torch.arange(n) / SAMPLE_RATE
     env, f0 = torch.ones(n), torch.full((n,), layer.lo * pitch)
@@ -423,14 +411,14 @@ class Tool(Protocol):
 
 
 class ProceduralSFX:
-    """The built-in SFX tool: the caption picks a class (caption_to_class); `rng` varies pitch (+-2 semitones),
-    event rate (x0.8..1.25) and spectral tilt (+-0.15: timbre)."""
+    """The built-in SFX tool: the caption picks a class; `rng` varies pitch, event rate and timbre (spectral tilt)."""
 
     def render(self, sound: Sound, voice, rng: random.Random) -> torch.Tensor:
         cls, n = SOUND_CLASSES[caption_to_class(sound.text)], round(sound.duration * SAMPLE_RATE)
         pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
         seed = rng.getrandbits(60) * 4
-        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
+        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i)
+                   for i, layer in enumerate(cls.layers))
 
 
 class Voice(NamedTuple):
@@ -484,7 +472,8 @@ class Renderer:
         key = sound.tool_params()
         if key not in self.cache:
             if sound.tool not in self.tools:
-                fix = "; speech needs a TTS tool: --tts espeak, or Renderer({..., 'tts': MyTTS()})" * (sound.tool == "tts")
+                fix = "; speech needs a TTS tool: --tts espeak, or Renderer({..., 'tts': MyTTS()})" if \
+                    sound.tool == "tts" else ""
                 raise ValueError(f"sound {sound.id}: no {sound.tool!r} tool (have {sorted(self.tools)}){fix}")
             voice = voice_for(sound.speaker or "", sound.gender or "") if sound.tool == "tts" else None
             x = self.tools[sound.tool].render(sound, voice, random.Random(f"{self.seed}|{key}")).float().squeeze()
@@ -562,9 +551,10 @@ def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
     corrected by the secant method (0.05 LU, 5 rounds): a knock asked to be -10 dB still is, if it can be."""
     if (now := integrated_loudness(x)) <= -70:
         return x * 0, -70.0
-    g, g_prev, err, err_prev = lufs - now, None, 0.0, None             # dB: the gain, the loudness still missing
-    y = x * 10 ** (g / 20)
-    for _ in range(5 * (float(y.abs().max()) > SOUND_CEILING)):
+    g, g_prev, err_prev = lufs - now, None, None                       # dB: the gain without limiting
+    if float((y := x * 10 ** (g / 20)).abs().max()) <= SOUND_CEILING:
+        return y, lufs
+    for _ in range(5):
         y = limit_peaks(x * 10 ** (g / 20), SOUND_CEILING)[0]
         err = lufs - integrated_loudness(y)
         if abs(err) < 0.05 or (err_prev is not None and abs(err_prev - err) < 0.01):  # done, or saturated
@@ -583,10 +573,9 @@ class Mix:
 
 
 def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
-    """The 48 kHz stereo mix of `scene`. Each sound is faded, placed at start_time in silence and set to `loudness`
-    LUFS there (the label is its loudness in the mix), then panned and added; the sum goes through the limiter at
-    0.99. Activity (the FLAM ground truth): the 40 Hz frames where the sound's own energy is within 30 dB of its
-    loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
+    """The 48 kHz stereo mix of `scene`: each sound faded, placed, set to `loudness` LUFS where it sits (the label is
+    its loudness in the mix), panned and added; the sum limited at 0.99. Activity: the 40 Hz frames where the sound's
+    own energy is within 30 dB of its loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
     F = scene.num_frames(GRID)
     out, activity, shortfall = torch.zeros(2, F * HOP), {}, 0.0
     for s in scene.sounds:
@@ -623,7 +612,7 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
 # Their words pick matching classes some of the time (a light bias); evaluation seeds are disjoint from training's.
 TRAIN_SEEDS = ("The rain had not stopped for three days.", "The dog ran out into the yard.", "Somebody knocked twice.",
                "Far away, the church bells rang for the wedding.", "We sat by the fire and listened to the wind.",
-               "Birds sang in the garden at dawn.", "A cat slept on the kitchen floor.", "The waves broke on the beach.",
+               "Birds sang in the garden at dawn.", "A cat slept on the kitchen floor.", "The waves broke gently.",
                "An ambulance raced down the street.", "A quiet room, a humming fan and a long afternoon.",
                "The piano played softly in the hall.", "Thunder rolled over the fields.", "The phone rang at noon.",
                "Footsteps echoed in the corridor.", "The ship left the harbour before sunrise.", "A winter night.")
@@ -632,7 +621,8 @@ EVAL_SEEDS = ("Snow fell quietly on the mountain village.", "The fishermen pulle
               "Lightning lit up the old house on the hill.", "The telephone would not stop.", "Music upstairs.")
 # The user's words. SIDES: side -> (the panning range the designer honours, phrases); LEVELS: level -> (adjectives
 # for a noun phrase, all starting with a consonant: "an old fan" -> "a loud old fan"; adverbs for a clause).
-SIDES = {"left": ((-0.8, -0.5), ("on the left", "to the left", "from the left", "on the left side", "in the left channel")),
+SIDES = {"left": ((-0.8, -0.5), ("on the left", "to the left", "from the left", "on the left side",
+                                 "in the left channel")),
          "hard left": ((-1.0, -1.0), ("hard left", "far left", "all the way to the left", "fully left")),
          "right": ((0.5, 0.8), ("on the right", "to the right", "from the right", "on the right side",
                                 "in the right channel")),
@@ -769,7 +759,8 @@ def _story(sim: Simulation, n_events: int | None = None) -> tuple[str, Scene, li
     events = []
     for _ in range(n_events or rng.choice((1, 1, 2, 2, 3))):
         events.append(_spec(_pick(sim, EVENTS, {e.cls for e in events}), rng, length))
-    sounds = [_design(bed, sim.new_id(), length, rng, bed=True)] + [_design(e, sim.new_id(), length, rng) for e in events]
+    sounds = [_design(bed, sim.new_id(), length, rng, bed=True)]
+    sounds += [_design(e, sim.new_id(), length, rng) for e in events]
     if mode < 0.45:                                    # a request listing the sounds, the bed first or last
         items = [_say(bed, rng, bed=True)] + [_say(e, rng) for e in events]
         items = _join(items[1:] + items[:1] if rng.random() < 0.5 else items)
@@ -864,7 +855,8 @@ class OfflineCopilot:
     def t2a(self, rng: random.Random) -> list[tuple[str, str, Scene]]:
         """A single-sound conversation (text-to-audio, captioning), asked for in the user's words for its class."""
         c = SOUND_CLASSES[rng.choice(list(SOUND_CLASSES))]
-        sound = Sound(0, "sfx", c.caption, rng.randint(int(max(-30, c.top - 8)), int(c.top)), 0, 0, rng.choice((2, 3, 4)))
+        loudness, duration = rng.randint(int(max(-30, c.top - 8)), int(c.top)), rng.choice((2, 3, 4))
+        sound = Sound(0, "sfx", c.caption, loudness, 0, 0, duration)
         return [(rng.choice(c.nouns.split("|")), "t2a", _scene([sound]))]
 
 
@@ -986,11 +978,12 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, timeout:
     body |= {"seed": seed} if seed is not None else {}
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=timeout) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"]
+        request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"]
     except (OSError, LookupError, TypeError, ValueError) as e:        # OSError: HTTP, connection and timeout errors
-        raise CopilotError(f"{url}: {type(e).__name__}: {e}; is the server running (e.g. `vllm serve {model}`), and are --base-url "
-                           f"and --model right?") from e
+        raise CopilotError(f"{url}: {type(e).__name__}: {e}; is the server running (e.g. `vllm serve {model}`), and "
+                           f"are --base-url and --model right?") from e
 
 
 def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None,
@@ -1110,7 +1103,8 @@ class DatasetConfig:
     backend: str = _flag("offline", "the procedural designer, or an OpenAI-compatible LLM server",
                          choices=("offline", "openai"))
     tts: str = _flag("none", "speech: none (the toy world has none; the LLM gets the SFX prompt) or espeak (espeak-ng "
-                             "installed; the LLM gets the SFX + TTS prompt half of the time)", choices=("none", "espeak"))
+                             "installed; the LLM gets the SFX + TTS prompt half of the time)",
+                     choices=("none", "espeak"))
     t2a_frac: float = _flag(0.2, "share of single-sound training conversations (text-to-audio, captioning; offline)")
     max_turns: int = _flag(5, "most turns per training conversation (paper: up to 5)", choices=range(1, 6))
     shard_size: int = _flag(1000, "conversations per shard directory")
@@ -1185,8 +1179,10 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
         tmp.unlink()
     jobs = []
     for split, count in (("train", n), ("eval", eval_n)):
-        (root / split).mkdir(exist_ok=True) if count else None
-        jobs += [(cfg, root, split, i) for i in range(count) if not conversation_path(root, split, i, cfg.shard_size).exists()]
+        if count:
+            (root / split).mkdir(exist_ok=True)
+        jobs += [(cfg, root, split, i) for i in range(count)
+                 if not conversation_path(root, split, i, cfg.shard_size).exists()]
     stats = {"written": 0, "skipped": n + eval_n - len(jobs), "failed": 0, "invalid_answers": 0, "kinds": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
