@@ -375,9 +375,9 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
                  "h": torch.sin(math.pi * u / layer.dur) ** 2}[layer.shape]       # Hann swell
         glide = layer.glide ** torch.linspace(0, 1, m)
         # Event times come from seed // 2, shared by layers 2i and 2i+1: a knock's thud and its ring coincide.
-        # The first group starts early enough to fit inside the sound when it can, so no sound is silent.
+        # The first group starts within 50 ms of the sound's start: the plan's start_time is when it is heard.
         timing, period, span = random.Random(seed // 2), 1 / (layer.rate * rate), layer.gap * (layer.group - 1)
-        t0 = timing.uniform(0, min(period, max(0.0, seconds - layer.dur - span)))
+        t0 = timing.uniform(0, 0.05)
         while t0 < seconds:
             for k in range(layer.group):
                 a = int((t0 + k * layer.gap) * SAMPLE_RATE)
