@@ -23,8 +23,8 @@ from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
-from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig,
-                       encode_conversation, load_model)
+from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer,
+                       VAEConfig, encode_conversation, load_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -454,7 +454,7 @@ def test_clear_errors(toy, single_run, tmp_path):
     with pytest.raises(SystemExit):
         train.main(argv + ["--stop-after", "2"])
     (out / "sct1" / "step-000002.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="step-000002.pt is corrupt.*delete it"):
+    with pytest.raises(CheckpointError, match="step-000002.pt holds no checkpoint.*delete it"):
         train.main(argv)
     (out / "sct1" / "step-000002.pt").unlink()
     with pytest.raises(SystemExit):
