@@ -413,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "(default out/caption.json), or a folder for --chat (default out/chat) and --eval")
     g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio, not refuse it")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise, 0 to 2^32 - 1: one seed, one audio")
+    g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
     g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas, 1 to 1000")
     g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight, 0 to 20 (1 = none)")
     g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn")
