@@ -309,17 +309,22 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         path = self.folder / f"step-{step:06d}.pt"
-        save_checkpoint(path, {**state, "step": step, "settings": self.settings})
         text = json.dumps({"step": step, **meta, "settings": self.settings}, indent=1, default=str)
-        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-        for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
-            old.unlink()
-            old.with_suffix(".json").unlink(missing_ok=True)
+        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))   # first: see prune
+        save_checkpoint(path, {**state, "step": step, "settings": self.settings})
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest keep_last checkpoints with their .json; remove every other step-* file, so a save or prune
+        killed midway (kill -9) leaves nothing behind once the stage resumes: a .json without its .pt, a .tmp."""
+        keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
+        for p in self.folder.glob("step-*"):
+            if p.stem not in keep:
+                p.unlink()
 
     def resume(self) -> dict | None:
         """The newest checkpoint (read by tokenizer.load_checkpoint), or None; an error when it has other settings."""
-        for tmp in self.folder.glob("*.tmp"):               # what a killed save left (tokenizer.write_atomic)
-            tmp.unlink()
+        self.prune()
         paths = sorted(self.folder.glob("step-*.pt"))
         if not paths:
             return None
