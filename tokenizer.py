@@ -12,7 +12,6 @@ Top to bottom:
                   task_turns lays out every task, for train.py's documents and sample.py's prompts alike
 
     python tokenizer.py --params                                        # VAE preset sizes
-    python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
     python -m pytest -q tests/test_tokenizer.py
 """
 import argparse
@@ -95,7 +94,7 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
     wav = re.search(r"\ndata : (\d+) \(should be (\d+)\)", log)    # libsndfile's note on a WAV cut short
     if wav and int(wav[2]) < int(wav[1]) < 2 ** 32 - 1:
         promised = len(data) * int(wav[1]) / int(wav[2])
-    audio = torch.from_numpy(data.T.copy())          # [C, S]
+    audio, to_48k = torch.from_numpy(data.T.copy()), "resample it, e.g. `ffmpeg -i in -ar 48000 out.wav`"   # [C, S]
     problem = next((msg for bad, msg in (
         (len(data) < promised, f"truncated: its header promises {promised / sr:.2f} s, the file holds "
                                f"{len(data) / sr:.2f} s; copy or export it again"),
@@ -103,10 +102,9 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
         (audio.shape[0] > 2, f"{audio.shape[0]} channels; only mono and stereo are supported, downmix it to stereo "
                              f"first (e.g. `ffmpeg -i in -ac 2 out.wav`)"),
         (not MIN_RATE <= sr <= MAX_RATE, f"sample rate {sr} Hz; accepted rates are {MIN_RATE} to {MAX_RATE} Hz "
-                                         f"(at 8 kHz nothing above 4 kHz is left); resample it, e.g. "
-                                         f"`ffmpeg -i in -ar 48000 out.wav`"),
+                                         f"(at 8 kHz nothing above 4 kHz is left); {to_48k}"),
         (sr * SAMPLE_RATE // math.gcd(sr, SAMPLE_RATE) ** 2 > 10 ** 6,       # resample's [L, M] filter: too big
-         f"sample rate {sr} Hz is no simple ratio to 48 kHz; resample it, e.g. `ffmpeg -i in -ar 48000 out.wav`"),
+         f"sample rate {sr} Hz is no simple ratio to 48 kHz; {to_48k}"),
         (not torch.isfinite(audio).all(), "contains NaN or infinite samples; re-export the file")) if bad), None)
     if problem:
         raise AudioError(f"{path}: {problem}")
@@ -138,7 +136,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         stale.unlink(missing_ok=True)
 
 
-def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None = None) -> None:
+def save_audio(path: str | os.PathLike, audio: torch.Tensor) -> None:
     """Write float [2, S] at 48 kHz atomically; WAV float32 or FLAC 16-bit by the suffix."""
     fmt = {".wav": "WAV", ".flac": "FLAC"}.get(Path(path).suffix.lower())
     if fmt is None:
@@ -148,8 +146,7 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None
     if not torch.isfinite(audio).all():
         raise AudioError(f"{path}: the audio holds {int((~torch.isfinite(audio)).sum())} NaN or infinite samples "
                          f"(a diverged model or a bad input); nothing was written")
-    data = audio.detach().to("cpu", torch.float32).T.numpy()
-    subtype = subtype or ("FLOAT" if fmt == "WAV" else "PCM_16")
+    data, subtype = audio.detach().to("cpu", torch.float32).T.numpy(), "FLOAT" if fmt == "WAV" else "PCM_16"
     write_atomic(path, lambda tmp: sf.write(tmp, data, SAMPLE_RATE, format=fmt, subtype=subtype))
 
 
@@ -423,10 +420,9 @@ def load_model(cls, path: str | os.PathLike, device="cpu", ckpt: dict | None = N
     fields this code does not know, or lacks, are an error. cls.kind names the checkpoint kind ("vae", "sct",
     "flam"), cls.config_class its config dataclass; ckpt: the checkpoint dict, when path was read already."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path, cls.kind)
-    config, names = ckpt.get("config"), {f.name for f in fields(cls.config_class)}
-    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path}: a {cls.kind} checkpoint holds a \"config\" and a \"model\" dict; this one "
-                              f"does not; restore a good copy or train it again")
+    # a hand-made file may lack either: every config field or weight is then reported missing, naming the file
+    config, state = (ckpt.get(k) if isinstance(ckpt.get(k), dict) else {} for k in ("config", "model"))
+    names = {f.name for f in fields(cls.config_class)}
     unknown, missing = sorted(set(config) - names), sorted(names - set(config))
     if unknown or missing:
         raise CheckpointError(f"{path}: {cls.config_class.__name__} mismatch, unknown fields {unknown}, missing fields "
@@ -436,7 +432,7 @@ def load_model(cls, path: str | os.PathLike, device="cpu", ckpt: dict | None = N
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config is not a valid {cls.config_class.__name__} ({e}); restore a good "
                               f"copy or train it again") from e
-    load_state_dict_strict(model, ckpt["model"], path)
+    load_state_dict_strict(model, state, path)
     return model.to(device).eval()
 
 
@@ -606,13 +602,11 @@ class TextTokenizer:
 
     def __init__(self, model_file: str | os.PathLike):
         path = Path(model_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no sentencepiece model; pass Gemma's tokenizer.model or "
-                                    f"train one with train_text_tokenizer()")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as e:
-            raise CheckpointError(f"{path}: not a sentencepiece model ({e}); restore a good copy") from e
+        except (RuntimeError, OSError) as e:              # missing, or not a sentencepiece model
+            raise CheckpointError(f"{path}: no sentencepiece model ({e}); pass Gemma's tokenizer.model or one "
+                                  f"made by train_text_tokenizer()") from e
         self.vocab_size = self.sp.get_piece_size()
         ids = {}
         for piece in SPECIAL_PIECES:
@@ -772,21 +766,10 @@ def task_turns(task: str, **parts) -> list[Turn]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Stereo VAE utilities (see the module docstring).")
+    parser = argparse.ArgumentParser(description="VAE preset sizes (listening to a trained VAE: bench/bench_vae.py).")
     parser.add_argument("--params", action="store_true", help="print the parameter count of every VAE preset")
-    parser.add_argument("--vae", type=Path, help="a trained VAE checkpoint (vae.pt), for --reconstruct")
-    parser.add_argument("--reconstruct", nargs=2, type=Path, metavar=("IN", "OUT"),
-                        help="encode IN (any audio file) with --vae, decode it and write OUT (.wav/.flac)")
-    args = parser.parse_args()
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    for name, cfg in VAE_PRESETS.items() if args.params else ():
+    for name, cfg in VAE_PRESETS.items() if parser.parse_args().params else ():
         vae, disc = StereoVAE(cfg), f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
         print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
               f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
-    if args.reconstruct:
-        vae = load_model(StereoVAE, args.vae or parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt"))
-        audio = load_audio(args.reconstruct[0])
-        with torch.no_grad():
-            save_audio(args.reconstruct[1], vae.decode(vae.encode(audio[None]), audio.shape[-1])[0])
-    if not (args.params or args.reconstruct):
-        parser.print_help()
