@@ -301,22 +301,21 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
 # The modes
 
 def report(reply: Reply, out: Path) -> None:
-    """Print the reply's notes (stderr) and scenes (stdout); write its audio to `out` with the plan (.json) and the
-    caption (.caption.json) beside it, or only a caption (describe) to `out`."""
+    """Print the reply's notes (stderr) and scenes (stdout); write the audio to `out` with its plan (.json) and the
+    caption (.caption.json) beside it, or, describing a clip, only the caption, to `out`."""
     for note in reply.notes:
         say(f"note: {note}")
-    scenes = {out: reply.caption} if reply.plan is None else {out.with_suffix(".json"): reply.plan} | (
-        {out.with_suffix(".caption.json"): reply.caption} if reply.caption else {})
-    for path, checked in reversed(scenes.items()):                    # the caption first
-        print(f"{'plan' if checked is reply.plan else 'caption'}:\n{pretty(checked.scene)}")
+    scenes = [(name, c) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c is not None]
+    paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
+    for name, checked in scenes:
+        print(f"{name}:\n{pretty(checked.scene)}")
     if reply.plan is not None:
         save_audio(out, reply.audio)
-    for path, checked in scenes.items():
-        write_atomic(path, lambda tmp: Path(tmp).write_text(pretty(checked.scene) + "\n"))
-    s = reply.seconds
-    say(f"wrote {', '.join(map(str, dict.fromkeys([out, *scenes])))}" + (
-        f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan {s['plan']:.1f} s, diffusion "
-        f"{s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
+    for name, checked in scenes:
+        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(pretty(checked.scene) + "\n"))
+    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name, _ in scenes]
+    say(f"wrote {', '.join(map(str, written))}" + (f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
+        f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
 
 
 def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
