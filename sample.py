@@ -393,7 +393,8 @@ def eval_one(m: Models, history: list[Turn], task: str, user: dict, previous: Sc
         save_audio(stem.with_suffix(".wav"), reply.audio if reply else torch.zeros(2, SAMPLE_RATE))
     scene = json.loads(scene_to_json(checked.scene)) if checked is not None and checked.valid else None
     record = {"seconds": time.perf_counter() - t0, "scene" if task == "understand" else "plan": scene, "notes": notes}
-    write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+    write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
 
 
 # -----------------------------------------------------------------------------
