@@ -31,7 +31,6 @@ import argparse
 import functools
 import json
 import math
-import struct
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -564,24 +563,30 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file: an 8-byte little-endian header length N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}} (offsets after the header), then raw bytes."""
-    path = Path(path)
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}} (offsets after the header), then raw bytes. The
+    header length and every tensor's offsets are checked against the file size before anything is read."""
+    path, fix = Path(path), "the file is truncated or corrupt; download it again"
     if sys.byteorder != "little":
         raise RuntimeError("read_safetensors assumes a little-endian machine, as the format does")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{path}: a header of {n} bytes, but the file has {size} bytes; {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:                  # not UTF-8, or not JSON
+            raise ValueError(f"{path}: the header is not JSON ({e}); {fix}") from e
+        header.pop("__metadata__", None)
         tensors = {}
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; "
                                  f"supported: {list(SAFETENSORS_DTYPES)}")
             dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            if end - begin != math.prod(info["shape"]) * dtype.itemsize:
-                raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']} "
-                                 f"{info['dtype']}; the file is corrupt")
+            if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} takes bytes {begin} to {end} for shape {info['shape']} "
+                                 f"{info['dtype']}, of {size - 8 - n} data bytes; {fix}")
             f.seek(8 + n + begin)
             tensors[name] = torch.frombuffer(bytearray(f.read(end - begin)), dtype=dtype).reshape(info["shape"])
     return tensors

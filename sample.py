@@ -2,23 +2,22 @@
 
     python sample.py --prompt "rain on a tin roof, a dog barks twice on the left"  # -> out/sample.wav + .json
     python sample.py --audio in.wav --prompt "remove the dog"     # edit a clip (Eq. 2)
-    python sample.py --audio in.wav                               # describe it: the caption JSON
+    python sample.py --audio in.wav                               # describe it: out/caption.json
     python sample.py --chat                                       # multi-turn on stdin (Eq. 3)
     python sample.py --plan plan.json                             # render a plan you wrote
     python sample.py --eval data/toy --out out/toy                # the eval split, in metrics.py's layout
 
 From a prompt to the WAV (respond, appendix D): the request is laid out as in training (tokenizer.task_turns);
-SCT.generate decodes the model's text greedily with a KV cache until <unused0> (the audio starts), <end_of_turn>
-or <eos>; accept_plan parses and checks it, and its canonical scene_to_json text goes into the context;
-sample_latents draws Scene.num_frames latent frames with DPM-Solver++(2M) and CFG, the conditional prefix and
-the unconditional <bos><start_of_turn>model\n<unused0> cached once and batched; the VAE decodes them to 48 kHz
-stereo, as long as the plan. The same --seed gives the same audio.
+SCT.generate decodes the model's text greedily until <unused0> (the audio starts), <end_of_turn> or <eos>;
+accept_plan checks it and its canonical scene_to_json text goes into the context; sample_latents draws its
+Scene.num_frames latent frames with DPM-Solver++(2M) and CFG (the conditional and the unconditional prefix
+<bos><start_of_turn>model\n<unused0> cached once, batched); the VAE decodes them to 48 kHz stereo. One seed, one
+audio. A plan parse_scene cannot read, or of more than copilot.MAX_SOUNDS sounds, is an error; one validate_scene
+rejects is repaired (numbers clamped, edit lists set to copilot.scene_diff) and every repair is printed. A chat
+longer than the SCT's trained length loses its oldest exchange (the previous plan carries the story, Eq. 3).
 
-Invalid plans (accept_plan): text parse_scene cannot read is an error showing it. A scene validate_scene rejects
-is repaired: numbers clamped into their ranges, edit lists set to copilot.scene_diff from the previous scene;
-every violation and repair is printed, and what no repair fixes is rendered as written. Input audio is at most
-8 s (no copilot scene is longer) unless --trim; a conversation longer than the SCT's trained length loses its
-oldest exchange (respond_in_context; the previous plan carries the story, Eq. 3).
+Flags, files, input audio (README: audio input) and checkpoints are checked before any work, and --out before
+any write; main() catches this project's errors only (anything else is a bug and keeps its traceback).
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 """
@@ -26,6 +25,7 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from copilot import MAX_END, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_diff, scene_to_json, \
-    validate_scene
+from copilot import (MAX_END, MAX_SOUNDS, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_diff,
+                     scene_to_json, validate_scene)
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
-from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, Turn, encode_conversation,
-                       load_audio, load_checkpoint, load_model, save_audio, task_turns, write_atomic, FRAME_RATE)
+from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
+                       encode_conversation, load_audio, load_checkpoint, load_model, save_audio, task_turns,
+                       write_atomic, FRAME_RATE)
 
 CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
 
@@ -61,65 +62,58 @@ def say(msg: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the three files of one training run, checked to belong together
+# Inputs: the checkpoints of one training run, checked to belong together, and audio clips
 
 @dataclass
 class Models:
     tok: TextTokenizer
-    vae: StereoVAE      # float32 whatever --dtype says: it decodes the waveform
-    sct: SCT            # in --dtype
+    vae: StereoVAE      # float32 always: it decodes the waveform
+    sct: SCT            # bfloat16 on CUDA, float32 elsewhere
     max_len: int        # longest sequence (context + plan + audio frames) the SCT was trained with
 
     @property
     def device(self) -> torch.device:
         return self.sct.model.embed_tokens.weight.device
 
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """[2, S] at 48 kHz -> normalised latents [F, audio_dim]."""
+        return self.vae.encode(audio[None].to(self.device))[0]
+
 
 def load_models(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
-    """tokenizer.model, vae.pt and sct.pt from ckpt_dir, refusing files that do not match the code or each other."""
+    """tokenizer.model, vae.pt and sct.pt from ckpt_dir (tokenizer.load_model refuses a file that does not match
+    this code, naming it), refusing a set whose files were not trained together (sct.pt's "trained_with")."""
     d = Path(ckpt_dir)
     missing = [n for n in CKPT_FILES if not (d / n).is_file()]
     if missing:
         raise SampleError(f"--ckpt-dir {d} lacks {', '.join(missing)}; train the toy model with "
                           f"`python train.py --preset toy`, or pass the folder holding {', '.join(CKPT_FILES)}")
-    try:
-        tok, vae = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device)
-        ckpt = load_checkpoint(d / "sct.pt", "sct")
-        sct = load_model(SCT, d / "sct.pt", device, ckpt).to(dtype)
-    except (ValueError, RuntimeError) as e:
-        raise SampleError(f"{d}: {e}\nThese checkpoints do not match this code; retrain with "
-                          f"`python train.py --preset toy`") from e
-    trained = ckpt.get("trained_with", {})                  # written by train.py (its module docstring)
-    tok_sha, vae_sha = (hashlib.sha256((d / f).read_bytes()).hexdigest() for f in ("tokenizer.model", "vae.pt"))
-    checks = [("vocabulary size of tokenizer.model", trained.get("tokenizer_vocab_size", sct.config.vocab_size),
-               tok.vocab_size), ("sha256 of tokenizer.model", trained.get("tokenizer_sha256", tok_sha), tok_sha),
-              ("sha256 of vae.pt", trained.get("vae_sha256", vae_sha), vae_sha),
-              ("VAE audio_dim", trained.get("vae_audio_dim", sct.config.audio_dim), vae.audio_dim),
-              ("SCT audio_dim", sct.config.audio_dim, vae.audio_dim)]
-    bad = [f"{what}: sct.pt was trained with {want}, {d} has {got}" for what, want, got in checks if want != got]
+    tok, vae, ckpt = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device), \
+        load_checkpoint(d / "sct.pt", "sct")
+    sct = load_model(SCT, d / "sct.pt", device, ckpt).to(dtype)
+    sha = lambda name: hashlib.sha256((d / name).read_bytes()).hexdigest()
+    have = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": sha("tokenizer.model"),
+            "vae_sha256": sha("vae.pt"), "vae_audio_dim": vae.audio_dim}
+    bad = [f"{k}: sct.pt was trained with {v}, {d} has {have[k]}"
+           for k, v in {"vae_audio_dim": sct.config.audio_dim, **ckpt.get("trained_with", {})}.items()
+           if have.get(k, v) != v]
     if bad:
         raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
                           "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
-    unrecorded = [k for k in ("tokenizer_vocab_size", "tokenizer_sha256", "vae_sha256", "vae_audio_dim")
-                  if k not in trained]
-    if unrecorded:
-        say(f"note: {d / 'sct.pt'} does not record {', '.join(unrecorded)}; checked against its config only")
     seq_len = ckpt.get("train_config", {}).get("sct", {}).get("seq_len")
     return Models(tok, vae, sct, int(seq_len or sct.config.max_position_embeddings))
 
 
-def read_clip(m: Models, path: str | Path, trim: bool = False) -> torch.Tensor:
-    """An audio file -> normalised VAE latents [F, audio_dim]; longer than MAX_END seconds is an error unless trim."""
+def read_audio(path: str | Path, trim: bool = False) -> torch.Tensor:
+    """An input clip [2, S] at 48 kHz by the README's rules (tokenizer.load_audio), at most MAX_END s unless trim."""
     audio = load_audio(path)
     seconds = audio.shape[1] / SAMPLE_RATE
+    if seconds > MAX_END and not trim:
+        raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_END:g} s (no "
+                          f"scene it was trained on is longer); cut it, or pass --trim to keep the first {MAX_END:g} s")
     if seconds > MAX_END:
-        if not trim:
-            raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_END:g} s "
-                              f"(no scene it was trained on is longer); cut it, or pass --trim to keep the first "
-                              f"{MAX_END:g} s")
         say(f"note: {path} is {seconds:.2f} s long; --trim keeps its first {MAX_END:g} s")
-        audio = audio[:, : int(MAX_END * SAMPLE_RATE)]
-    return m.vae.encode(audio[None].to(m.device))[0]
+    return audio[:, : int(MAX_END * SAMPLE_RATE)]
 
 
 # -----------------------------------------------------------------------------
@@ -153,6 +147,9 @@ def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checke
         scene = parse_scene(text)
     except SceneError as e:
         raise PlanError(f"the {what} is not a scene ({e}); the raw text was:\n{text}") from e
+    if len(scene.sounds) > MAX_SOUNDS:
+        raise PlanError(f"the {what} has {len(scene.sounds)} sounds; a scene holds at most {MAX_SOUNDS} sounds "
+                        f"(copilot.MAX_SOUNDS, as in training): split it or leave some out")
     violations = validate_scene(scene, previous)
     if not violations:
         return Checked(scene, True, [])
@@ -251,13 +248,12 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     t0, caption, notes, audio_start = time.perf_counter(), None, [], m.tok.audio_start_id
     if plan is None:
         text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
-        if stop is None:
-            notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}")
-        elif task == "understand" and stop == audio_start:
-            notes.append("the model started an audio span after the caption; a description has no audio, so it was "
-                         "dropped")
-        elif task != "understand" and stop != audio_start:
-            notes.append("the model ended its turn without starting the audio; the audio is made from its plan anyway")
+        notes += [note for bad, note in (
+            (stop is None, f"the model's turn hit --max-new-tokens {opts.max_new_tokens}"),
+            (stop is not None and task == "understand" and stop == audio_start, "the model started an audio span "
+             "after the caption; a description has no audio, so it was dropped"),
+            (stop is not None and task != "understand" and stop != audio_start, "the model ended its turn without "
+             "starting the audio; the audio is made from its plan anyway")) if bad]
         if task == "upload_edit":
             caption_text, newline, text = text.partition("\n")
             if not newline:
@@ -276,11 +272,14 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
         raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(plan.scene)}")
     t1 = time.perf_counter()
     placeholder = torch.zeros(plan.scene.num_frames(FRAME_RATE), m.sct.config.audio_dim)
-    reply.latents = sample_latents(m, history + task_turns(task, **user, **{**reply.parts, "audio": placeholder}),
-                                   opts, generator)
+    reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": placeholder}), opts,
+                                   generator)
     t2 = time.perf_counter()
     reply.audio = m.vae.decode(reply.latents[None].float(), round(plan.scene.duration * SAMPLE_RATE))[0].cpu()
     reply.seconds.update(diffusion=t2 - t1, vae=time.perf_counter() - t2)
+    if not torch.isfinite(reply.audio).all():
+        raise SampleError(f"the model made {int((~torch.isfinite(reply.audio)).sum())} NaN or infinite samples; "
+                          f"nothing is written (the checkpoints may be broken: retrain, or try another --seed)")
     return reply
 
 
@@ -301,54 +300,38 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
 # -----------------------------------------------------------------------------
 # The modes
 
-def write_text(path: Path, text: str) -> None:
-    """A text file, written by tokenizer.write_atomic."""
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def report(reply: Reply, wav: Path) -> None:
-    """Print the reply's notes (stderr) and scenes (stdout); write the audio and its plan JSON next to it."""
+def report(reply: Reply, out: Path) -> None:
+    """Print the reply's notes (stderr) and scenes (stdout); write the audio to `out` with its plan (.json) and the
+    caption (.caption.json) beside it, or, describing a clip, only the caption, to `out`."""
     for note in reply.notes:
         say(f"note: {note}")
-    if reply.caption is not None:
-        print(f"caption:\n{pretty(reply.caption.scene)}")
-    if reply.plan is None:
-        return
-    print(f"plan:\n{pretty(reply.plan.scene)}")
-    save_audio(wav, reply.audio)
-    written = [wav, wav.with_suffix(".json")] + ([wav.with_suffix(".caption.json")] if reply.caption else [])
-    for path, checked in zip(written[1:], (reply.plan, reply.caption)):
-        write_text(path, pretty(checked.scene) + "\n")
-    s = reply.seconds
-    say(f"wrote {', '.join(map(str, written))} ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
-        f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s")
+    scenes = [(name, c) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c is not None]
+    paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
+    for name, checked in scenes:
+        print(f"{name}:\n{pretty(checked.scene)}")
+    if reply.plan is not None:
+        save_audio(out, reply.audio)
+    for name, checked in scenes:
+        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(pretty(checked.scene) + "\n"))
+    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name, _ in scenes]
+    say(f"wrote {', '.join(map(str, written))}" + (f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
+        f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
 
 
 def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
-    """--prompt, --audio [--prompt] and --plan: one request."""
-    generator = torch.Generator().manual_seed(args.seed)
-    clip = read_clip(m, args.audio, args.trim) if args.audio else None
-    if args.plan:
-        if not Path(args.plan).is_file():
-            raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
-        plan = accept_plan(Path(args.plan).read_text(), None)
-        reply = respond(m, [], "story", {"instruction": args.prompt or plan.scene.description}, None, opts, generator,
-                        plan=plan)
-    elif clip is not None and args.prompt is None:
-        reply = respond(m, [], "understand", {"clip": clip, "request": DESCRIBE}, None, opts, generator)
-        out = Path(args.out or "out/caption.json")
-        write_text(out, pretty(reply.caption.scene) + "\n")
-        say(f"wrote {out}")
-    elif clip is not None:
-        reply = respond(m, [], "upload_edit", {"clip": clip, "instruction": args.prompt}, None, opts, generator)
+    """--prompt, --audio [--prompt] and --plan: one request, its inputs already read and checked by main()."""
+    if args.clip is None:
+        task, user = "story", {"instruction": args.prompt or args.plan.scene.description}
+    elif args.prompt is None:
+        task, user = "understand", {"clip": m.encode(args.clip), "request": DESCRIBE}
     else:
-        reply = respond(m, [], "story", {"instruction": args.prompt}, None, opts, generator)
-    report(reply, Path(args.out or "out/sample.wav"))
+        task, user = "upload_edit", {"clip": m.encode(args.clip), "instruction": args.prompt}
+    report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), args.plan), args.out)
 
 
 def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> None:
     """--chat: one line per user turn from stdin; /load FILE, /undo, /quit. Turn k -> OUT/turn{k}.wav and .json."""
-    out, lines = Path(args.out or "out/chat"), lines if lines is not None else sys.stdin
+    out, lines = Path(args.out), lines if lines is not None else sys.stdin
     history, previous, clip, undo = [], None, None, []      # undo: the state before each turn
     say("chat: type an instruction; /load FILE brings in audio to edit, /undo drops the last turn, /quit ends")
     for line in map(str.strip, lines):
@@ -363,7 +346,7 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
             say("nothing to undo")
         elif line.startswith("/load"):
             try:
-                clip = read_clip(m, line[5:].strip(), args.trim)
+                clip = m.encode(read_audio(line[5:].strip(), args.trim))
                 say(f"loaded {line[5:].strip()}; your next instruction edits it")
             except (AudioError, SampleError) as e:
                 say(f"error: {e}")
@@ -374,7 +357,7 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
             user = {"instruction": line} if clip is None else {"clip": clip, "instruction": line}
             try:
                 reply, context = respond_in_context(m, history, task, user, previous, opts, args.seed + len(undo))
-            except SampleError as e:                       # no usable plan, or a single turn too long for the model
+            except SampleError as e:                # no usable plan, a turn too long for the model, non-finite audio
                 say(f"error: {e}")
                 continue
             report(reply, out / f"turn{len(undo)}.wav")
@@ -383,61 +366,61 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
 
 
 def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
-    """--eval DATA --out OUT: every eval conversation, in the layout of metrics.py's docstring; resumable."""
-    out = Path(args.out)
+    """--eval DATA --out OUT: every eval conversation in the layout of metrics.py's docstring, resumable: turn k
+    (given the REFERENCE turns before it) -> turn{k}.wav and .json, and a description of turn 0's clip."""
     for conv in tqdm(read_conversations(args.eval, "eval"), desc="eval", unit="conversation"):
-        clips = [read_clip(m, t.audio) for t in conv.turns]
-        for k, turn in enumerate(conv.turns):      # turn k is asked given the REFERENCE turns before it
-            if not (out / conv.id / f"turn{k}.json").is_file():
-                seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
-                eval_one(m, reference_history(conv, k, clips), "story", {"instruction": turn.instruction},
-                         conv.turns[k - 1].scene if k else None, opts, seed, out / conv.id / f"turn{k}")
-        if not (out / conv.id / "caption.json").is_file():
-            eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0,
-                     out / conv.id / "caption")
+        clips = [m.encode(read_audio(t.audio)) for t in conv.turns]
+        for k, turn in enumerate(conv.turns):
+            seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
+            eval_one(m, reference_history(conv, k, clips), "story", {"instruction": turn.instruction},
+                     conv.turns[k - 1].scene if k else None, opts, seed, args.out / conv.id / f"turn{k}")
+        eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0,
+                 args.out / conv.id / "caption")
 
 
 def eval_one(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options, seed: int,
              stem: Path) -> None:
-    """One eval output: stem.wav (1 s of silence when the model wrote no usable plan) and stem.json."""
+    """One eval output unless done: stem.wav (1 s of silence when the model made no usable plan) and stem.json."""
+    if stem.with_suffix(".json").is_file():
+        return
     t0 = time.perf_counter()
     try:
         reply = respond_in_context(m, history, task, user, previous, opts, seed)[0]
         checked, notes = reply.caption if task == "understand" else reply.plan, reply.notes
-    except PlanError as e:
+    except SampleError as e:                         # recorded; the eval goes on
         reply, checked, notes = None, None, [str(e)]
     if task != "understand":
         save_audio(stem.with_suffix(".wav"), reply.audio if reply else torch.zeros(2, SAMPLE_RATE))
     scene = json.loads(scene_to_json(checked.scene)) if checked is not None and checked.valid else None
     record = {"seconds": time.perf_counter() - t0, "scene" if task == "understand" else "plan": scene, "notes": notes}
-    write_text(stem.with_suffix(".json"), json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+    write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: every flag, input file and --out is checked here, before the models load
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="AudioChat: tell, edit and describe audio stories (module docstring).")
     g = p.add_argument_group("what to do (one mode)")
     g.add_argument("--prompt", help="the instruction: a story to tell, or with --audio the edit to make")
-    g.add_argument("--audio", help="an audio file (<= 8 s): edited with --prompt, described without it")
+    g.add_argument("--audio", help="an audio file (<= 8 s; README: audio input): edited with --prompt, else described")
     g.add_argument("--chat", action="store_true", help="multi-turn session on stdin (/load FILE, /undo, /quit)")
     g.add_argument("--plan", help="render this scene JSON file instead of decoding a plan (--prompt: the instruction)")
     g.add_argument("--eval", metavar="DATA_DIR", help="answer every conversation of DATA_DIR/eval (copilot.py's)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="WAV path (default out/sample.wav), caption JSON path for --audio alone (default "
-                                 "out/caption.json), or a folder for --chat (default out/chat) and --eval (required)")
+    g.add_argument("--out", help="WAV/FLAC path (default out/sample.wav), caption JSON path for --audio alone "
+                                 "(default out/caption.json), or a folder for --chat (default out/chat) and --eval")
     g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio, not refuse it")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise: one seed, one audio")
-    g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight (1 = no guidance)")
+    g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
+    g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas, 1 to 1000")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight, 0 to 20 (1 = none)")
     g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn")
     g = p.add_argument_group("model")
     g.add_argument("--ckpt-dir", default="checkpoints/toy", help="folder with tokenizer.model, vae.pt and sct.pt")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="SCT weights (the VAE stays float32); auto = bfloat16 on CUDA, float32 elsewhere")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; the SCT runs in bfloat16 on CUDA, float32 elsewhere (the VAE in float32)")
     args = p.parse_args(argv)
     given = {"--chat": args.chat, "--eval": args.eval, "--plan": args.plan, "--audio": args.audio,
              "--prompt": args.prompt is not None and not args.plan}
@@ -445,10 +428,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(modes) != 1 and modes != ["--audio", "--prompt"]:
         p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE, --chat or --eval "
                 f"DATA_DIR (got {' and '.join(modes) or 'none'})")
+    for flag, value, lo, hi in (("--steps", args.steps, 1, 1000), ("--cfg", args.cfg, 0, 20), ("--seed", args.seed, 0,
+                                2 ** 32 - 1), ("--max-new-tokens", args.max_new_tokens, 1, 10 ** 6)):
+        if not lo <= value <= hi:                   # NaN fails every comparison
+            p.error(f"{flag} {value}: give a number from {lo} to {hi}")
     if args.eval and not args.out:
         p.error("--eval needs --out OUT_DIR")
-    if args.steps < 1 or args.max_new_tokens < 1:
-        p.error("--steps and --max-new-tokens must be at least 1")
+    describe = args.audio and args.prompt is None
+    args.out = Path(args.out or ("out/chat" if args.chat else "out/caption.json" if describe else "out/sample.wav"))
+    want = () if args.chat or args.eval else (".json",) if describe else (".wav", ".flac")
+    if want and args.out.suffix.lower() not in want:
+        p.error(f"--out {args.out}: {'a description is JSON' if describe else 'the audio is written as WAV or FLAC'}; "
+                f"end the path with {' or '.join(want)}")
     return args
 
 
@@ -457,16 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prompt is not None and not args.prompt.strip():
             raise SampleError("--prompt is empty; write an instruction, e.g. --prompt \"rain on a tin roof\"")
-        if not (args.chat or args.eval or args.audio and args.prompt is None):
-            if Path(args.out or "out/sample.wav").suffix.lower() not in (".wav", ".flac"):
-                raise SampleError(f"--out {args.out}: the audio is written as .wav or .flac; end the path with one")
-        dtype = {"auto": torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        if args.plan and not Path(args.plan).is_file():
+            raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
+        args.plan = accept_plan(Path(args.plan).read_text(errors="replace"), None) if args.plan else None
+        args.clip = read_audio(args.audio, args.trim) if args.audio else None
+        folder = args.out if args.chat or args.eval else args.out.parent
+        try:                                        # --out must be writable: make its folder and a file there
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+            if args.out.is_dir() and folder != args.out:
+                raise IsADirectoryError(f"{args.out} is a folder")
+        except OSError as e:
+            raise SampleError(f"--out {args.out}: cannot write there ({e.strerror or e}); choose another path") from e
+        dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
         m = load_models(args.ckpt_dir, args.device, dtype)
-        opts = Options(args.steps, args.cfg, args.max_new_tokens)
         with torch.no_grad():
-            (run_chat if args.chat else run_eval if args.eval else run_once)(m, args, opts)
-    except (SampleError, AudioError) as e:
+            (run_chat if args.chat else run_eval if args.eval else run_once)(
+                m, args, Options(args.steps, args.cfg, args.max_new_tokens))
+    except (SampleError, AudioError, CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,20 +7,22 @@ Top to bottom:
                   multi-scale mel, KL, multi-period and STFT discriminators) and latent normalisation
   checkpoints     load_checkpoint and load_model, the one loader of every .pt file (strict, errors named)
   text            TextTokenizer over a sentencepiece model (Gemma's, or a toy one from train_text_tokenizer)
-  the layout      encode_conversation / decode_conversation: Gemma chat turns with audio spans between
+  the layout      encode_conversation: Gemma chat turns with audio spans between
                   "<unused0>" and "<unused1>", LM labels on model tokens, span ids for the diffusion loss;
                   task_turns lays out every task, for train.py's documents and sample.py's prompts alike
 
     python tokenizer.py --params                                        # VAE preset sizes
-    python tokenizer.py --vae checkpoints/toy/vae.pt --reconstruct in.wav out.wav
     python -m pytest -q tests/test_tokenizer.py
 """
 import argparse
+import glob
 import io
 import itertools
 import math
 import os
+import pickle
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -73,31 +75,52 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int, zeros: int = 24, rollof
     return y[:, : math.ceil(S * L / M)].reshape(*shape, -1)
 
 
+MIN_RATE, MAX_RATE = 8_000, 384_000  # Hz: the input sample rates load_audio accepts (README, "Audio input")
+
+
 def load_audio(path: str | os.PathLike) -> torch.Tensor:
-    """Read any file soundfile reads into float32 [2, S] at 48 kHz (resampled, mono duplicated)."""
+    """Read any file soundfile reads into float32 [2, S] at 48 kHz (resampled, mono duplicated) by the README's
+    audio input rules: a missing, undecodable, truncated, empty or non-finite file, more than 2 channels or a rate
+    outside MIN_RATE..MAX_RATE is an error; a peak above full scale is scaled down to it, with a note on stderr."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file; check the path")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [S, C]
+        with sf.SoundFile(str(path)) as f:
+            data, sr, promised, log = f.read(dtype="float32", always_2d=True), f.samplerate, f.frames, f.extra_info
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{path}: soundfile cannot read it ({e}); convert it to WAV or FLAC") from e
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: the file holds no samples; give a non-empty recording")
-    if data.shape[1] > 2:
-        raise AudioError(f"{path}: {data.shape[1]} channels; only mono and stereo are supported, "
-                         f"downmix it to stereo first (e.g. `ffmpeg -i in -ac 2 out.wav`)")
-    audio = torch.from_numpy(data.T.copy())          # [C, S]
-    if not torch.isfinite(audio).all():
-        raise AudioError(f"{path}: contains NaN or infinite samples; re-export the file")
+        raise AudioError(f"{path}: soundfile cannot read it ({e}): a truncated or corrupt file, or a format "
+                         f"libsndfile does not read; export it again as WAV or FLAC") from e
+    wav = re.search(r"\ndata : (\d+) \(should be (\d+)\)", log)    # libsndfile's note on a WAV cut short
+    if wav and int(wav[2]) < int(wav[1]) < 2 ** 32 - 1:
+        promised = len(data) * int(wav[1]) / int(wav[2])
+    audio, to_48k = torch.from_numpy(data.T.copy()), "resample it, e.g. `ffmpeg -i in -ar 48000 out.wav`"   # [C, S]
+    problem = next((msg for bad, msg in (
+        (len(data) < promised, f"truncated: its header promises {promised / sr:.2f} s, the file holds "
+                               f"{len(data) / sr:.2f} s; copy or export it again"),
+        (len(data) == 0, "the file holds no samples; give a non-empty recording"),
+        (audio.shape[0] > 2, f"{audio.shape[0]} channels; only mono and stereo are supported, downmix it to stereo "
+                             f"first (e.g. `ffmpeg -i in -ac 2 out.wav`)"),
+        (not MIN_RATE <= sr <= MAX_RATE, f"sample rate {sr} Hz; accepted rates are {MIN_RATE} to {MAX_RATE} Hz "
+                                         f"(at 8 kHz nothing above 4 kHz is left); {to_48k}"),
+        (sr * SAMPLE_RATE // math.gcd(sr, SAMPLE_RATE) ** 2 > 10 ** 6,       # resample's [L, M] filter: too big
+         f"sample rate {sr} Hz is no simple ratio to 48 kHz; {to_48k}"),
+        (not torch.isfinite(audio).all(), "contains NaN or infinite samples; re-export the file")) if bad), None)
+    if problem:
+        raise AudioError(f"{path}: {problem}")
+    peak = float(audio.abs().max())
+    if peak >= 0.9999:                               # 16-bit full scale is 32767 / 32768
+        print(f"note: {path}: peaks at {peak:.3g} x full scale ({20 * math.log10(peak):+.1f} dBFS), so it may be "
+              f"clipped; " + ("scaled down to full scale" if peak > 1 else "read as is"), file=sys.stderr)
     if audio.shape[0] == 1:
-        audio = audio.expand(2, -1).clone()          # mono: the same signal on both channels
-    return resample(audio, sr, SAMPLE_RATE)
+        audio = audio.expand(2, -1)                  # mono: the same signal on both channels
+    return resample(audio / max(peak, 1.0), sr, SAMPLE_RATE)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """The one way this project writes a file: write(tmp) fills a temporary file beside `path`, which then
-    replaces it (os.replace is atomic), so a crash never leaves half a file; readable by all (0o644)."""
+    replaces it (os.replace is atomic), so a crash never leaves half a file, and the temporaries of a killed writer
+    of the same file are removed; readable by all (0o644). One writer per file at a time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -109,17 +132,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):   # left by a killed writer of this file
+        stale.unlink(missing_ok=True)
 
 
-def save_audio(path: str | os.PathLike, audio: torch.Tensor, subtype: str | None = None) -> None:
+def save_audio(path: str | os.PathLike, audio: torch.Tensor) -> None:
     """Write float [2, S] at 48 kHz atomically; WAV float32 or FLAC 16-bit by the suffix."""
     fmt = {".wav": "WAV", ".flac": "FLAC"}.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unsupported suffix {Path(path).suffix!r}; use .wav or .flac")
     if audio.dim() != 2 or audio.shape[0] != 2:
         raise ValueError(f"save_audio expects a [2, samples] tensor, got shape {tuple(audio.shape)}")
-    data = audio.detach().to("cpu", torch.float32).T.numpy()
-    subtype = subtype or ("FLOAT" if fmt == "WAV" else "PCM_16")
+    if not torch.isfinite(audio).all():
+        raise AudioError(f"{path}: the audio holds {int((~torch.isfinite(audio)).sum())} NaN or infinite samples "
+                         f"(a diverged model or a bad input); nothing was written")
+    data, subtype = audio.detach().to("cpu", torch.float32).T.numpy(), "FLOAT" if fmt == "WAV" else "PCM_16"
     write_atomic(path, lambda tmp: sf.write(tmp, data, SAMPLE_RATE, format=fmt, subtype=subtype))
 
 
@@ -348,21 +375,30 @@ class StereoVAE(nn.Module):
 # -----------------------------------------------------------------------------
 # Checkpoints: the one loader of every model file ({"kind", "config", "model"}) and of training checkpoints
 
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file and the fix."""
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
-    """torch.load(weights_only=True) of a checkpoint dict on the CPU; a missing, unreadable or other-`kind`
-    file is an error naming it and the fix."""
+    """torch.load(weights_only=True) of a checkpoint dict on the CPU. A missing, empty, corrupt, hostile or
+    other-`kind` file is a CheckpointError naming it and the fix (never weights_only=False: unpickling runs code)."""
     path = Path(path)
+    fix = f"restore a good copy, or delete it and run the train.py stage that writes {path.name} again"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; train it first (python train.py --stage {kind})")
+        raise CheckpointError(f"{path}: no such checkpoint; train it first (the train.py stage that writes it)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = str(e).split("\n")[0][:200]
-        raise RuntimeError(f"{path} is corrupt or unreadable ({type(e).__name__}: {why}); delete it (or restore a "
-                           f"good copy) and train again") from e
+    except Exception as e:           # whatever torch.load raises, the file is at fault; its advice is not repeated
+        code = re.search(r"GLOBAL (\S+)", str(e))        # weights_only refused a reference to code
+        why = (f"cannot be read ({e.strerror or e})" if isinstance(e, OSError) else
+               "is empty (0 bytes)" if path.stat().st_size == 0 else
+               f"refers to {code[1]}, which only running code could rebuild" if code else
+               "holds no checkpoint, or more than tensors and plain data" if isinstance(e, pickle.UnpicklingError) else
+               "is truncated or corrupt")
+        raise CheckpointError(f"{path} {why}; {fix}") from e
     if kind is not None and (not isinstance(ckpt, dict) or ckpt.get("kind") != kind):
         got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a {kind!r} checkpoint, found {got!r}; pass the {kind}.pt file")
+        raise CheckpointError(f"{path}: expected a {kind!r} checkpoint, found {got!r}; pass the {kind}.pt file")
     return ckpt
 
 
@@ -370,12 +406,12 @@ def load_state_dict_strict(model: nn.Module, state: dict, path="checkpoint") -> 
     """load_state_dict(strict=True) with an error that lists the missing, unexpected and mis-shaped tensors."""
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = [f"{k} {getattr(v, 'shape', type(v).__name__)} (model {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and (not torch.is_tensor(v) or v.shape != own[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path}: weights do not match {type(model).__name__}: missing {missing[:10]}, unexpected "
-                         f"{unexpected[:10]}, wrong shapes {shapes[:10]} ({len(missing)}, {len(unexpected)} and "
-                         f"{len(shapes)} in all)")
+        raise CheckpointError(f"{path}: weights do not match {type(model).__name__}: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}, wrong shapes {shapes[:10]} ({len(missing)}, "
+                              f"{len(unexpected)} and {len(shapes)} in all)")
     model.load_state_dict(state, strict=True)
 
 
@@ -384,13 +420,19 @@ def load_model(cls, path: str | os.PathLike, device="cpu", ckpt: dict | None = N
     fields this code does not know, or lacks, are an error. cls.kind names the checkpoint kind ("vae", "sct",
     "flam"), cls.config_class its config dataclass; ckpt: the checkpoint dict, when path was read already."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path, cls.kind)
-    names, config = {f.name for f in fields(cls.config_class)}, ckpt["config"]
+    # a hand-made file may lack either: every config field or weight is then reported missing, naming the file
+    config, state = (ckpt.get(k) if isinstance(ckpt.get(k), dict) else {} for k in ("config", "model"))
+    names = {f.name for f in fields(cls.config_class)}
     unknown, missing = sorted(set(config) - names), sorted(names - set(config))
     if unknown or missing:
-        raise ValueError(f"{path}: {cls.config_class.__name__} mismatch, unknown fields {unknown}, missing fields "
-                         f"{missing}; the checkpoint was written by another version of this code")
-    model = cls(cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
-    load_state_dict_strict(model, ckpt["model"], path)
+        raise CheckpointError(f"{path}: {cls.config_class.__name__} mismatch, unknown fields {unknown}, missing fields "
+                              f"{missing}; the checkpoint was written by another version of this code")
+    try:
+        model = cls(cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config is not a valid {cls.config_class.__name__} ({e}); restore a good "
+                              f"copy or train it again") from e
+    load_state_dict_strict(model, state, path)
     return model.to(device).eval()
 
 
@@ -560,16 +602,17 @@ class TextTokenizer:
 
     def __init__(self, model_file: str | os.PathLike):
         path = Path(model_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no sentencepiece model; pass Gemma's tokenizer.model or "
-                                    f"train one with train_text_tokenizer()")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:              # missing, or not a sentencepiece model
+            raise CheckpointError(f"{path}: no sentencepiece model ({e}); pass Gemma's tokenizer.model or one "
+                                  f"made by train_text_tokenizer()") from e
         self.vocab_size = self.sp.get_piece_size()
         ids = {}
         for piece in SPECIAL_PIECES:
             ids[piece] = self.sp.piece_to_id(piece)
             if self.sp.id_to_piece(ids[piece]) != piece:
-                raise ValueError(f"{path}: the model has no piece {piece!r}; use Gemma's tokenizer.model "
+                raise CheckpointError(f"{path}: the model has no piece {piece!r}; use Gemma's tokenizer.model "
                                  f"or one made by train_text_tokenizer()")
         self.pad_id, self.eos_id, self.bos_id = ids["<pad>"], ids["<eos>"], ids["<bos>"]
         self.start_of_turn_id, self.end_of_turn_id = ids["<start_of_turn>"], ids["<end_of_turn>"]
@@ -682,37 +725,6 @@ def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_pro
                    latents=torch.cat(latents) if latents else torch.zeros(0, audio_dim or 0))
 
 
-def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
-    """The inverse of encode_conversation (adjacent text parts come back joined by "\\n"). A final turn
-    left open (a generation prompt, or a model turn still being generated) is returned with its parts so far."""
-    ids, spans, newline = ex.ids.tolist(), ex.span_ids.tolist(), tok.encode("\n")
-    headers = {r: [tok.start_of_turn_id] + tok.encode(r + "\n") for r in ("user", "model")}
-    if not ids or ids[0] != tok.bos_id:
-        raise ValueError(f"a conversation starts with <bos> (id {tok.bos_id}), got {ids[:1]}")
-    turns, i, offset = [], 1, 0
-    while i < len(ids):
-        role = next((r for r, h in headers.items() if ids[i:i + len(h)] == h), None)
-        if role is None:
-            raise ValueError(f"position {i}: expected <start_of_turn>user/model, got ids {ids[i:i + 4]}")
-        i += len(headers[role])
-        parts, text = [], []
-        while i < len(ids) and ids[i] != tok.end_of_turn_id:
-            if ids[i] != tok.audio_start_id:
-                text, i = text + [ids[i]], i + 1
-                continue
-            parts, text, j = parts + ([tok.decode(text)] if text else []), [], i + 1
-            while j < len(ids) and spans[j] > 0:
-                j += 1
-            if j == len(ids) or ids[j] != tok.audio_end_id or offset + j - i - 1 > len(ex.latents):
-                raise ValueError(f"position {i}: audio span not closed by <unused1> or without latents")
-            parts.append(ex.latents[offset: offset + j - i - 1])
-            offset, i = offset + j - i - 1, j + 1
-        turns.append(Turn(role, parts + ([tok.decode(text)] if text else [])))
-        if i < len(ids):                                           # skip <end_of_turn> and its "\n"
-            i += 1 + len(newline) * (ids[i + 1: i + 1 + len(newline)] == newline)
-    return turns
-
-
 # -----------------------------------------------------------------------------
 # Task layouts (paper section 3.1, Eqs. 1-3): train.py's documents and sample.py's prompts are both built by
 # task_turns, so a request at inference is always a prefix of a training document.
@@ -754,22 +766,10 @@ def task_turns(task: str, **parts) -> list[Turn]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Stereo VAE utilities (see the module docstring).")
+    parser = argparse.ArgumentParser(description="VAE preset sizes (listening to a trained VAE: bench/bench_vae.py).")
     parser.add_argument("--params", action="store_true", help="print the parameter count of every VAE preset")
-    parser.add_argument("--vae", type=Path, help="a trained VAE checkpoint (vae.pt), for --reconstruct")
-    parser.add_argument("--reconstruct", nargs=2, type=Path, metavar=("IN", "OUT"),
-                        help="encode IN (any audio file) with --vae, decode it and write OUT (.wav/.flac)")
-    args = parser.parse_args()
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    for name, cfg in VAE_PRESETS.items() if args.params else ():
+    for name, cfg in VAE_PRESETS.items() if parser.parse_args().params else ():
         vae, disc = StereoVAE(cfg), f"discriminator {count(Discriminator(cfg)):.2f} M" if cfg.gan else "no GAN"
         print(f"{name:10s} VAE {count(vae):6.2f} M (encoder {count(vae.encoder):.2f} M, decoder "
               f"{count(vae.decoder):.2f} M), {disc}, audio_dim {vae.audio_dim}")
-    if args.reconstruct:
-        if args.vae is None:
-            parser.error("--reconstruct needs --vae checkpoints/<preset>/vae.pt")
-        vae, audio = load_model(StereoVAE, args.vae), load_audio(args.reconstruct[0])
-        with torch.no_grad():
-            save_audio(args.reconstruct[1], vae.decode(vae.encode(audio[None]), audio.shape[-1])[0])
-    if not (args.params or args.reconstruct):
-        parser.print_help()

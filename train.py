@@ -101,6 +101,8 @@ class DataConfig:
     heldout_every: int = field(default=100, metadata={"help": "manifests, corpora: every N-th record is held out"})
     max_clip_seconds: float = field(default=30.0, metadata={"help": "manifests: longer audio is cut to this, s"})
     context_turns: int = field(default=2, metadata={"help": "edit task: most turns per document (Eq. 3)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip and count unreadable data (a truncated audio file, "
+                                                            "a cut conversation JSON, a bad JSONL line), not stop"})
 
 
 @dataclass
@@ -307,15 +309,22 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         path = self.folder / f"step-{step:06d}.pt"
-        save_checkpoint(path, {**state, "step": step, "settings": self.settings})
         text = json.dumps({"step": step, **meta, "settings": self.settings}, indent=1, default=str)
-        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-        for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
-            old.unlink()
-            old.with_suffix(".json").unlink(missing_ok=True)
+        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))   # first: see prune
+        save_checkpoint(path, {**state, "step": step, "settings": self.settings})
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest keep_last checkpoints with their .json; remove every other step-* file, so a save or prune
+        killed midway (kill -9) leaves nothing behind once the stage resumes: a .json without its .pt, a .tmp."""
+        keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
+        for p in self.folder.glob("step-*"):
+            if p.stem not in keep:
+                p.unlink()
 
     def resume(self) -> dict | None:
         """The newest checkpoint (read by tokenizer.load_checkpoint), or None; an error when it has other settings."""
+        self.prune()
         paths = sorted(self.folder.glob("step-*.pt"))
         if not paths:
             return None
@@ -469,7 +478,7 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> Path:
         write_atomic(path, lambda tmp: shutil.copyfile(gemma_dir(cfg) / "tokenizer.model", tmp))
         return path
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
-    for conv in read_conversations(data, "train"):
+    for conv in read_conversations(data, "train", cfg.skip_bad):
         texts.append(conv.seed_text)
         for turn in conv.turns:
             texts += [turn.instruction, scene_to_json(turn.scene), scene_to_json(caption_of(turn.scene))]
@@ -493,18 +502,29 @@ def gemma_dir(cfg: DataConfig) -> Path:
 # -----------------------------------------------------------------------------
 # Stage: VAE, on random crops of every audio file under a folder
 
-def find_audio(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
-    """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none."""
+def find_audio(root: str | os.PathLike, skip_bad: bool = False) -> list[tuple[Path, int, int]]:
+    """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none. skip_bad:
+    each file is decoded once (tokenizer.load_audio's rules) and a bad one left out and counted, not an error."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder; make audio with `python copilot.py --out {root}`")
-    files = []
+    files, bad = [], 0
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac")):
-        info = sf.info(str(path))
-        if info.channels > 2 or info.frames == 0:
-            raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
-                             f"mono or stereo files, remove or convert it")
-        files.append((path, info.frames, info.samplerate))
+        try:
+            info = sf.info(str(path))
+            if info.channels > 2 or info.frames == 0:
+                raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
+                                 f"mono or stereo files")
+            if skip_bad:
+                load_audio(path)                       # decoded once: a truncated or corrupt file shows here
+            files.append((path, info.frames, info.samplerate))
+        except (AudioError, sf.LibsndfileError) as e:
+            if not skip_bad:
+                raise AudioError(f"{e}; remove or convert it, or pass --data.skip_bad true to skip bad files") from e
+            bad += 1
+            print(f"--data.skip_bad: skipped {e}")
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} of {bad + len(files)} audio files under {root}")
     if not files:
         raise FileNotFoundError(f"--data {root}: no .wav or .flac files under it")
     return files
@@ -517,7 +537,11 @@ def read_crop(file: tuple[Path, int, int], num_samples: int, generator: torch.Ge
         audio = load_audio(path)
     else:
         start = int(torch.randint(max(1, frames - num_samples + 1), (1,), generator=generator))
-        data, _ = sf.read(str(path), frames=num_samples, start=start, dtype="float32", always_2d=True)
+        try:
+            data, _ = sf.read(str(path), frames=num_samples, start=start, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as e:
+            raise AudioError(f"{path}: cannot decode it ({e}): truncated or corrupt; remove it, or pass "
+                             f"--data.skip_bad true to find and skip bad files first") from e
         audio = torch.from_numpy(data.T.copy()).expand(2, -1)
     if audio.shape[1] > num_samples:
         start = int(torch.randint(audio.shape[1] - num_samples + 1, (1,), generator=generator))
@@ -551,13 +575,13 @@ def evaluate_vae(vae: StereoVAE, clips: list[torch.Tensor]) -> dict[str, float]:
 
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
-              stop_after: int | None = None) -> Path:
+              stop_after: int | None = None, skip_bad: bool = False) -> Path:
     """The VAE stage (cfg: tokenizer.VAEConfig); returns the path of vae.pt."""
     final = Path(out) / "vae.pt"
     if final.exists():
         print(f"vae: {final} exists; skipping")
         return final
-    files = find_audio(data)
+    files = find_audio(data, skip_bad)
     k = max(2, round(1 / tc.heldout_fraction))
     heldout = files[k - 1::k] if len(files) >= 2 else []
     train = [f for f in files if f not in heldout]
@@ -635,42 +659,49 @@ class Record:
     end: float | None = None      # s, where it ends (None: the file's end, at most max_clip_seconds later)
 
 
-def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int,
+               skip_bad: bool = False) -> list[tuple[int, dict]]:
     """(index, record) of one split of a JSONL file's records (blank lines skipped): every heldout_every-th is
-    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line."""
+    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line,
+    or with skip_bad the line is skipped and counted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, bad = [], 0
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in keys)
+            problem = "" if ok else f"needs non-empty string values for {list(keys)}, got {line[:120]!r}"
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line must be one object with keys "
-                             f"{list(keys)}") from e
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
-            raise ValueError(f"{path}, line {n}: needs non-empty string values for {list(keys)}, got {line[:120]!r}")
-        rows.append(row)
+            problem = f"not JSON ({e.msg}); each line must be one object with keys {list(keys)}"
+        if problem and not skip_bad:
+            raise ValueError(f"{path}, line {n}: {problem}; fix it, or pass --data.skip_bad true to skip bad lines")
+        bad += bool(problem)
+        rows += [] if problem else [row]
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} bad lines of {path}")
     return [(i, row) for i, row in enumerate(rows) if (i % heldout_every == heldout_every - 1) == (split == "eval")]
 
 
-def read_manifest(path: Path, split: str, heldout_every: int) -> list[Record]:
+def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = False) -> list[Record]:
     """Audio-text manifest: one {"audio": path (relative to the manifest's folder), "text": str, ["start": s,
     "end": s]} per line."""
     path = Path(path)
     tag = f"{path.stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     return [Record(f"{tag}/{i // 1000:05d}/{i:08d}", row["text"], path.parent / row["audio"],
                    float(row.get("start", 0.0)), None if row.get("end") is None else float(row["end"]))
-            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every)]
+            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every, skip_bad)]
 
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
     """Encode every item's audio once with the frozen VAE (normalised posterior mean, float16): one file per story
     (its turns, whole) or manifest clip (cut at max_clip_seconds) under out/latents, both splits, written
-    atomically; items are sharded over ranks and finished ones skipped."""
+    atomically; items are sharded over ranks and finished ones skipped. With --data.skip_bad an item whose audio
+    tokenizer.load_audio refuses (truncated, corrupt) gets no file and is counted; TaskData then leaves it out."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae = load_model(StereoVAE, vae_path, d.device)
     stamp, digest = folder / "vae.sha256", file_sha256(vae_path)
@@ -683,18 +714,27 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> Path:
     for split in ("train", "eval"):
         if (data / split).is_dir():
             items += [(f"stories/{split}/{c.id}", [t.audio for t in c.turns], [(0.0, None)] * len(c.turns))
-                      for c in read_conversations(data, split)]
+                      for c in read_conversations(data, split, cfg.skip_bad)]
         for m in cfg.speech_manifests + cfg.sound_manifests:
             items += [(r.key, [r.audio], [(r.start, min(r.end or math.inf, r.start + cfg.max_clip_seconds))])
-                      for r in read_manifest(m, split, cfg.heldout_every)]
+                      for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)]
     todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
     print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
+    bad = 0
     for key, paths, spans in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
-        latents = []
-        for path, (start, end) in zip(paths, spans):
-            audio = load_audio(path)[:, int(start * SAMPLE_RATE): None if end is None else int(end * SAMPLE_RATE)]
-            latents.append(vae.encode(audio[None].to(d.device))[0].to("cpu", torch.float16))
+        try:
+            clips = [load_audio(p)[:, int(a * SAMPLE_RATE): None if b is None else int(b * SAMPLE_RATE)]
+                     for p, (a, b) in zip(paths, spans)]
+        except AudioError as e:
+            if not cfg.skip_bad:
+                raise AudioError(f"{e}; or pass --data.skip_bad true to skip and count bad items") from e
+            bad += 1
+            tqdm.write(f"--data.skip_bad: skipped {key}: {e}")
+            continue
+        latents = [vae.encode(audio[None].to(d.device))[0].to("cpu", torch.float16) for audio in clips]
         save_checkpoint(folder / f"{key}.pt", {"latents": latents})
+    if bad:
+        print(f"--data.skip_bad: {bad} of {len(todo)} items not encoded (rank {d.rank})")
     barrier()
     return folder
 
@@ -766,7 +806,9 @@ class TaskData:
     def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
                  audio_dim: int, validated_only: bool = False):
         self.cfg, self.latents_dir, self.split, self.tok, self.audio_dim = cfg, latents, split, tok, audio_dim
-        self.convs = read_conversations(stories, split) if (stories / split).is_dir() else []
+        self.convs = read_conversations(stories, split, cfg.skip_bad) if (stories / split).is_dir() else []
+        if cfg.skip_bad:                                       # what the latents stage skipped has no cache file
+            self.convs = [c for c in self.convs if (latents / f"stories/{split}/{c.id}.pt").is_file()]
         self.pools = {task: [] for task in TASKS}
         for i, conv in enumerate(self.convs):
             valid = len(conv.turns)                                # turns before the first violation
@@ -777,10 +819,11 @@ class TaskData:
                 dict(text=[0], story=first, understand=range(valid), edit=range(1, valid), upload_edit=range(1, valid))
             for task, ks in turns.items():
                 self.pools[task] += [("conv", i, k) for k in ks]
-        speech = [r for m in cfg.speech_manifests for r in read_manifest(m, split, cfg.heldout_every)]
-        sounds = [r for m in cfg.sound_manifests for r in read_manifest(m, split, cfg.heldout_every)]
+        speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)
+                           if not cfg.skip_bad or (latents / f"{r.key}.pt").is_file()]
+                          for manifests in (cfg.speech_manifests, cfg.sound_manifests))
         corpus = [Record("", row["text"]) for c in cfg.text_corpora                 # {"text": document}
-                  for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every)]
+                  for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every, cfg.skip_bad)]
         for task, records in (("asr", speech), ("tts", speech), ("t2a", sounds), ("caption", sounds), ("text", corpus)):
             self.pools[task] += [("record", r, 0) for r in records]
 
@@ -1115,7 +1158,7 @@ def main(argv: list[str] | None = None) -> None:
                     single_process_stage(stage, d, args.out)
                 if d.main and stage == "vae":
                     train_vae(cfg["vae_model"], cfg["vae"], cfg["vae_loop"], args.data, args.out, args.seed,
-                              args.stop_after)
+                              args.stop_after, cfg["data"].skip_bad)
                 elif d.main:
                     train_flam(cfg["flam_model"], cfg["flam"], cfg["flam_loop"], args.data, args.out, args.seed,
                                args.stop_after)

@@ -1,6 +1,6 @@
 """Reconstruction quality and stereo image of a trained VAE (tokenizer.StereoVAE).
 
-    python bench/bench_vae.py --ckpt checkpoints/toy/vae.pt --data HELD_OUT_DIR
+    python bench/bench_vae.py --ckpt checkpoints/toy/vae.pt --data HELD_OUT_DIR [--write OUT_DIR]
 
 Prints, for the first --seconds of each held-out file, the multi-resolution STFT distance (tokenizer.
 stft_distance, FFT 2048..128, on L/R) and SI-SDR per channel, next to a reference measured in the same
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenizer import SAMPLE_RATE, StereoVAE, load_audio, load_model, resample, stft_distance  # noqa: E402
+from tokenizer import (SAMPLE_RATE, StereoVAE, load_audio, load_model, resample, save_audio,  # noqa: E402
+                       stft_distance)
 
 FFTS = (2048, 1024, 512, 256, 128)
 FLOOR_DB = 40.0          # a channel's level is floored at its signal's louder channel's level minus this
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="evaluate the first N seconds of each file")
     parser.add_argument("--max-files", type=int, default=16, help="evaluate at most this many files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--write", type=Path, help="also write each reconstruction to OUT_DIR/<name>.wav, to listen")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,6 +89,8 @@ def main() -> None:
         t0 = time.perf_counter()
         recon = vae.decode(vae.encode(audio[None]), audio.shape[-1])[0]
         elapsed, seconds = elapsed + time.perf_counter() - t0, seconds + audio.shape[-1] / SAMPLE_RATE
+        if args.write:
+            save_audio(args.write / f"{path.stem}.wav", recon)
         ref = resample(resample(audio, SAMPLE_RATE, 16_000), 16_000, SAMPLE_RATE)[:, : audio.shape[-1]]
         row = [stft_distance(recon, audio, FFTS).item()]
         row += [si_sdr(recon[c], audio[c]) if audio[c].abs().max() > 1e-4 else math.nan for c in (0, 1)]

@@ -645,8 +645,10 @@ def test_interrupted_dataset_job_resumes_to_the_same_bytes(tmp_path):
 
     bad = next((tmp_path / "full" / "train").rglob("train-0000001.json"))
     bad.write_text(bad.read_text()[:-20])
-    with pytest.raises(ValueError, match="train-0000001.json: malformed conversation file"):
+    with pytest.raises(ValueError, match="train-0000001.json: malformed conversation file.*--data.skip_bad true"):
         cp.read_conversations(tmp_path / "full")
+    kept = cp.read_conversations(tmp_path / "full", skip_bad=True)          # left out and counted (a warning)
+    assert [c.id for c in kept] == ["train-0000000", "train-0000002", "train-0000003"]
     with pytest.raises(FileNotFoundError, match="no such split"):
         cp.read_conversations(tmp_path / "full", "test")
     with pytest.raises(ValueError, match="was written with other settings"):

@@ -21,7 +21,7 @@ import metrics  # noqa: E402
 from metrics import (FLAM_PRESETS, FLAMConfig, LabelledClip, SmallFLAM, auroc, delta_multiflam,  # noqa: E402
                      detection_quality, edit_scores, editflam_acoustic, editflam_add, editflam_change,
                      editflam_remove, fad, flam_batch, frame_targets, kad, multiflam, p_flam, tcpwer)
-from tokenizer import SAMPLE_RATE, load_model, mel_filterbank, save_audio  # noqa: E402
+from tokenizer import SAMPLE_RATE, CheckpointError, load_model, mel_filterbank, save_audio  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_small_flam_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"kind": "flam", "config": asdict(model.config), "model": model.state_dict()}, path)
     audio = torch.randn(2, 24_000)
     assert torch.equal(load_model(SmallFLAM, path).score(audio, ["a bell"]), model.score(audio, ["a bell"]))
-    with pytest.raises(FileNotFoundError, match="train.py"):
+    with pytest.raises(CheckpointError, match="train.py"):
         load_model(SmallFLAM, tmp_path / "nope.pt")
     torch.save({"kind": "vae", "config": {}, "model": {}}, tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="expected a 'flam' checkpoint, found 'vae'"):

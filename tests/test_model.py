@@ -7,7 +7,7 @@ import torch
 
 from model import (SCT, SCTConfig, SCT_PRESETS, build_attention_mask, count_parameters, document_positions,
                    read_safetensors)
-from tokenizer import load_model
+from tokenizer import CheckpointError, load_model
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -285,6 +285,22 @@ def test_read_safetensors_dtypes(tmp_path):
         assert got[k].dtype == tensors[k].dtype and torch.equal(got[k], tensors[k]), k
 
 
+def test_read_safetensors_checks_the_header_against_the_file_size(tmp_path):
+    """A header length of 2^62 is refused before anything is allocated; offsets past the end are refused."""
+    path = tmp_path / "x.safetensors"
+    safetensors_torch.save_file({"a": torch.randn(3, 4)}, path)
+    whole = path.read_bytes()
+    n = int.from_bytes(whole[:8], "little")
+    cases = {(2 ** 62).to_bytes(8, "little") + whole[8:]: f"a header of {2 ** 62} bytes, but the file has {len(whole)}",
+             whole[:4]: "a header of .* bytes, but the file has 4 bytes",
+             whole[:8 + n] + whole[8 + n: -20]: r"tensor a takes bytes 0 to 48 for shape \[3, 4\] F32, of 28 data",
+             whole[:8] + b"{" * n + whole[8 + n:]: "the header is not JSON"}
+    for data, message in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"x.safetensors: {message}.*truncated or corrupt; download it again"):
+            read_safetensors(path)
+
+
 def gemma_dir(src, dst, edit=None, config=None):
     """Copy of a single-file Gemma directory with its tensors and/or config edited."""
     dst.mkdir()
@@ -326,7 +342,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     loaded = load_model(SCT, tmp_path / "sct.pt").eval()
     ids = torch.randint(3, 97, (1, 9))
     assert torch.equal(text_forward(model, ids)[0], text_forward(loaded, ids)[0])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="absent.pt: no such checkpoint"):
         load_model(SCT, tmp_path / "absent.pt")
     torch.save({"kind": "vae", "config": {}, "model": {}}, tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="expected a 'sct' checkpoint, found 'vae'"):

@@ -2,10 +2,13 @@
 sampling against a full-sequence reference, input and checkpoint checks, chat context trimming, eval resume.
 The command line itself is driven end to end in tests/test_end_to_end.py."""
 import json
+import shutil
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import sample
@@ -15,8 +18,8 @@ from diffusion import sample as diffusion_sample
 from metrics import SmallFLAM
 from model import SCT, SCTConfig
 from test_end_to_end import CAPTION, INSTRUCTIONS, SCENES, TINY_VAE, save_checkpoints, write_eval_split
-from tokenizer import (SAMPLE_RATE, StereoVAE, Turn, encode_conversation, load_model, save_audio, task_turns,
-                       train_text_tokenizer)
+from tokenizer import (SAMPLE_RATE, CheckpointError, StereoVAE, Turn, encode_conversation, load_model, save_audio,
+                       task_turns, train_text_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -158,23 +161,80 @@ def test_context_longer_than_the_trained_length_is_refused(m):
 def test_audio_longer_than_8_s_is_refused_unless_trimmed(m, tmp_path):
     save_audio(tmp_path / "long.wav", torch.zeros(2, int(8.5 * SAMPLE_RATE)))
     with pytest.raises(sample.SampleError, match=r"8.50 s of audio.*at most 8 s.*--trim"):
-        sample.read_clip(m, tmp_path / "long.wav")
-    assert sample.read_clip(m, tmp_path / "long.wav", trim=True).shape == (8 * 40, m.vae.audio_dim)
+        sample.read_audio(tmp_path / "long.wav")
+    assert m.encode(sample.read_audio(tmp_path / "long.wav", trim=True)).shape == (8 * 40, m.vae.audio_dim)
 
 
-def test_command_line_input_errors(tiny, tmp_path, capsys):
+def exit_code(argv: list) -> int:
+    try:
+        return sample.main([str(a) for a in argv])
+    except SystemExit as e:                                        # argparse: a flag refused
+        return e.code
+
+
+def test_bad_input_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    """Every flag, input file and --out is checked before the models load (NaN and infinite numbers too), and an
+    --out that cannot be written is refused before generation, not after it."""
+    monkeypatch.setattr(sample, "load_models", lambda *a: pytest.fail("the models loaded before the input was checked"))
     (tmp_path / "broken.wav").write_bytes(b"RIFF....not audio")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.wav").mkdir()
+    save_audio(tmp_path / "cut.wav", torch.zeros(2, SAMPLE_RATE))
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "cut.wav").read_bytes()[:SAMPLE_RATE])
+    sf.write(tmp_path / "1hz.wav", np.zeros((10, 2), dtype=np.float32), 1)
+    many = json.loads(SCENES[0])
+    many["text"] = [{**many["text"][1], "id": i} for i in range(500)]
+    (tmp_path / "many.json").write_text(json.dumps(many))
     cases = {("--prompt", "  "): "--prompt is empty",
              ("--audio", tmp_path / "broken.wav"): "soundfile cannot read it",
              ("--audio", tmp_path / "absent.wav"): "no such audio file",
-             ("--prompt", "rain", "--out", tmp_path / "x.mp3"): "written as .wav or .flac",
-             ("--plan", tmp_path / "absent.json"): "no such file"}
+             ("--audio", tmp_path / "cut.wav"): "cut.wav: truncated: its header promises 1.00 s, the file holds 0.12 s",
+             ("--audio", tmp_path / "1hz.wav", "--trim"): "sample rate 1 Hz; accepted rates are 8000 to 384000 Hz",
+             ("--plan", tmp_path / "absent.json"): "no such file",
+             ("--plan", tmp_path / "many.json"): "the plan has 500 sounds; a scene holds at most 10 sounds",
+             ("--prompt", "rain", "--out", tmp_path / "a_file" / "x.wav"): "x.wav: cannot write there",
+             ("--prompt", "rain", "--out", tmp_path / "folder.wav"): "cannot write there (",
+             ("--chat", "--out", tmp_path / "a_file"): "a_file: cannot write there",
+             ("--prompt", "rain", "--cfg", "nan"): "--cfg nan: give a number from 0 to 20",
+             ("--prompt", "rain", "--cfg", "inf"): "--cfg inf: give a number from 0 to 20",
+             ("--prompt", "rain", "--cfg", "-1"): "--cfg -1.0: give a number from 0 to 20",
+             ("--prompt", "rain", "--steps", "0"): "--steps 0: give a number from 1 to 1000",
+             ("--prompt", "rain", "--seed", "-3"): "--seed -3: give a number from 0 to",
+             ("--prompt", "rain", "--out", tmp_path / "x.mp3"): "the audio is written as WAV or FLAC",
+             ("--audio", tmp_path / "cut.wav", "--out", tmp_path / "c.wav"): "a description is JSON; end the path "
+                                                                              "with .json"}
     for argv, message in cases.items():
-        assert sample.main(["--ckpt-dir", str(tiny), *map(str, argv)]) == 2, argv
+        assert exit_code(["--ckpt-dir", tiny, *argv]) == 2, argv
         assert message in capsys.readouterr().err, f"{argv}: expected {message!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1hz.wav", "a_file", "broken.wav", "cut.wav", "folder.wav",
+                                                          "many.json"], "a refused request wrote something"
     for argv in (["--chat", "--prompt", "x"], ["--eval", "data"], ["--plan", "p.json", "--audio", "a.wav"], []):
         with pytest.raises(SystemExit):
             sample.parse_args(argv)
+
+
+def test_bad_checkpoints_and_non_finite_audio(tiny, tmp_path, capsys, monkeypatch):
+    """A corrupt, empty or hostile model file: a message naming the file and the fix. NaN audio is never written.
+    main() catches this project's errors only: a bug keeps its traceback."""
+    for name, data, message in (("vae.pt", b"", "vae.pt is empty (0 bytes)"),
+                                ("sct.pt", b"PK\x03\x04 half a zip", "sct.pt is truncated or corrupt")):
+        d = tmp_path / name.replace(".", "_")
+        shutil.copytree(tiny, d)
+        (d / name).write_bytes(data)
+        assert sample.main(["--ckpt-dir", str(d), "--prompt", "rain", "--out", str(tmp_path / "x.wav")]) == 2
+        err = capsys.readouterr().err
+        assert f"{d / message}; restore a good copy, or delete it and run the train.py stage" in err, err
+        assert "weights_only" not in err and "Traceback" not in err
+    real_decode = StereoVAE.decode
+    monkeypatch.setattr(StereoVAE, "decode", lambda self, *a: real_decode(self, *a) * float("nan"))
+    monkeypatch.setattr(sample, "decode_text", lambda *a: (SCENES[0], 7))
+    argv = ["--ckpt-dir", str(tiny), "--prompt", "rain", "--out", str(tmp_path / "nan.wav"), "--steps", "1"]
+    assert sample.main(argv) == 2
+    assert "NaN or infinite samples; nothing is written" in capsys.readouterr().err
+    assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "nan.json").exists()
+    monkeypatch.setattr(sample, "respond", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sample.main(argv)
 
 
 def test_checkpoint_set_must_belong_together(tiny, tmp_path):
@@ -186,10 +246,10 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
         save_checkpoints(d, vae, sct, **meta)
         return d
 
-    cases = {broken("vocab", tokenizer_vocab_size=7): "vocabulary size of tokenizer.model: sct.pt was trained with 7",
-             broken("hash", tokenizer_sha256="0" * 64): "sha256 of tokenizer.model",
-             broken("vae", vae_sha256="0" * 64): "sha256 of vae.pt",
-             broken("dim", vae_audio_dim=99): "VAE audio_dim: sct.pt was trained with 99"}
+    cases = {broken("vocab", tokenizer_vocab_size=7): "tokenizer_vocab_size: sct.pt was trained with 7",
+             broken("hash", tokenizer_sha256="0" * 64): "tokenizer_sha256: sct.pt was trained with 0000",
+             broken("vae", vae_sha256="0" * 64): "vae_sha256",
+             broken("dim", vae_audio_dim=99): "vae_audio_dim: sct.pt was trained with 99"}
     missing = tmp_path / "missing"
     missing.mkdir()
     (missing / "tokenizer.model").write_bytes(b"")
@@ -201,9 +261,9 @@ def test_checkpoint_set_must_belong_together(tiny, tmp_path):
     cases[code] = "unknown fields ['rope_scaling']"
     corrupt = broken("corrupt")
     (corrupt / "sct.pt").write_bytes(b"not a checkpoint")
-    cases[corrupt] = "do not match this code; retrain"
+    cases[corrupt] = "sct.pt holds no checkpoint"
     for d, message in cases.items():
-        with pytest.raises(sample.SampleError) as e:
+        with pytest.raises((sample.SampleError, CheckpointError)) as e:
             sample.load_models(d)
         assert message in str(e.value), f"{d.name}: expected {message!r} in {e.value}"
 

@@ -1,5 +1,7 @@
 """Tests for tokenizer.py: audio I/O, the stereo VAE and its losses, the text tokenizer, the chat layout."""
 import math
+import os
+import pickle
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -8,10 +10,10 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 
-from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, Discriminator, Example, StereoVAE, TextTokenizer,
-                       Turn, VAE_PRESETS, VAEConfig, decode_conversation, discriminator_loss, encode_conversation,
-                       kl_loss, load_audio, load_model, mel_filterbank, mel_loss, resample, save_audio,
-                       stereo_stft_loss, stft_distance, train_text_tokenizer, vae_loss, write_atomic)
+from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, CheckpointError, Discriminator, Example, StereoVAE,
+                       TextTokenizer, Turn, VAE_PRESETS, VAEConfig, discriminator_loss, encode_conversation, kl_loss,
+                       load_audio, load_model, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
+                       stft_distance, train_text_tokenizer, vae_loss, write_atomic)
 
 # A VAE small enough for unit tests: same code path as the presets.
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=32, strides=(4, 5, 6, 10), dilations=(1, 3),
@@ -83,6 +85,34 @@ def test_load_audio_errors(tmp_path):
     sf.write(bad, np.full((100, 2), np.nan, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
     with pytest.raises(AudioError, match="NaN"):
         load_audio(bad)
+
+
+def test_load_audio_input_rules(tmp_path, capsys):
+    """The README's audio input rules: truncated files and rates outside 8-384 kHz (or in no simple ratio to
+    48 kHz) are errors; a peak above full scale is scaled down to it with a note, full scale itself is noted."""
+    tone = 0.5 * sine(440.0, SAMPLE_RATE).float().numpy()
+    for name, subtype in (("cut.wav", "PCM_16"), ("cut.flac", "PCM_16"), ("cutf.wav", "FLOAT")):
+        sf.write(tmp_path / name, tone, SAMPLE_RATE, subtype=subtype)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[: len(whole) // 3])
+        with pytest.raises(AudioError, match=f"{name}: (truncated: its header promises 1.00 s|.*truncated or corrupt)"):
+            load_audio(tmp_path / name)
+    for sr, message in ((1, "sample rate 1 Hz; accepted rates are 8000 to 384000 Hz"),
+                        (7999, "accepted rates are 8000"), (400_000, "sample rate 400000 Hz"),
+                        (44_101, "44101 Hz is no simple ratio to 48 kHz")):
+        sf.write(tmp_path / "rate.wav", tone[:100], sr)
+        with pytest.raises(AudioError, match=message):
+            load_audio(tmp_path / "rate.wav")
+    sf.write(tmp_path / "loud.wav", 94 * tone, SAMPLE_RATE, subtype="FLOAT")        # peak 47 x full scale
+    audio = load_audio(tmp_path / "loud.wav")
+    assert audio.abs().max().item() == pytest.approx(1.0), "a peak above full scale is scaled down to it"
+    assert "peaks at 47 x full scale (+33.4 dBFS), so it may be clipped; scaled down" in capsys.readouterr().err
+    sf.write(tmp_path / "full.wav", np.clip(3 * tone, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+    assert load_audio(tmp_path / "full.wav").abs().max().item() == 1.0
+    assert "so it may be clipped; read as is" in capsys.readouterr().err
+    with pytest.raises(AudioError, match=r"x.wav: the audio holds 1 NaN or infinite samples.*nothing was written"):
+        save_audio(tmp_path / "x.wav", torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+    assert not (tmp_path / "x.wav").exists()
 
 
 def test_load_audio_mono_is_duplicated_and_resampled(tmp_path):
@@ -210,20 +240,66 @@ def test_latent_normalisation(tmp_path):
 
 
 def test_from_checkpoint_errors(tmp_path, tiny_vae):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model(StereoVAE, tmp_path / "none.pt")
     torch.save({"kind": "sct", "config": {}, "model": {}}, tmp_path / "sct.pt")
-    with pytest.raises(ValueError, match="expected a 'vae' checkpoint, found 'sct'"):
+    with pytest.raises(CheckpointError, match="expected a 'vae' checkpoint, found 'sct'"):
         load_model(StereoVAE, tmp_path / "sct.pt")
     torch.save({"kind": "vae", "config": {**asdict(TINY), "depth": 3}, "model": {}}, tmp_path / "a.pt")
-    with pytest.raises(ValueError, match=r"unknown fields \['depth'\]"):
+    with pytest.raises(CheckpointError, match=r"unknown fields \['depth'\]"):
         load_model(StereoVAE, tmp_path / "a.pt")
     state = dict(tiny_vae.state_dict())
     state.pop("latent_scale")
     state["extra.weight"] = torch.zeros(1)
     torch.save({"kind": "vae", "config": asdict(TINY), "model": state}, tmp_path / "b.pt")
-    with pytest.raises(ValueError, match=r"missing \['latent_scale'\], unexpected \['extra.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"missing \['latent_scale'\], unexpected \['extra.weight'\]"):
         load_model(StereoVAE, tmp_path / "b.pt")
+    cases = {"c.pt": ({"kind": "vae", "config": {**asdict(TINY), "strides": [2, 2]}, "model": {}},
+                      r"c.pt: its config is not a valid VAEConfig \(VAEConfig.strides \(2, 2\)"),
+             "d.pt": ({"kind": "vae", "model": {}}, r"d.pt: VAEConfig mismatch, unknown fields \[\], missing \w+ \['"),
+             "e.pt": ({"kind": "vae", "config": asdict(TINY), "model": {**tiny_vae.state_dict(), "latent_scale": 3}},
+                      r"wrong shapes \['latent_scale int")}
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(StereoVAE, tmp_path / name)
+
+
+class Hostile:
+    def __reduce__(self):                     # unpickling would run a shell command
+        return os.system, ("echo unpickled > hacked",)
+
+
+def test_bad_checkpoint_files_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    """Empty, truncated, garbage and hostile files: one CheckpointError naming the file and the fix, never
+    PyTorch's advice to retry with weights_only=False (that would run the hostile file's code)."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"kind": "vae", "model": {"w": torch.ones(1000)}}, "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    torch.save({"kind": "vae", "x": Hostile()}, "hostile.pt")                # a zip holding a hostile pickle
+    files = {"empty.pt": (b"", "is empty"), "half.pt": (whole[: len(whole) // 2], "is truncated or corrupt"),
+             "junk.pt": (b"not a checkpoint", "holds no checkpoint"),
+             "legacy.pt": (pickle.dumps(Hostile(), 2), "refers to posix.system, which only running code could rebuild"),
+             "legacy4.pt": (pickle.dumps(Hostile(), 4), "holds no checkpoint, or more than tensors and plain data"),
+             "hostile.pt": ((tmp_path / "hostile.pt").read_bytes(), "refers to posix.system")}
+    for name, (data, why) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as e:
+            load_model(StereoVAE, tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name} {why}"), str(e.value)
+        assert "restore a good copy, or delete it and run the train.py stage that writes" in str(e.value)
+        assert "weights_only" not in str(e.value), "never pass on PyTorch's advice to load with weights_only=False"
+    assert not (tmp_path / "hacked").exists()
+    (tmp_path / "bad.model").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="bad.model: no sentencepiece model"):
+        TextTokenizer(tmp_path / "bad.model")
+
+
+def test_write_atomic_removes_what_a_killed_writer_left(tmp_path):
+    (tmp_path / "vae.pt.k1ll3d.tmp").write_bytes(b"half")     # a writer of vae.pt killed mid-write
+    (tmp_path / "sct.pt.0ther.tmp").write_bytes(b"half")      # another file's: not ours to remove
+    write_atomic(tmp_path / "vae.pt", lambda tmp: open(tmp, "w").write("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sct.pt.0ther.tmp", "vae.pt"]
 
 
 def test_kl_matches_torch_distributions():
@@ -395,7 +471,7 @@ def test_gemma_layout_is_looked_up_by_name(tmp_path):
 
 
 def test_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no sentencepiece model"):
+    with pytest.raises(CheckpointError, match="none.model: no sentencepiece model"):
         TextTokenizer(tmp_path / "none.model")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(LINES), model_prefix=str(tmp_path / "plain"),
                                    vocab_size=60, hard_vocab_limit=False, minloglevel=2)
@@ -425,6 +501,37 @@ def assert_same_turns(got, expected):
         assert len(g.parts) == len(e.parts), f"{g.role}: parts {g.parts} vs {e.parts}"
         for a, b in zip(g.parts, e.parts):
             assert (a == b) if isinstance(b, str) else torch.equal(a, b), f"{a!r} != {b!r}"
+
+
+def decode_conversation(ex: Example, tok: TextTokenizer) -> list[Turn]:
+    """The layout tests' oracle, the inverse of encode_conversation (adjacent text parts come back joined by "\\n").
+    A final turn left open (a generation prompt, or a model turn being generated) comes back with its parts so far."""
+    ids, spans, newline = ex.ids.tolist(), ex.span_ids.tolist(), tok.encode("\n")
+    headers = {r: [tok.start_of_turn_id] + tok.encode(r + "\n") for r in ("user", "model")}
+    if not ids or ids[0] != tok.bos_id:
+        raise ValueError(f"a conversation starts with <bos> (id {tok.bos_id}), got {ids[:1]}")
+    turns, i, offset = [], 1, 0
+    while i < len(ids):
+        role = next((r for r, h in headers.items() if ids[i:i + len(h)] == h), None)
+        if role is None:
+            raise ValueError(f"position {i}: expected <start_of_turn>user/model, got ids {ids[i:i + 4]}")
+        i += len(headers[role])
+        parts, text = [], []
+        while i < len(ids) and ids[i] != tok.end_of_turn_id:
+            if ids[i] != tok.audio_start_id:
+                text, i = text + [ids[i]], i + 1
+                continue
+            parts, text, j = parts + ([tok.decode(text)] if text else []), [], i + 1
+            while j < len(ids) and spans[j] > 0:
+                j += 1
+            if j == len(ids) or ids[j] != tok.audio_end_id or offset + j - i - 1 > len(ex.latents):
+                raise ValueError(f"position {i}: audio span not closed by <unused1> or without latents")
+            parts.append(ex.latents[offset: offset + j - i - 1])
+            offset, i = offset + j - i - 1, j + 1
+        turns.append(Turn(role, parts + ([tok.decode(text)] if text else [])))
+        if i < len(ids):                                           # skip <end_of_turn> and its "\n"
+            i += 1 + len(newline) * (ids[i + 1: i + 1 + len(newline)] == newline)
+    return turns
 
 
 def test_layout_round_trip(tok):

@@ -7,6 +7,7 @@ VAE, the latents stage run on them, and a tiny SCT given by flags.
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -23,8 +24,8 @@ from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
-from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, StereoVAE, TextTokenizer, VAEConfig,
-                       encode_conversation, load_model, FRAME_RATE)
+from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer,
+                       VAEConfig, encode_conversation, load_model, FRAME_RATE)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -201,6 +202,20 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
+def test_resume_clears_what_a_killed_save_left(tmp_path):
+    """kill -9 in a save or a prune: a .tmp, a .json without its .pt, one checkpoint too many. Resuming removes
+    them (bench/soak.py found the orphan .json), so the stage ends with the files of an uninterrupted run."""
+    ckpts = train.Checkpoints(tmp_path, 2, {"seed": 0})
+    for step in (1, 2, 3):
+        ckpts.save(step, {"w": torch.ones(1)}, {})
+    (tmp_path / "step-000004.json").write_text("{}")                 # killed before its .pt
+    (tmp_path / "step-000004.pt.x1y2.tmp").write_bytes(b"half")      # killed mid-write
+    (tmp_path / "step-000001.pt").write_bytes((tmp_path / "step-000002.pt").read_bytes())   # a prune killed midway
+    assert ckpts.resume()["step"] == 3 and ckpts.path.name == "step-000003.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002.json", "step-000002.pt", "step-000003.json",
+                                                          "step-000003.pt"]
+
+
 # -----------------------------------------------------------------------------
 # Latents, documents and packing
 
@@ -358,6 +373,43 @@ def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
     assert [r.text for _, r, _ in held.pools["asr"]] == ["held out"]
 
 
+def test_bad_data_is_named_or_skipped_and_counted(toy, tmp_path, capsys, caplog):
+    """A truncated FLAC, a conversation JSON cut in half and a manifest line that is not JSON: an error naming the
+    file and --data.skip_bad, or with it each is skipped and counted, and the SCT's data leaves it out."""
+    data, out = tmp_path / "data", tmp_path / "ck"
+    shutil.copytree(toy[0], data)
+    out.mkdir()
+    (out / "vae.pt").write_bytes((toy[1] / "vae.pt").read_bytes())
+    convs = read_conversations(data, "train")
+    flac, cut = convs[0].turns[0].audio, next(data.rglob(f"{convs[1].id}.json"))
+    flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 3])
+    with pytest.raises(AudioError, match=f"{flac.name}: (truncated|soundfile cannot read).*--data.skip_bad true"):
+        train.run_latents(train.DataConfig(), data, out, train.Dist())
+    with pytest.raises(AudioError, match=f"{flac.name}: cannot decode it.*--data.skip_bad true"):
+        frames = sf.info(str(flac)).frames                                # the header's length: the whole
+        train.read_crop((flac, frames, SAMPLE_RATE), frames // 2, torch.Generator().manual_seed(0))
+    cut.write_text(cut.read_text()[: len(cut.read_text()) // 2])
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    sf.write(tmp_path / "a.wav", (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE)
+    (tmp_path / "sounds.jsonl").write_text('{"audio": "a.wav", "text": "a beep"}\n{"audio": "a.wav", "te\n')
+    with pytest.raises(ValueError, match=f"{cut.name}: malformed conversation file.*--data.skip_bad true"):
+        train.TaskData(train.DataConfig(), data, out / "latents", "train", None, 8)
+    with pytest.raises(ValueError, match=r"sounds.jsonl, line 2: not JSON.*--data.skip_bad true"):
+        train.read_manifest(tmp_path / "sounds.jsonl", "train", 100)
+    capsys.readouterr()
+    cfg = train.DataConfig(sound_manifests=(str(tmp_path / "sounds.jsonl"),), skip_bad=True)
+    train.run_latents(cfg, data, out, train.Dist())
+    printed = capsys.readouterr()
+    assert f"--data.skip_bad: skipped stories/train/{convs[0].id}: {flac}" in printed.out
+    assert "--data.skip_bad: 1 of " in printed.out and "skipped 1 bad lines of" in printed.out
+    assert f"{cut.name}: JSONDecodeError" in caplog.text and "skipped 1 of 5 conversation files" in caplog.text
+    td = train.TaskData(cfg, data, out / "latents", "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)
+    assert [c.id for c in td.convs] == [c.id for c in convs[2:]], "the truncated and the cut conversation are out"
+    assert [ref.text for kind, ref, _ in td.pools["t2a"] if kind == "record"] == ["a beep"]
+    found = train.find_audio(data / "train", skip_bad=True)
+    assert flac not in [f[0] for f in found] and "skipped 1 of" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # The SCT loop: 1 process vs torchrun, exact resume, checkpoint contract
 
@@ -454,7 +506,7 @@ def test_clear_errors(toy, single_run, tmp_path):
     with pytest.raises(SystemExit):
         train.main(argv + ["--stop-after", "2"])
     (out / "sct1" / "step-000002.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="step-000002.pt is corrupt.*delete it"):
+    with pytest.raises(CheckpointError, match="step-000002.pt holds no checkpoint.*delete it"):
         train.main(argv)
     (out / "sct1" / "step-000002.pt").unlink()
     with pytest.raises(SystemExit):
