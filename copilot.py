@@ -1418,28 +1418,31 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
     return stats
 
 
+def read_conversation(path: str | Path) -> Conversation:
+    """One conversation file; a malformed file, or one whose audio is missing, is an error naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+        turns = [ConversationTurn(
+            t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
+            {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
+            float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
+                         f"copilot.py command that wrote its dataset to regenerate it") from e
+    missing = [t.audio.name for t in turns if not t.audio.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
+                                f"to regenerate it")
+    return Conversation(obj["id"], obj["seed_text"], turns)
+
+
 def read_conversations(root: str | Path, split: str = "train") -> list[Conversation]:
-    """Every finished conversation of root/split, in index order; a malformed file is an error naming it."""
+    """Every finished conversation of root/split, in index order, each checked by read_conversation."""
     d = Path(root) / split
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
-    conversations = []
-    for path in sorted(d.glob("*/*.json")):
-        try:
-            obj = json.loads(path.read_text())
-            turns = [ConversationTurn(
-                t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
-                {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
-                float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
-                             f"copilot.py command that wrote {root} to regenerate it") from e
-        missing = [t.audio.name for t in turns if not t.audio.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
-                                    f"to regenerate it")
-        conversations.append(Conversation(obj["id"], obj["seed_text"], turns))
-    return conversations
+    return [read_conversation(path) for path in sorted(d.glob("*/*.json"))]
 
 
 # -----------------------------------------------------------------------------
