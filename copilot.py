@@ -1418,9 +1418,8 @@ def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig 
     return stats
 
 
-def read_conversation(path: str | Path) -> Conversation:
+def read_conversation(path: Path) -> Conversation:
     """One conversation file; a malformed file, or one whose audio is missing, is an error naming it."""
-    path = Path(path)
     try:
         obj = json.loads(path.read_text())
         turns = [ConversationTurn(
@@ -1430,8 +1429,7 @@ def read_conversation(path: str | Path) -> Conversation:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
                          f"copilot.py command that wrote its dataset to regenerate it") from e
-    missing = [t.audio.name for t in turns if not t.audio.is_file()]
-    if missing:
+    if missing := [t.audio.name for t in turns if not t.audio.is_file()]:
         raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
                                 f"to regenerate it")
     return Conversation(obj["id"], obj["seed_text"], turns)
@@ -1439,8 +1437,7 @@ def read_conversation(path: str | Path) -> Conversation:
 
 def read_conversations(root: str | Path, split: str = "train") -> list[Conversation]:
     """Every finished conversation of root/split, in index order, each checked by read_conversation."""
-    d = Path(root) / split
-    if not d.is_dir():
+    if not (d := Path(root) / split).is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
     return [read_conversation(path) for path in sorted(d.glob("*/*.json"))]
 

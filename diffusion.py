@@ -34,7 +34,7 @@ class DiffusionConfig:
         "help": "lambda of Eq. 12, L = L_LM + lambda * L_diffusion; 5.0 worked best in the paper (section 4.2)"})
     clean_context_prob: float = field(default=0.25, metadata={
         "help": "probability that a training conversation is laid out as at inference: every audio span clean but "
-                "its last model span; otherwise each span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
+                "its last model span; otherwise each model span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
     cfg_dropout: float = field(default=0.1, metadata={
         "help": "probability that a conversation is replaced by the unconditional document of one model span "
                 "(sample_uncond_span); 0.1 as lucidrains' Transfusion, stable-audio-tools, BAGEL"})

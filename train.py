@@ -1,25 +1,17 @@
 """Every training stage of AudioChat, from the data to the three SCT stages (paper section 4.3, appendix C).
 
     python train.py --preset toy                       # every toy stage in order, skipping finished ones
-    python train.py --preset toy --stage sct2          # one stage (it resumes from its newest checkpoint)
-    python train.py --preset toy --help                # every flag, with its help and the preset's value
+    python train.py --preset toy --stage sct2 --help   # one stage (resumed from its newest checkpoint); every flag
     torchrun --standalone --nproc_per_node=8 train.py --preset audiochat --stage sct1 --data.gemma_dir DIR
 
-Stages, each writing one file in --out: data (toy: copilot.write_dataset into --data), tokenizer.model (toy:
-sentencepiece; Gemma's), vae.pt (the stereo VAE on random crops of every audio file under --data), latents/ (the
-conversation index, then every item's audio encoded once by the frozen VAE), flam.pt (metrics.SmallFLAM), sct1.pt
-(Table 5 stage 1: t2a, captioning, ASR, TTS, text LM), sct2.pt (+ stories, editing, upload edits, understanding),
-sct.pt (stage 3: validated turns only). An SCT stage starts from the previous one's weights (stage 1: Gemma 2 2B,
-or scratch in the toy) with a fresh AdamW. data, tokenizer, vae and flam run in one process on --device; latents
-and the SCT stages also under torchrun (DDP, or FSDP2 with --sct.fsdp true). Every field of the config sections
-below is a flag --SECTION.FIELD VALUE ("a,b" tuples, "story=1,edit=2" mixtures, true/false, none).
-
-Data (section 3.1, Eqs. 1-3): TaskData reads latents/index-<split>.json and one conversation file per document;
-tokenizer.task_turns lays out each task; draw_row packs documents into rows of --sct.seq_len tokens. Row j of step
-s is a pure function of (seed, s, j): any number of ranks sees the same global batch, a background thread draws
-the next steps' rows, and resuming needs only the step. Checkpoints: OUT/<stage>/step-NNNNNN.pt (+ .json) resume
-every stage exactly and refuse other settings; final files hold {"kind", "config", "model", "step",
-"train_config"}, the SCT's also "stage", "history", "evals" and "trained_with" (the tokenizer and VAE it used).
+Stages, each writing one file in --out: data (toy: copilot.write_dataset), tokenizer.model, vae.pt, latents/ (the
+conversation index, every item's audio encoded once), flam.pt (metrics.SmallFLAM), sct1.pt (Table 5 stage 1: t2a,
+captioning, ASR, TTS, text), sct2.pt (+ stories, edits, understanding), sct.pt (stage 3: validated turns). Each
+field of the config sections is a flag --SECTION.FIELD VALUE ("a,b", "story=1,edit=2", true, none). A row of
+packed documents (draw_row) is a pure function of (seed, step, row), so any number of ranks sees one global batch,
+a thread draws rows ahead, and a stage resumes exactly from OUT/<stage>/step-NNNNNN.pt (+ a readable .json).
+Final files: {"kind", "config", "model", "step", "train_config"}; the SCT's add "stage", "history", "evals" and
+"trained_with" (the tokenizer's and VAE's sizes and sha256, so sample.py can refuse a mismatched set).
 
 Test: python -m pytest -q tests/test_train.py
 """
@@ -263,9 +255,9 @@ def file_sha256(path: Path) -> str:
 
 
 class Checkpoints:
-    """A stage's resumable checkpoints, folder/step-NNNNNN.pt with a readable .json, the newest keep_last kept: the
-    torch RNG and each object's state (modules and (module, optimizer) pairs as full state dicts gathered from FSDP2
-    shards, so save is a collective; generators by get_state). Resuming with other settings is refused."""
+    """A stage's resumable checkpoints, folder/step-NNNNNN.pt and a readable .json, the newest keep_last kept: the
+    torch RNG and each object's state (modules and (module, optimizer) pairs as full state dicts gathered from
+    FSDP2 shards, so save is a collective; generators' get_state). Other settings than the run's are refused."""
 
     def __init__(self, folder: Path, keep_last: int, settings: dict, objects: dict):
         self.folder, self.keep_last, self.settings, self.objects = Path(folder), keep_last, settings, objects
@@ -300,8 +292,7 @@ class Checkpoints:
         return ckpt
 
     def resume(self, name: str, ckpt: dict | None = None, main: bool = True) -> int:
-        """Load the newest checkpoint (or ckpt, read already) into the objects (modules strictly, before DDP/FSDP
-        wrap them) and the torch RNG -> its step; 0 when there is none."""
+        """Load the newest checkpoint (or ckpt) into the objects and the torch RNG -> its step, 0 if there is none."""
         if (ckpt := ckpt or self.read()) is None:
             return 0
         for k, o in self.objects.items():
@@ -338,9 +329,9 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
 
 def train_loop(name: str, start: int, steps: int, loop: LoopConfig, step_fn, evaluate, save, stop_after: int | None,
                history: list | None = None, extra=None, main: bool = True) -> None:
-    """The loop of every stage: step_fn(step) -> numbers; every log_every steps their means, ms per step and
-    extra(means) are printed and appended to history; evaluate(step) every eval_every steps and at the end;
-    save(step) every save_every steps but the last (the stage writes its final file); a hard stop at stop_after."""
+    """Every stage's loop: step_fn(step) -> numbers, whose means, ms per step and extra(means) are printed and kept in
+    history every log_every steps; evaluate(step) every eval_every steps and at the end; save(step) every save_every
+    steps but the last (the stage writes its final file); a hard stop after stop_after."""
     sums, n, t0, history = {}, 0, time.perf_counter(), [] if history is None else history
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not main, dynamic_ncols=True):
         sums, n, done = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1
@@ -361,8 +352,7 @@ def train_loop(name: str, start: int, steps: int, loop: LoopConfig, step_fn, eva
 
 
 def prefetched(fn, keys, depth: int):
-    """fn(k) for each k of keys, in order, computed by a background thread up to `depth` keys ahead. fn must be a
-    pure function of k (draw_row is), so the results do not depend on depth."""
+    """fn(k) for each k of keys in order, a background thread up to `depth` keys ahead (fn: a pure function of k)."""
     with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
         futures = deque()
         for k in keys:
@@ -403,8 +393,7 @@ def barrier() -> None:
 
 
 def wrap_model(core: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
-    """DDP, or FSDP2: fully_shard every block, then the root. The shards stay float32 (the master weights) and
-    autocast computes in bf16 from them."""
+    """DDP, or FSDP2: fully_shard every block, then the root (float32 shards: autocast computes in bf16 from them)."""
     if d.world == 1 or not fsdp:
         return core if d.world == 1 else DDP(core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
@@ -416,8 +405,8 @@ def wrap_model(core: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
 
 
 def grad_sync(model: torch.nn.Module, on: bool):
-    """Gradient accumulation: skip DDP's all-reduce or FSDP2's reduce-scatter on non-final micro-steps (FSDP2 then
-    keeps unsharded float32 gradients until the last one, which bench/memory.py counts)."""
+    """Skip DDP's all-reduce or FSDP2's reduce-scatter on non-final micro-steps (FSDP2 then keeps float32 gradients
+    unsharded, as bench/memory.py counts)."""
     if isinstance(model, DDP) and not on:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
@@ -474,9 +463,8 @@ def split_heldout(items: list, fraction: float) -> tuple[list, list]:
 
 def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.Generator,
                gain_db: float = 0.0) -> torch.Tensor:
-    """[batch_size, 2, num_samples] random crops of random files (zero-padded when shorter, mono duplicated), each
-    scaled by a random gain uniform in +-gain_db dB (the VAE must keep levels, hence the stereo image, at every
-    level), left and right swapped half of the time (every stereo image is seen mirrored as often as not)."""
+    """[batch_size, 2, num_samples] crops of random files (zero-padded, mono duplicated), each at a random gain in
+    +-gain_db dB (levels, hence the stereo image, at every level) and mirrored left/right half of the time."""
     crops = []
     for path, frames, sr in (files[i] for i in torch.randint(len(files), (batch_size,), generator=generator)):
         if sr != SAMPLE_RATE:                                # rare: resample the whole file, then crop
@@ -639,9 +627,9 @@ def read_index(folder: Path, split: str) -> dict:
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
-    """Index the conversations (rank 0, once: the only time their files are all read; delete the index to redo it),
-    then encode every item's audio once with the frozen VAE (normalised posterior mean, float16): a file per story
-    (its turns) or manifest clip (cut at max_clip_seconds) in out/latents, sharded over ranks, finished ones kept."""
+    """Index the conversations (rank 0, once; delete the index to redo it), then encode every item's audio once with
+    the frozen VAE (normalised posterior mean, float16): a file per story or manifest clip (cut at max_clip_seconds)
+    in out/latents, sharded over ranks, finished ones kept."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
@@ -805,10 +793,8 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn with
     random.Random("seed|step|row") until one no longer fits (three times), each with its own doc id (positions
-    restart, no attention across documents) and its CFG dropout, diffusion times and noise drawn from a generator
-    keyed by (seed, step, row, document); the rest is padding (a document of its own). A document longer than a
-    row is dropped and counted; a text longer than a row gives a random window. CFG dropout replaces a document
-    by `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>\\n` (diffusion.sample_uncond_span)."""
+    restart, no attention across documents) and its CFG dropout, times and noise keyed by (seed, step, row,
+    document); padding ends it. A document longer than a row is dropped and counted, a longer text windowed."""
     rng, docs, used, misses, stats = random.Random("|".join(map(str, key))), [], 0, 0, {"dropped": 0, "docs": 0}
     while misses < 3:
         task = rng.choices(*mixture)[0]
@@ -951,9 +937,10 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     def evaluate(done: int) -> None:
         rows = [draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j)
                 for j in range(d.rank, tc.eval_rows, d.world)]
-        r = run_rows(model, rows, d, tc, train=sct.eval() is None)
-        evals.append({"step": done, "loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]})
+        sct.eval()
+        r = run_rows(model, rows, d, tc, train=False)
         sct.train()
+        evals.append({"step": done, "loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]})
         if d.main:
             tqdm.write(f"{stage} eval {done:6d} | " + " ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()))
 
