@@ -298,8 +298,10 @@ class Checkpoints:
         for k, o in self.objects.items():
             if isinstance(o, tuple):
                 set_optimizer_state_dict(*o, ckpt[k], options=FULL)
+            elif isinstance(o, torch.Generator):
+                o.set_state(ckpt[k])
             else:
-                o.set_state(ckpt[k]) if isinstance(o, torch.Generator) else load_state_dict_strict(o, ckpt[k], self.path)
+                load_state_dict_strict(o, ckpt[k], self.path)
         torch.set_rng_state(ckpt["rng"])
         if main:
             print(f"{name}: resuming from step {ckpt['step']} ({self.path})")
@@ -638,10 +640,10 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
     for split in ("train", "eval") if d.main else ():
         if not (path := folder / f"index-{split}.json").exists():
             c = read_conversations(data, split) if (data / split).is_dir() else []
-            index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c], turns=[len(x.turns) for x in c],
+            index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c],
+                         turns=[len(x.turns) for x in c], single=[x.turns[0].kind == "t2a" for x in c],
                          valid=[next((k for k, t in enumerate(x.turns) if t.violations), len(x.turns)) for x in c],
-                         single=[x.turns[0].kind == "t2a" for x in c], frames=[[t.scene.num_frames for t in x.turns]
-                                                                              for x in c])
+                         frames=[[t.scene.num_frames for t in x.turns] for x in c])
             write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
         stamp.write_text(digest)
     barrier()
@@ -801,7 +803,8 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
         doc = data.document(task, rng)
         if task == "text":
             start = rng.randrange(max(1, len(doc) - seq_len + 3))
-            ex = text_example(doc[start: start + seq_len - 2], data.tok, data.audio_dim, start + seq_len - 2 >= len(doc))
+            end = start + seq_len - 2                              # <eos> only where the text ends
+            ex = text_example(doc[start: end], data.tok, data.audio_dim, eos=end >= len(doc))
         else:
             ex = encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
         stats["dropped"] += len(ex.ids) > seq_len

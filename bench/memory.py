@@ -82,8 +82,8 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.measure:
         block, logit = measure()
-        print(f"a block saves {block / 1e3:.0f} kB per token for backward ({block / 2304:.0f} x hidden_size bytes); the "
-              f"LM loss {logit:.1f} bytes per position and vocabulary entry (+ 6 transient at its peak)")
+        print(f"a block saves {block / 1e3:.0f} kB per token for backward ({block / 2304:.0f} x hidden_size bytes); "
+              f"the LM loss {logit:.1f} bytes per position and vocabulary entry (+ 6 transient at its peak)")
     tc = PRESETS["audiochat"]["sct"]
     tc = replace(tc, micro_rows=a.micro_rows or tc.micro_rows, gradient_checkpointing=not a.no_checkpointing)
     print(f"| memory per GPU ({a.world} GPUs, {tc.micro_rows} x {tc.seq_len} tokens per forward) | GB |\n|---|---|")
