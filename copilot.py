@@ -1207,32 +1207,38 @@ def _run_job(job: tuple) -> dict:
     return make_conversation(*job)
 
 
+def read_conversation(path: Path) -> Conversation:
+    """One conversation file; a malformed file, or one whose audio is missing, is an error naming it."""
+    try:
+        obj = json.loads(path.read_text())
+        turns = [ConversationTurn(
+            t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
+            {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
+            float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
+                         f"copilot.py command that wrote its dataset to regenerate it, or skip bad files "
+                         f"(train.py: --data.skip_bad true)") from e
+    if missing := [t.audio.name for t in turns if not t.audio.is_file()]:
+        raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
+                                f"to regenerate it, or skip bad files (train.py: --data.skip_bad true)")
+    return Conversation(obj["id"], obj["seed_text"], turns)
+
+
 def read_conversations(root: str | Path, split: str = "train", skip_bad: bool = False) -> list[Conversation]:
-    """Every finished conversation of root/split, in index order. A malformed file (a JSON cut short, its audio
-    missing) is an error naming it; with skip_bad it is left out and counted."""
-    d = Path(root) / split
-    if not d.is_dir():
+    """Every finished conversation of root/split, in index order, each checked by read_conversation; with
+    skip_bad a malformed one is left out and counted instead."""
+    if not (d := Path(root) / split).is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
     conversations, bad = [], 0
     for path in sorted(d.glob("*/*.json")):
         try:
-            obj = json.loads(path.read_text())
-            turns = [ConversationTurn(
-                t["instruction"], t["kind"], parse_scene(t["scene"]), path.parent / t["audio"],
-                {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
-                float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
-            missing = [t.audio.name for t in turns if not t.audio.is_file()]
-            if missing:
-                raise FileNotFoundError(f"its audio {missing} is missing")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            conversations.append(read_conversation(path))
+        except (ValueError, FileNotFoundError) as e:
             if not skip_bad:
-                raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun "
-                                 f"the copilot.py command that wrote {root} to regenerate it, or skip bad files "
-                                 f"(train.py: --data.skip_bad true)") from e
+                raise
             bad += 1
-            log.warning("skipped %s: %s: %s", path, type(e).__name__, e)
-            continue
-        conversations.append(Conversation(obj["id"], obj["seed_text"], turns))
+            log.warning("skipped %s", e)
     if bad:
         log.warning("%s: skipped %d of %d conversation files (skip_bad)", d, bad, bad + len(conversations))
     return conversations

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import trange
 
 VFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]       # v_fn(x_t [B, ...], t [B]) -> v [B, ...]
@@ -33,7 +34,7 @@ class DiffusionConfig:
         "help": "lambda of Eq. 12, L = L_LM + lambda * L_diffusion; 5.0 worked best in the paper (section 4.2)"})
     clean_context_prob: float = field(default=0.25, metadata={
         "help": "probability that a training conversation is laid out as at inference: every audio span clean but "
-                "its last model span; otherwise each span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
+                "its last model span; otherwise each model span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
     cfg_dropout: float = field(default=0.1, metadata={
         "help": "probability that a conversation is replaced by the unconditional document of one model span "
                 "(sample_uncond_span); 0.1 as lucidrains' Transfusion, stable-audio-tools, BAGEL"})
@@ -113,14 +114,15 @@ def sample_span_times(span_is_model: torch.Tensor, generator: torch.Generator | 
                       clean_context_prob: float = 0.25) -> torch.Tensor:
     """One diffusion time per audio span of one conversation, span_is_model [N] -> t [N] in [0, 1).
 
-    Every span, context included, draws its own t ~ U(0, 1) (Diffusion Forcing, Eq. 11), so the model
-    cannot learn to copy the input audio (section 4.2) and every turn trains in parallel. Inference
-    sees its context clean, which U(0, 1) never draws; so with probability clean_context_prob the
-    conversation is laid out as at inference: all spans clean but the last model span (the target),
-    all clean if it has no model audio (understanding). 0.25 trains that layout one step in four and
-    keeps most steps free of the copying shortcut. Clean spans carry no diffusion loss (span_loss_mask).
+    The rule: a span the model generates (a model turn's audio) is noised, a span it only reads (a user's
+    clip: the input of understanding, captioning, ASR, and the uploaded clip of an edit) is clean, t = 0,
+    as it is at inference. Each model span draws its own t ~ U(0, 1) (Diffusion Forcing, Eq. 11: "a
+    different timestep t_s for each generation turn"), so the model cannot learn to copy earlier turns'
+    audio (section 4.2) and every turn trains in parallel. With probability clean_context_prob the
+    conversation is laid out as at inference: all spans clean but the last model span (the target).
+    Clean spans carry no diffusion loss (span_loss_mask).
     """
-    t = torch.rand(span_is_model.numel(), generator=generator)
+    t = torch.rand(span_is_model.numel(), generator=generator) * span_is_model       # a span only read: t = 0
     if torch.rand((), generator=generator).item() < clean_context_prob:
         target = span_is_model.nonzero().flatten()[-1:]            # the last model span, if any
         t = torch.zeros_like(t).index_copy(0, target, t[target])
@@ -145,12 +147,10 @@ def sample_uncond_span(span_is_model: torch.Tensor, generator: torch.Generator |
                        cfg_dropout: float = 0.1) -> int:
     """CFG dropout for one conversation: 0 keeps it, k >= 1 replaces it by model span k alone.
 
-    Policy: with probability cfg_dropout one model span, chosen uniformly, is trained with ALL of its
-    context dropped, as `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>` (built
-    by train.py; sample.py's unconditional branch uses the same prefix). Dropping instruction, plan
-    and input audio together gives one unconditional p(audio) for every task (UALM's _apply_cfg keeps
-    one audio segment and zeros the rest; lucidrains drops all text). Keeping the input audio would
-    guide the instruction alone (InstructPix2Pix style) and need an unconditional prefix per task.
+    With probability cfg_dropout one model span, chosen uniformly, is trained with ALL of its context dropped,
+    as `<bos><start_of_turn>model\\n<unused0> frames <unused1><end_of_turn>` (train.py; sample.py's uncond
+    prefix): one unconditional p(audio) for every task (lucidrains drops all text; UALM keeps one audio
+    segment). Keeping the input audio would guide the instruction alone and need an uncond prefix per task.
     """
     model_spans = span_is_model.nonzero().flatten()
     if torch.rand((), generator=generator).item() >= cfg_dropout or model_spans.numel() == 0:
@@ -161,25 +161,36 @@ def sample_uncond_span(span_is_model: torch.Tensor, generator: torch.Generator |
 # -----------------------------------------------------------------------------
 # The Transfusion Forcing loss (Eq. 12)
 
+def chunked_cross_entropy(head: Callable, h: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sum of CE(head(h), labels) over positions, h [N, H], made `chunk` positions at a time: each slice's logits
+    are made, reduced and dropped, and made again in the backward pass (checkpoint), so [chunk, V] logits exist
+    at once instead of [N, V] (a text row at paper scale: 8192 x 256 000 soft-capped logits, 25 GB)."""
+    def ce(x, y):
+        return F.cross_entropy(head(x).float(), y, ignore_index=-100, reduction="sum")
+    return sum(checkpoint(ce, h[i: i + chunk], labels[i: i + chunk], use_reentrant=False)
+               for i in range(0, max(len(labels), 1), chunk))                 # N = 0: one empty slice, loss 0
+
+
 def transfusion_loss(logits: torch.Tensor, labels: torch.Tensor, v_pred: torch.Tensor,
                      v_target: torch.Tensor, weight_mask: torch.Tensor | None = None,
                      loss_weight: float = 5.0, n_text: float | torch.Tensor | None = None,
-                     n_audio: float | torch.Tensor | None = None
+                     n_audio: float | torch.Tensor | None = None, head: Callable | None = None, chunk: int = 1024
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L = L_LM + lambda L_diffusion (Eq. 12) -> (total, lm, diffusion), float32 scalars.
 
-    logits [N_text, V], labels [N_text] (-100 = ignore) at the gathered LM positions; v_pred, v_target
-    [N_audio, D] at the gathered frames; weight_mask [N_audio] marks frames with diffusion loss.
-    L_LM = mean cross-entropy over labelled tokens; L_diffusion = mean over weighted frames of
-    mean_D (v_pred - v_target)^2. n_text / n_audio replace the local counts as divisors: under DDP
-    pass all_reduce(count) / world_size (DDP averages gradients), so every token weighs as in one
-    process (BAGEL). An empty part is exactly 0 with zero gradients, so DDP sees every parameter used.
+    logits [N_text, V] (or, with head, hidden states [N_text, H]: chunked_cross_entropy), labels [N_text]
+    (-100 = ignore) at the gathered LM positions; v_pred, v_target [N_audio, D] at the gathered frames;
+    weight_mask [N_audio] marks frames with diffusion loss. L_LM = mean CE over labelled tokens; L_diffusion =
+    mean over weighted frames of mean_D (v_pred - v_target)^2. n_text / n_audio replace the local counts as
+    divisors: under DDP pass all_reduce(count) / world_size, so every token weighs as in one process (BAGEL).
+    An empty part is exactly 0 with zero gradients, so DDP sees every parameter used.
     """
     if logits.shape[:-1] != labels.shape or v_pred.shape != v_target.shape:
         raise ValueError(f"transfusion_loss: logits {tuple(logits.shape)} must be [N, V] for labels "
                          f"{tuple(labels.shape)}, and v_pred {tuple(v_pred.shape)} must match v_target "
                          f"{tuple(v_target.shape)}; gather the LM positions and audio frames first")
-    lm_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    lm_sum = chunked_cross_entropy(head, logits, labels, chunk) if head else \
+        F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     err = (v_pred.float() - v_target.float()).pow(2).mean(-1)              # [N_audio]
     if weight_mask is not None:
         err = err * weight_mask.to(err.dtype)
@@ -197,12 +208,9 @@ def transfusion_loss(logits: torch.Tensor, labels: torch.Tensor, v_pred: torch.T
 # Inference: classifier-free guidance, Karras sigmas, DPM-Solver++(2M)
 
 def guided(v_both: VFn, w: float) -> VFn:
-    """Classifier-free guidance on v with cond and uncond in one batched call.
-
-    v_both(x_t [2B, ...], t [2B]) returns v for conditional rows first and unconditional rows last.
-    The guided v = v_u + w (v_c - v_u), written as w v_c + (1 - w) v_u so that w = 1 gives v_c
-    exactly. x0 and eps are affine in v at fixed (x_t, t), so this equals CFG on x0 or on eps.
-    """
+    """Classifier-free guidance on v, cond and uncond in one call: v_both(x_t [2B, ...], t [2B]) returns cond rows
+    first. v = v_u + w (v_c - v_u), written w v_c + (1 - w) v_u so that w = 1 gives v_c exactly; x0 and eps are
+    affine in v at fixed (x_t, t), so this equals CFG on x0 or on eps."""
     def v_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_c, v_u = v_both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
         return w * v_c + (1 - w) * v_u
@@ -211,10 +219,8 @@ def guided(v_both: VFn, w: float) -> VFn:
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) Eq. 5: n VE sigmas from sigma_max to sigma_min, then exactly 0 -> [n + 1] float64.
-
-    Ending at 0 makes the last step return the denoised sample; a schedule that repeats sigma_min
-    instead leaves noise in the output (the trap of diffusers issue #6477).
-    """
+    Ending at 0 makes the last step return the denoised sample; repeating sigma_min instead leaves noise in the
+    output (the trap of diffusers issue #6477)."""
     if n < 1 or not 0 < sigma_min < sigma_max:
         raise ValueError(f"get_sigmas_karras needs n >= 1 and 0 < sigma_min < sigma_max, "
                          f"got n={n}, sigma_min={sigma_min}, sigma_max={sigma_max}")
@@ -260,11 +266,8 @@ def sample(v_fn: VFn, shape: tuple[int, ...], config: DiffusionConfig,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            dtype: torch.dtype = torch.float32, callback: Callable[[dict], None] | None = None,
            progress: bool = False) -> torch.Tensor:
-    """Draw clean latents [shape] from a v-model with config.steps Karras/DPM-Solver++(2M) steps.
-
-    The noise is drawn on the CPU from `generator` (a CPU torch.Generator) and then moved, so one
-    seed gives the same noise, and on one device the same sample, every time.
-    """
+    """Draw clean latents [shape] from a v-model with config.steps Karras/DPM-Solver++(2M) steps. The noise is
+    drawn on the CPU from `generator` and then moved: one seed, the same noise (and on one device the same sample)."""
     sigmas = get_sigmas_karras(config.steps, config.sigma_min, config.sigma_max, config.rho)
     x = torch.randn(shape, generator=generator, dtype=dtype).to(device) * sigmas[0].item()
     return sample_dpmpp_2m(vdenoiser(v_fn), x, sigmas, callback, progress)

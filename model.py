@@ -14,16 +14,20 @@ Attention (config.attn_implementation). SDPA cannot soft-cap logits, so there ar
            on GPU (the audiochat preset). Its backward is not implemented on CPU (torch 2.13).
   Cached inference (generate, denoise_step) builds dense masks, so "flex" runs eager there.
 
-Inference API (sample.py). Prompts are lists of 1-D rows (ids [T_i], clean latents [N_i, audio_dim] of
-the row's audio frames in order, span ids [T_i]), as in tokenizer.Example; rows are left-padded inside,
-the padding being a document of its own that no real token sees.
-  SCT.generate(ids, latents, span_ids, max_new_tokens, stop_ids) -> list of 1-D LongTensors
-      greedy text decoding over the U understanding layers: one prefill of the prompt (audio spans
-      allowed) into a KVCache, then one token per step.
-  cache = SCT.prefix_cache(ids, latents, span_ids, num_frames)   all K layers over each prefix, once
-  v = SCT.denoise_step(cache, x, t)   x [B, F, audio_dim] noisy frames, t [B] -> v [B, F, audio_dim]
-      runs only the F frames of the span being generated against the cached prefix keys/values;
-      classifier-free guidance puts the cond and uncond prefixes (different lengths) in one batch.
+Inference API (sample.py). Prompts are lists of 1-D rows (ids [T_i], clean latents [N_i, audio_dim] of the
+row's audio frames in order, span ids [T_i]) as in tokenizer.Example, left-padded inside (the padding is a
+document of its own). SCT.generate(ids, latents, span_ids, max_new_tokens, stop_ids) decodes text greedily
+over the U layers (one prefill into a KVCache, then a token per step); cache = SCT.prefix_cache(ids, latents,
+span_ids, num_frames) runs all K layers over each prefix once; v = SCT.denoise_step(cache, x [B, F, audio_dim],
+t [B]) runs only the F noisy frames against it (CFG batches the cond and uncond prefixes of different lengths).
+
+Training (paper 4.1: "the first U layers are trained only by a LM head ... The remaining K - U layers are also
+optimized by the diffusion objective"). Reading A (SCT.understanding_grad True) lets the diffusion loss train
+all K layers; reading B (False) stops it at layer U. The diffusion time and the noisy latents enter only through
+the input embedding (audio_in + time_embed), so a plain cut would leave those untrained by the diffusion loss;
+B passes layer U's state on detached plus a straight-through copy of the audio positions' input embedding: the
+forward is unchanged (checkpoints and inference are the same under both), and the diffusion gradient reaches
+audio_in and time_embed as through the residual stream's identity path, never the U layers or text embeddings.
 
 Count parameters: `python model.py --params audiochat`.  Tests: `python -m pytest -q tests/test_model.py`.
 """
@@ -94,7 +98,7 @@ SCT_PRESETS = {
     "toy": SCTConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                      num_generation_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      query_pre_attn_scalar=64, sliding_window=128, attn_logit_softcapping=None,
-                     audio_dim=64, attn_implementation="sdpa"),
+                     audio_dim=32, attn_implementation="sdpa"),           # audio_dim: the toy VAE's 2 x 16
     # Paper B.2: Gemma 2 2B (26 layers) + 13 generation layers, 3.6 B parameters.
     "audiochat": SCTConfig(attn_implementation="flex"),
 }
@@ -250,8 +254,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * hd, H, bias=False)
 
     def forward(self, x, cos, sin, masks, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        cfg = self.config
+        (B, T, _), cfg = x.shape, self.config
         q = self.q_proj(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -328,6 +331,7 @@ class SCT(nn.Module):
         self.audio_norm = RMSNorm(H, config.rms_norm_eps)                    # final norm before the diffusion head
         self.diffusion_head = nn.Linear(H, config.audio_dim)                  # predicts v (Salimans & Ho, 2022)
         self.gradient_checkpointing = False  # train.py: recompute each block in the backward pass to save memory
+        self.understanding_grad = True       # train.py: False = reading B (module docstring)
         self.init_weights()
 
     @torch.no_grad()
@@ -401,9 +405,8 @@ class SCT(nn.Module):
         """
         span_ids = torch.zeros_like(ids) if span_ids is None else span_ids
         self._check(ids, audio, audio_mask, t, span_ids, doc_ids)
-        cfg = self.config
-        doc = torch.zeros_like(ids) if doc_ids is None else doc_ids
-        x = self.embed(ids, audio, audio_mask, t)                                      # (B, T, H)
+        cfg, doc = self.config, torch.zeros_like(ids) if doc_ids is None else doc_ids
+        x = e = self.embed(ids, audio, audio_mask, t)                                  # (B, T, H)
         cos, sin = rope_cos_sin(document_positions(doc), cfg.head_dim, cfg.rope_theta, x.dtype)
         if cfg.attn_implementation == "flex":
             if not x.is_cuda and torch.is_grad_enabled():
@@ -418,6 +421,8 @@ class SCT(nn.Module):
                 x = block(x, cos, sin, masks)
             if i == cfg.num_hidden_layers - 1:
                 h_text = self.model.norm(x)
+                if not self.understanding_grad:                                         # reading B
+                    x = x.detach() + (0 if audio is None else torch.where(audio_mask[..., None], e - e.detach(), 0))
         return h_text, self.audio_norm(x)
 
     def lm_logits(self, h_text: torch.Tensor) -> torch.Tensor:

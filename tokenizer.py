@@ -387,7 +387,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train it first (the train.py stage that writes it)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # pages read as used
     except Exception as e:           # whatever torch.load raises, the file is at fault; its advice is not repeated
         code = re.search(r"GLOBAL (\S+)", str(e))        # weights_only refused a reference to code
         why = (f"cannot be read ({e.strerror or e})" if isinstance(e, OSError) else
@@ -461,10 +461,10 @@ def _spectrum(x: torch.Tensor, n_fft: int, fb: torch.Tensor | None = None) -> tu
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft, n_fft // 4, window=window, return_complex=True)
     mag = spec.abs().reshape(*x.shape[:-1], *spec.shape[-2:])
-    floor = 10 ** (SILENCE_DB / 20) * window.pow(2).sum().sqrt() * torch.ones(mag.shape[-2], 1, dtype=x.dtype)
+    floor = 10 ** (SILENCE_DB / 20) * window.pow(2).sum().sqrt() * x.new_ones(mag.shape[-2], 1)
     if fb is not None:
         mag, floor = fb @ mag, (fb @ floor).clamp(min=1e-12)
-    return mag, (mag + floor.to(x.device)).log10()
+    return mag, (mag + floor).log10()
 
 
 def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:

@@ -207,24 +207,28 @@ def test_cfg_one_batched_call_and_weight_one_is_conditional():
 # -----------------------------------------------------------------------------
 # Diffusion Forcing and CFG dropout
 
-def test_span_times_are_independent_per_span():
+def test_span_times_are_independent_per_model_span_and_read_spans_are_clean():
     g = torch.Generator().manual_seed(5)
-    is_model = torch.tensor([False, True, True])                 # user audio, model audio, model audio
+    is_model = torch.tensor([False, True, True, True])           # an uploaded clip, then three generated turns
     t = torch.stack([dd.sample_span_times(is_model, g, clean_context_prob=0.0) for _ in range(4000)])
-    assert (t > 0).all() and (t < 1).all()
-    assert torch.allclose(t.mean(0), torch.full((3,), 0.5), atol=0.03), f"means {t.mean(0).tolist()} (U(0,1): 0.5)"
-    corr = torch.corrcoef(t.T)
+    assert (t[:, 0] == 0).all(), f"a span the model only reads is never noised, got t up to {t[:, 0].max()}"
+    assert (t[:, 1:] > 0).all() and (t[:, 1:] < 1).all()
+    assert torch.allclose(t[:, 1:].mean(0), torch.full((3,), 0.5), atol=0.03), f"means {t.mean(0).tolist()}"
+    corr = torch.corrcoef(t[:, 1:].T)
     assert (corr - torch.eye(3)).abs().max() < 0.06, f"span times must be independent, correlation {corr}"
+    for layout in ([False], [False, False]):                     # understanding, captioning, ASR: only read
+        got = torch.stack([dd.sample_span_times(torch.tensor(layout), g, 0.25) for _ in range(200)])
+        assert (got == 0).all(), f"a document without model audio is never noised, got {got.max()}"
 
 
 def test_clean_context_layout_matches_inference():
     g = torch.Generator().manual_seed(6)
     is_model = torch.tensor([False, True, False, True, False])   # last model span is span 4 (index 3)
     t = torch.stack([dd.sample_span_times(is_model, g, clean_context_prob=0.25) for _ in range(4000)])
-    clean = (t[:, [0, 1, 2, 4]] == 0).all(1)
+    clean = t[:, 1] == 0                                          # the one model span of the context
     assert (t[:, 3] > 0).all(), "the target (last model span) must always be noised"
+    assert (t[:, [0, 2, 4]] == 0).all(), "user spans are read, never noised"
     assert abs(clean.float().mean() - 0.25) < 0.03, f"clean layout frequency {clean.float().mean():.3f}, expected 0.25"
-    assert ((t[:, [0, 1, 2, 4]] == 0).any(1) == clean).all(), "context is clean all together or not at all"
     no_model = dd.sample_span_times(torch.tensor([False, False]), g, clean_context_prob=1.0)
     assert (no_model == 0).all(), f"without model audio every span is context, got {no_model}"
     mask = dd.span_loss_mask(torch.tensor([0.3, 0.0, 0.5, 0.0]), torch.tensor([False, True, True, False]))
@@ -312,6 +316,27 @@ def test_loss_with_no_audio_or_no_text(empty):
     # All labels ignored behaves like no text.
     _, lm_ignored, _ = dd.transfusion_loss(*_batch()[:1], torch.full((5,), -100), *_batch()[2:])
     assert lm_ignored.item() == 0.0
+
+
+def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 300, bias=False)
+
+    def capped(h):                                                # soft-capped logits, as the SCT's LM head
+        return 30 * torch.tanh(head(h) / 30)
+    h, labels = torch.randn(37, 16, generator=g, requires_grad=True), torch.randint(300, (37,), generator=g)
+    labels[[3, 20]] = -100
+    v_pred, v_target = torch.randn(5, 4, generator=g, requires_grad=True), torch.randn(5, 4, generator=g)
+    full = dd.transfusion_loss(capped(h), labels, v_pred, v_target)[0]
+    want = torch.autograd.grad(full, [h, head.weight, v_pred])
+    for chunk in (1, 8, 37, 1000):                                # slices of 1, uneven slices, one, more than N
+        loss = dd.transfusion_loss(h, labels, v_pred, v_target, head=capped, chunk=chunk)[0]
+        got = torch.autograd.grad(loss, [h, head.weight, v_pred])
+        assert torch.allclose(loss, full, rtol=1e-6), f"chunk {chunk}: loss {loss.item()} vs full {full.item()}"
+        for name, a, b in zip(("h", "head", "v_pred"), got, want):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), f"chunk {chunk}, {name}: {(a - b).abs().max():.2e}"
+    empty = dd.transfusion_loss(h[:0], labels[:0], v_pred, v_target, head=capped, chunk=8)[1]
+    assert empty.item() == 0.0 and torch.autograd.grad(empty, head.weight)[0].abs().sum() == 0, "no text: LM loss 0"
 
 
 def test_global_normalisers_make_ddp_equal_one_process():

@@ -1,13 +1,16 @@
 """model.py against Hugging Face's Gemma 2, the attention-mask rules of paper Fig. 4, and the caches."""
 import json
+import subprocess
+import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import (SCT, SCTConfig, SCT_PRESETS, build_attention_mask, count_parameters, document_positions,
                    read_safetensors)
-from tokenizer import CheckpointError, load_model
+from tokenizer import VAE_PRESETS, CheckpointError, load_model
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -18,6 +21,7 @@ HF_KW = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
              max_position_embeddings=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
              attn_implementation="eager")
+ROOT = Path(__file__).resolve().parents[1]
 TINY = SCTConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_generation_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
                  audio_dim=6)
@@ -250,6 +254,44 @@ def test_activation_checkpointing_gives_same_gradients():
         (model.lm_logits(h_text).logsumexp(-1).sum() + model.velocity(h_audio).square().sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert len(grads[0]) == len(grads[1]) and (grads[0] - grads[1]).abs().max() < 1e-5
+
+
+def test_reading_b_keeps_the_diffusion_loss_out_of_the_understanding_layers():
+    """understanding_grad False (paper 4.1: "the first U layers are trained only by a LM head"): the forward is the
+    same, the diffusion loss trains no understanding layer nor the text embedding, and it still reaches the
+    generation layers as in reading A and, through the audio input embedding, audio_in and time_embed (t)."""
+    model = tiny_sct().train()
+    g = torch.Generator().manual_seed(2)
+    span = layout({1: (2, 6), 2: (8, 12)}, 14)
+    ids, audio = torch.randint(3, 97, (1, 14), generator=g).masked_fill(span > 0, 0), torch.randn(1, 14, 6, generator=g)
+    t = torch.where(span == 2, 0.6, 0.0)
+    out, grads = {}, {}
+    for reading, flag in (("A", True), ("B", False)):
+        model.zero_grad()
+        model.understanding_grad = flag
+        out[reading] = model(ids, audio, span > 0, t, span)
+        model.velocity(out[reading][1]).square().sum().backward()            # a diffusion loss alone
+        grads[reading] = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                          for n, p in model.named_parameters()}
+    assert all(torch.equal(a, b) for a, b in zip(out["A"], out["B"])), "the forward must not depend on the reading"
+    U = TINY.num_hidden_layers
+    understanding = [n for n in grads["B"] if n.startswith("model.embed_tokens") or
+                     (n.startswith("model.layers.") and int(n.split(".")[2]) < U)]
+    assert all(grads["B"][n].abs().sum() == 0 for n in understanding), "B: no diffusion gradient below layer U"
+    assert sum(grads["A"][n].abs().sum() for n in understanding) > 0, "A: the diffusion loss trains every layer"
+    for n in grads["B"]:
+        if n.startswith("model.layers.") and int(n.split(".")[2]) >= U or n.startswith("diffusion_head"):
+            torch.testing.assert_close(grads["B"][n], grads["A"][n], msg=lambda m: f"{n}: {m}")
+    for part in ("audio_in.weight", "time_embed.mlp.0.weight"):
+        assert grads["B"][part].abs().sum() > 0, f"B: the diffusion loss must still train {part} (it carries t)"
+
+
+def test_model_params_describes_the_toy_model_train_py_builds():
+    out = subprocess.run([sys.executable, "model.py", "--params", "toy"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    toy_vae = VAE_PRESETS["toy"]
+    assert f"'audio_dim': {2 * toy_vae.latent_dim}" in out, f"model.py --params toy prints {out.splitlines()[0]}"
+    assert SCT_PRESETS["toy"].audio_dim == 2 * toy_vae.latent_dim
 
 
 def test_audio_embedding_norm_follows_text_embedding_norm():

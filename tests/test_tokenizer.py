@@ -302,6 +302,23 @@ def test_write_atomic_removes_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sct.pt.0ther.tmp", "vae.pt"]
 
 
+def test_checkpoints_are_memory_mapped(tmp_path, tiny_vae, monkeypatch):
+    """Every rank resumes from the same file: mapped, its pages are shared through the page cache, not copied."""
+    torch.save({"kind": "vae", "config": asdict(tiny_vae.config), "model": tiny_vae.state_dict()}, tmp_path / "vae.pt")
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    load_model(StereoVAE, tmp_path / "vae.pt")
+    assert calls and all(k.get("mmap") is True for k in calls), f"torch.load called with {calls}"
+
+
+def test_vae_losses_stay_on_the_audio_device():
+    """The spectral losses build every tensor on the input's device (meta here: a CPU tensor in the graph fails
+    as it would next to a CUDA one)."""
+    x = torch.randn(2, 2, 2400, device="meta")
+    assert stft_distance(x, x, (256,)).device.type == "meta" and mel_loss(x, x, (256,), (20,)).device.type == "meta"
+    assert stereo_stft_loss(x, x, (256, 128)).device.type == "meta"
+
+
 def test_kl_matches_torch_distributions():
     mean, std = torch.randn(2, 5, 8), torch.rand(2, 5, 8) + 0.1
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),

@@ -4,13 +4,16 @@ torchrun DDP/FSDP2 (gloo), exact resume after a hard stop, and the clear errors.
 The fixtures are made here: a 5 + 2 conversation copilot dataset, a tokenizer trained on it, a tiny random
 VAE, the latents stage run on them, and a tiny SCT given by flags.
 """
+import dataclasses
 import json
 import os
+import threading
+import time
 import random
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,8 @@ TINY_SCT = ("--sct_model.hidden_size 32 --sct_model.intermediate_size 64 --sct_m
             "--sct_model.head_dim 16 --sct_model.query_pre_attn_scalar 16 --sct.seq_len 1024 --sct.batch_rows 4 "
             "--sct.eval_rows 2 --sct_loop.log_every 1 --sct_loop.eval_every 3 --sct_loop.save_every 2 "
             "--sct1.steps 5 --sct1.warmup_steps 1 "
-            "--sct1.mixture story=1,edit=1,upload_edit=1,understand=1,t2a=1,caption=1,text=1 --threads 1").split()
+            "--sct1.mixture story=1,edit=1,upload_edit=1,understand=1,t2a=1,caption=1,text=1 --threads 1 "
+            "--sct.lm_chunk 64").split()                     # several LM chunks per micro-batch, under DDP and FSDP2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,8 +91,7 @@ def test_every_field_has_a_flag_with_help_and_typed_values():
     assert cfg["sct_model"].sliding_window is None and cfg["diffusion"].cfg_weight == 2.0
     assert cfg["sct2"] == train.PRESETS["toy"]["sct2"], "sections not named on the command line keep the preset"
     for name, section in cfg.items():
-        helps = train.field_help(type(section))
-        missing = [f for f in asdict(section) if not helps.get(f)]
+        missing = [f.name for f in fields(section) if not f.metadata.get("help")]
         assert not missing, f"{name}: fields without a help comment: {missing}"
     with pytest.raises(SystemExit):
         train.parse_args(["--sct.fsdp", "maybe"])
@@ -111,6 +114,24 @@ def test_readme_schedule_table_matches_the_presets():
             want = train.PRESETS[preset][stage]
             assert (int(steps), float(lr), int(warmup)) == (want.steps, want.lr, want.warmup_steps), \
                 f"README {stage} {preset}: steps, lr, warm-up {cell!r}; train.PRESETS: {want}"
+
+
+def test_audiochat_preset_runs_as_the_readme_memory_table_says():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory import memory_estimate
+    _, cfg = train.parse_args(["--preset", "audiochat"])
+    tc = cfg["sct"]
+    assert tc.fsdp and tc.gradient_checkpointing and tc.micro_rows == 4 and tc.dtype == "bfloat16", tc
+    want = memory_estimate(cfg["sct_model"], tc, world=8)
+    table = {}
+    for line in (ROOT / "README.md").read_text().split("## Paper scale")[1].splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 2 and cells[0] in want:
+            table[cells[0]] = float(cells[1])
+    assert table == {k: round(v, 1) for k, v in want.items()}, f"README memory table {table}, estimate {want}"
+    assert want["total"] < 70, f"{want['total']:.1f} GB leaves too little of 80 GB for the allocator and NCCL"
+    no_ckpt = memory_estimate(cfg["sct_model"], dataclasses.replace(tc, gradient_checkpointing=False, micro_rows=1), 8)
+    assert no_ckpt["total"] > 80, "without activation checkpointing one row does not fit: the preset needs it"
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +182,44 @@ def test_vae_resume_continues_exactly(tmp_path, monkeypatch):
     before = resumed.stat().st_mtime_ns
     train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "b", 0)
     assert resumed.stat().st_mtime_ns == before, "a finished VAE stage is skipped"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_vae_and_flam_stages_run_on_the_device_they_are_given(toy, tmp_path, monkeypatch):
+    """The meta device stands for a GPU: a module or batch left on the CPU would show up as 'cpu' here."""
+    write_scenes(tmp_path / "data")
+    seen, real_vae_loss = {}, train.vae_loss
+
+    def vae_spy(vae, audio, disc=None):
+        seen["vae"] = {next(vae.parameters()).device.type, audio.device.type}
+        with pytest.raises(NotImplementedError):          # meta has no values: boolean indexing in the KL fails
+            real_vae_loss(vae, audio, disc)
+        raise Stop
+
+    def flam_spy(model, audio, captions, targets):
+        seen["flam"] = {next(model.parameters()).device.type, audio.device.type, targets.device.type}
+        raise Stop
+    monkeypatch.setattr(train, "vae_loss", vae_spy)
+    monkeypatch.setattr(SmallFLAM, "loss", flam_spy)
+    with pytest.raises(Stop):
+        train.train_vae(*vae_sections(), tmp_path / "data", tmp_path / "a", 0, device="meta")
+    with pytest.raises(Stop):
+        train.train_flam(SmallFLAM.config_class(), train.FLAMTrainConfig(steps=2, batch_size=2, eval_clips=2),
+                         train.LoopConfig(), toy[0], tmp_path / "b", 0, device="meta")
+    assert seen == {"vae": {"meta"}, "flam": {"meta"}}, f"devices seen: {seen}"
+
+
+def test_heldout_split_is_every_kth_item_in_linear_time():
+    train_part, held = train.split_heldout(list(range(10)), 0.2)
+    assert held == [4, 9] and train_part == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert train.split_heldout(["one"], 0.5) == (["one"], [])
+    files = [(f"f{i}.flac", i, 48000) for i in range(300_000)]
+    start = time.perf_counter()                       # the old list-membership split took minutes at this size
+    train_part, held = train.split_heldout(files, 0.05)
+    assert len(held) == 15_000 and len(train_part) == 285_000 and time.perf_counter() - start < 2, "not O(n)"
 
 
 def test_audio_data_errors_and_crops(tmp_path):
@@ -245,8 +304,8 @@ def test_documents_follow_the_paper_layout(toy):
     td = task_data(toy)
 
     def doc(task, k):
-        _, c, _ = item = next(it for it in td.pools[task] if it[2] == k)
-        return td.build(task, item, random.Random(0)), td.convs[c]
+        _, c, _ = item = next(it for it in map(td.item, [task] * td.size(task), range(td.size(task))) if it[2] == k)
+        return td.build(task, item, random.Random(0)), td.conversation(c)
 
     (user, model), conv = doc("story", 0)
     assert user.parts == [conv.turns[0].instruction] and model.parts[0] == scene_to_json(conv.turns[0].scene)
@@ -273,7 +332,7 @@ def test_sample_prompts_are_prefixes_of_training_documents(toy):
     """What sample.py asks the model is a token prefix of the document train.py trains on for the same turn: a
     story, a later chat turn (after the reference turns, as --eval gives them), an upload edit and a describe."""
     td = task_data(toy, "eval")
-    conv = td.convs[0]
+    conv = td.conversation(0)
     z = td.latents(f"stories/eval/{conv.id}")
     seed = next(s for s in range(100) if random.Random(s).choice(REQUESTS["understand"]) == DESCRIBE)
     instruction = [{"instruction": t.instruction} for t in conv.turns]
@@ -316,6 +375,41 @@ def test_cfg_dropout_gives_the_unconditional_document(toy):
         assert torch.equal(doc["loss_mask"], at & (doc["t"] > 0)) and torch.equal(doc["ids"], ex.ids)
 
 
+def test_documents_that_only_read_audio_are_never_noised(toy):
+    """Understanding, captioning and the uploaded clip of an edit are read, not generated: t = 0, the clean latents,
+    no diffusion loss, whatever the seed (measured before: 74 % of such spans were noised)."""
+    td = task_data(toy)
+    dc = DiffusionConfig()
+    for task in ("understand", "caption", "upload_edit"):
+        for seed in range(12):
+            ex = encode_conversation(td.document(task, random.Random(seed)), td.tok)
+            doc = train.noise_document(ex, torch.Generator().manual_seed(seed), dc, 0.0, td.tok)
+            read = ex.span_is_model.logical_not().nonzero().flatten() + 1             # span ids of user clips
+            at = torch.isin(ex.span_ids, read)
+            assert len(read) == 1 and (doc["t"][at] == 0).all() and not doc["loss_mask"][at].any(), (task, seed)
+            torch.testing.assert_close(doc["audio"][at], ex.latents[torch.isin(ex.span_ids[ex.audio_mask], read)])
+            assert (doc["t"][ex.audio_mask & ~at] > 0).all(), f"{task}: the generated span is the noised target"
+
+
+def test_a_text_window_cut_from_a_longer_text_has_no_eos(toy, tmp_path):
+    words = " ".join(f"word{i}" for i in range(400))
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": words}) + "\n")
+    (tmp_path / "index-train.json").write_text(json.dumps(dict(file=[], turns=[], valid=[], single=[], frames=[])))
+    td = train.TaskData(train.DataConfig(text_corpora=(str(tmp_path / "corpus.jsonl"),), heldout_every=1000), tmp_path,
+                        tmp_path, "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)       # the corpus alone
+    text = td.tok.encode(words)
+    ends = []
+    for j in range(30):
+        row, stats = train.draw_row(td, (["text"], [1.0]), 64, DiffusionConfig(), 0.0, 0, 0, j)
+        ids = row["ids"][row["doc_ids"] == 0].tolist()
+        assert ids[0] == td.tok.bos_id
+        window = ids[1:-1] if ids[-1] == td.tok.eos_id else ids[1:]
+        start = next(i for i in range(len(text)) if text[i: i + len(window)] == window)
+        ends.append(start + len(window) == len(text))
+        assert (ids[-1] == td.tok.eos_id) == ends[-1], f"row {j}: <eos> {ids[-1] == td.tok.eos_id}, cut {not ends[-1]}"
+    assert not all(ends), "some windows must be cut"
+
+
 def test_rows_are_packed_isolated_and_stateless(toy):
     td = task_data(toy)
     mixture = td.mixture(dict(story=1, edit=1, upload_edit=1, understand=1, t2a=1, caption=1, text=1), strict=True)
@@ -341,6 +435,45 @@ def test_rows_are_packed_isolated_and_stateless(toy):
     assert short["dropped"] > 0, "documents longer than a row are dropped and counted"
 
 
+def items(td: train.TaskData, task: str) -> list:
+    return [td.item(task, j)[1] for j in range(td.size(task))]
+
+
+def test_rows_are_drawn_ahead_by_a_background_thread_and_do_not_change(toy):
+    td = task_data(toy)
+    mixture = td.mixture(dict(story=1, edit=1, understand=1, t2a=1, caption=1, text=1), strict=True)
+    threads = []
+
+    def rows(step):
+        threads.append(threading.current_thread().name)
+        return train.draw_row(td, mixture, 1024, DiffusionConfig(), 0.1, 0, step, 0)[0]
+    inline = [rows(s) for s in range(3, 8)]
+    ahead = list(train.prefetched(rows, range(3, 8), depth=2))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(inline, ahead) for k in a), "rows depend only on the key"
+    assert threads[5:] and all(name.startswith("prefetch") for name in threads[5:]), threads
+
+
+def test_a_large_conversation_index_loads_in_seconds(toy, tmp_path):
+    """Training reads the index the latents stage wrote, not the dataset: 1 M conversations build their pools in
+    seconds (copilot.read_conversations would parse 1 M JSON files and check 3 M FLACs)."""
+    n = 1_000_000
+    g = torch.Generator().manual_seed(0)
+    turns, single = torch.randint(1, 6, (n,), generator=g), torch.rand(n, generator=g) < 0.2
+    turns[single] = 1
+    index = {"file": [f"{i // 1000:05d}/train-{i:07d}.json" for i in range(n)], "turns": turns.tolist(),
+             "valid": turns.tolist(), "single": single.tolist(), "frames": [[320] * t for t in turns.tolist()]}
+    (tmp_path / "index-train.json").write_text(json.dumps(index))
+    start = time.perf_counter()
+    td = train.TaskData(train.DataConfig(), tmp_path / "no-such-data", tmp_path, "train", TextTokenizer(
+        toy[1] / "tokenizer.model"), 8)
+    seconds = time.perf_counter() - start
+    stories = turns[~single]
+    assert td.size("understand") == int(stories.sum()) and td.size("edit") == int((stories - 1).sum())
+    assert td.size("t2a") == int(single.sum()) and td.size("text") == n and seconds < 20, f"{seconds:.1f} s"
+    i = int((~single).nonzero()[-1])
+    assert td.item("understand", td.size("understand") - 1) == ("conv", i, int(turns[i]) - 1)
+
+
 def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE                          # 1 s tones
     for name, f in (("a.wav", 440), ("b.wav", 660)):
@@ -360,17 +493,17 @@ def test_manifests_and_corpora_feed_their_tasks(toy, tmp_path):
     train.run_latents(cfg, tmp_path / "no-stories", out, train.Dist())
     tok = TextTokenizer(toy[1] / "tokenizer.model")
     td = train.TaskData(cfg, tmp_path / "no-stories", out / "latents", "train", tok, 8)
-    assert [r.text for _, r, _ in td.pools["asr"]] == ["hello there", "good night"]
-    assert [r.text for _, r, _ in td.pools["text"]] == ["One document.", "Another one."]
-    user, model = td.build("asr", td.pools["asr"][1], random.Random(0))
+    assert [r["text"] for r in items(td, "asr")] == ["hello there", "good night"]
+    assert [r["text"] for r in items(td, "text")] == ["One document.", "Another one."]
+    user, model = td.build("asr", td.item("asr", 1), random.Random(0))
     assert user.parts[0].shape == (20, 8), "0.25-0.75 s of audio is 20 frames at 40 Hz"
     assert user.parts[1] in REQUESTS["asr"] and model.parts == ["good night"]
-    (user, model) = td.build("tts", td.pools["tts"][0], random.Random(0))
+    (user, model) = td.build("tts", td.item("tts", 0), random.Random(0))
     assert "hello there" in user.parts[0] and model.parts[0].shape == (40, 8)
-    (user, model) = td.build("t2a", td.pools["t2a"][0], random.Random(0))
+    (user, model) = td.build("t2a", td.item("t2a", 0), random.Random(0))
     assert user.parts == ["a high beep"] and torch.is_tensor(model.parts[0])
     held = train.TaskData(cfg, tmp_path, out / "latents", "eval", tok, 8)
-    assert [r.text for _, r, _ in held.pools["asr"]] == ["held out"]
+    assert [r["text"] for r in items(held, "asr")] == ["held out"]
 
 
 def test_bad_data_is_named_or_skipped_and_counted(toy, tmp_path, capsys, caplog):
@@ -474,6 +607,15 @@ def test_sct2_starts_from_sct1_and_refuses_another_tokenizer(toy, single_run, tm
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights(out / "sct1.pt").values()))
     with pytest.raises(ValueError, match="another tokenizer or VAE"):
         train.build_sct("sct2", cfg, out, {**with_, "tokenizer_sha256": "0" * 64})
+
+
+def test_gpu_smoke_runs_on_the_cpu():
+    proc = subprocess.run([sys.executable, "bench/gpu_smoke.py", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for part in ("attention: flex vs eager", "training: 4 steps", "kill and resume: SIGKILL", "vae: 2 steps"):
+        assert part in proc.stdout, f"{part!r} missing from:\n{proc.stdout[-3000:]}"
+    assert "max abs weight difference 0.00e+00" in proc.stdout, "resuming on the CPU must be exact"
 
 
 # -----------------------------------------------------------------------------
