@@ -1,13 +1,10 @@
 """AudioCopilot: the data simulator behind AudioChat (paper section 3.2 and appendix A, Figs. 8-10).
 
-A simulated user asks for an audio story and edits it; a simulated sound designer answers each turn with a scene,
-the JSON plan of every sound (Figs. 9-10); tools render the sounds and the mixer places them in 48 kHz stereo. Top
-to bottom: the scene schema (parse, validate, diff); the toy world (15 sound classes, each with one caption, a
-synthesis recipe and the user's words for it; no speech, but EspeakTTS or any Tool can speak); the mixer (BS.1770-4
-loudness, constant-power panning, a limiter, activity on a 40 Hz grid: the FLAM labels); the designers
-(OfflineCopilot: a procedural user who states sides, levels and times, and a designer who honours them, text only;
-LLMCopilot: the paper's prompt on any OpenAI-compatible server); datasets (conversation i depends only on (seed,
-split, i)).
+A simulated user asks for an audio story and edits it; a simulated sound designer answers each turn with a scene, the
+JSON plan of every sound; tools render the sounds and the mixer places them in 48 kHz stereo (BS.1770-4 loudness,
+constant-power panning, a limiter, activity on a 40 Hz grid: the FLAM labels). Designers: OfflineCopilot, a procedural
+user and designer in a toy world of 15 sound classes (text only, no speech), and LLMCopilot, the paper's prompt on any
+OpenAI-compatible server. Conversation i of a dataset depends only on (seed, split, i).
 
     python copilot.py --out data/toy --n 600 --eval-n 60 --workers 2
     python copilot.py --backend openai --base-url http://localhost:8000/v1 --model google/gemma-3-27b-it --n 100000
@@ -16,6 +13,7 @@ split, i)).
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -26,9 +24,10 @@ import re
 import shutil
 import subprocess
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 import soundfile as sf
 import torch
@@ -172,8 +171,7 @@ def scene_diff(previous: Scene | None, scene: Scene) -> dict[str, list[int]]:
 
 
 def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
-    """Every rule of the Fig. 8 prompt that `scene` breaks, one message each; with `previous`, the edit lists must
-    equal scene_diff, and a new caption, transcript, voice or tool needs a new id (the old one goes to `removed`)."""
+    """Every Fig. 8 rule `scene` breaks, one message each; after `previous`, also the edit lists and the id rules."""
     errors = [m for bad, m in (
         (not scene.description.strip(), "scene: description is empty (describe the whole soundscape)"),
         (not 1 <= len(scene.sounds) <= MAX_SOUNDS, f"scene: {len(scene.sounds)} sounds (allowed 1 to {MAX_SOUNDS})"),
@@ -404,10 +402,9 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
     return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
-
 class Tool(Protocol):
-    """A sound tool: mono [S] float at 48 kHz for a sound; `voice` is a tts sound's Voice. Models plug in this way."""
-    def render(self, sound: Sound, voice: "Voice | None", rng: random.Random) -> torch.Tensor: ...
+    """A sound tool: mono [S] float at 48 kHz for a sound; `voice` is voice_for a tts sound. Models plug in this way."""
+    def render(self, sound: Sound, voice: tuple[float, int] | None, rng: random.Random) -> torch.Tensor: ...
 
 
 class ProceduralSFX:
@@ -417,37 +414,28 @@ class ProceduralSFX:
         cls, n = SOUND_CLASSES[caption_to_class(sound.text)], round(sound.duration * SAMPLE_RATE)
         pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
         seed = rng.getrandbits(60) * 4
-        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i)
-                   for i, layer in enumerate(cls.layers))
+        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
 
 
-class Voice(NamedTuple):
-    """A speaker's voice; voice_for gives each (speaker, gender) the same voice in every turn (paper A.2)."""
-    rate: float                # speaking-rate factor
-    variant: int               # espeak-ng voice variant (m1..m7, f1..f5)
-
-
-def voice_for(speaker: str, gender: str) -> Voice:
+def voice_for(speaker: str, gender: str) -> tuple[float, int]:
+    """(speaking-rate factor, espeak-ng variant): one voice per (speaker, gender) in every turn (paper A.2)."""
     rng = random.Random(f"{speaker.strip().lower()}|{gender}")   # str seeds hash with SHA-512: the same on every run
-    return Voice(rng.uniform(0.9, 1.1), rng.randint(1, 5 if gender == "female" else 7))
-
-
-EMOTIONS = {"neutral": (1.0, 1.0), "happy": (1.15, 1.1), "excited": (1.25, 1.2), "sad": (0.88, 0.8),  # (pitch, rate)
-            "angry": (1.05, 1.15), "calm": (0.95, 0.88), "scared": (1.2, 1.25), "surprised": (1.2, 1.0)}
+    return rng.uniform(0.9, 1.1), rng.randint(1, 5 if gender == "female" else 7)
 
 
 class EspeakTTS:
-    """espeak-ng as the TTS tool (`--tts espeak`): voice variant by speaker, pitch and rate by emotion."""
+    """espeak-ng as the TTS tool (`--tts espeak`): the voice variant by speaker, pitch and rate by emotion."""
+    EMOTIONS = {"happy": (1.15, 1.1), "excited": (1.25, 1.2), "sad": (0.88, 0.8), "angry": (1.05, 1.15),  # (pitch,
+                "calm": (0.95, 0.88), "scared": (1.2, 1.25), "surprised": (1.2, 1.0)}   # rate); others read as neutral
 
-    def __init__(self, binary: str = "espeak-ng"):
-        if (path := shutil.which(binary)) is None:
-            raise RuntimeError(f"{binary} not found on PATH; install it (e.g. `apt-get install espeak-ng`)")
-        self.binary = path
+    def __init__(self):
+        if shutil.which("espeak-ng") is None:
+            raise RuntimeError("espeak-ng not found on PATH; install it (e.g. `apt-get install espeak-ng`)")
 
-    def render(self, sound: Sound, voice: Voice, rng: random.Random) -> torch.Tensor:
-        pitch, speed = EMOTIONS.get(sound.emotion, EMOTIONS["neutral"])   # unknown emotions read as neutral
-        cmd = [self.binary, "-v", f"en-us+{'f' if sound.gender == 'female' else 'm'}{voice.variant}", "-s",
-               str(round(165 * voice.rate * speed)), "-p", str(min(99, round(50 * pitch))), "--stdout", sound.text]
+    def render(self, sound: Sound, voice: tuple[float, int], rng: random.Random) -> torch.Tensor:
+        pitch, speed = self.EMOTIONS.get(sound.emotion, (1.0, 1.0))
+        cmd = ["espeak-ng", "-v", f"en-us+{'f' if sound.gender == 'female' else 'm'}{voice[1]}", "-s",
+               str(round(165 * voice[0] * speed)), "-p", str(min(99, round(50 * pitch))), "--stdout", sound.text]
         wav = io.BytesIO(subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout)
         data, sr = sf.read(wav, dtype="float32")
         return resample(torch.from_numpy(data), sr, SAMPLE_RATE)
@@ -469,20 +457,18 @@ class Renderer:
 
     def render(self, sound: Sound) -> torch.Tensor:
         """[round(duration * 48000)] mono waveform of `sound` (trimmed or zero-padded to its duration)."""
-        key = sound.tool_params()
-        if key not in self.cache:
-            if sound.tool not in self.tools:
-                fix = "; speech needs a TTS tool: --tts espeak, or Renderer({..., 'tts': MyTTS()})" if \
-                    sound.tool == "tts" else ""
-                raise ValueError(f"sound {sound.id}: no {sound.tool!r} tool (have {sorted(self.tools)}){fix}")
-            voice = voice_for(sound.speaker or "", sound.gender or "") if sound.tool == "tts" else None
-            x = self.tools[sound.tool].render(sound, voice, random.Random(f"{self.seed}|{key}")).float().squeeze()
-            if x.dim() != 1 or not torch.isfinite(x).all():
-                raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} with non-finite values or more "
-                                 f"than one channel for sound {sound.id}; a tool returns a finite mono [S] tensor")
-            n = round(sound.duration * SAMPLE_RATE)
-            self.cache[key] = torch.nn.functional.pad(x[:n], (0, max(0, n - len(x))))
-            self.renders += 1
+        if (key := sound.tool_params()) in self.cache:
+            return self.cache[key]
+        if sound.tool not in self.tools:
+            fix = "; speech needs a TTS tool: --tts espeak, or Renderer({..., 'tts': MyTTS()})" * (sound.tool == "tts")
+            raise ValueError(f"sound {sound.id}: no {sound.tool!r} tool (have {sorted(self.tools)}){fix}")
+        voice = voice_for(sound.speaker or "", sound.gender or "") if sound.tool == "tts" else None
+        x = self.tools[sound.tool].render(sound, voice, random.Random(f"{self.seed}|{key}")).float().squeeze()
+        if x.dim() != 1 or not torch.isfinite(x).all():
+            raise ValueError(f"tool {sound.tool!r} returned shape {tuple(x.shape)} for sound {sound.id}, or non-finite "
+                             f"values; a tool returns a finite mono [S] tensor")
+        n, self.renders = round(sound.duration * SAMPLE_RATE), self.renders + 1
+        self.cache[key] = torch.nn.functional.pad(x[:n], (0, max(0, n - len(x))))
         return self.cache[key]
 
 
@@ -492,8 +478,8 @@ _K_WEIGHTING = (((1.53512485958697, -2.69169618940638, 1.19839281085285), (1.0, 
 
 
 def k_weight(x: torch.Tensor) -> torch.Tensor:
-    """[C, S] -> [C, S] K-weighted (48 kHz): the biquads' frequency response on an FFT grid padded by 16384 samples,
-    where their impulse response is below 1e-25, equals IIR filtering to float precision, fast and without scipy."""
+    """[C, S] -> [C, S] K-weighted at 48 kHz: the biquads' response on an FFT grid padded by 16384 samples (where
+    their impulse response is below 1e-25) equals IIR filtering to float precision, fast and without scipy."""
     S = x.shape[-1]
     n = 1 << (S + 16384 - 1).bit_length()
     z = torch.exp(-1j * torch.linspace(0, math.pi, n // 2 + 1, dtype=torch.float64))  # z^-1 on the rfft grid
@@ -532,9 +518,8 @@ ACTIVITY_DB = 30.0     # a 40 Hz frame is active when the sound's energy there i
 
 
 def limit_peaks(x: torch.Tensor, ceiling: float, block: int = 240) -> tuple[torch.Tensor, float]:
-    """([S] or [C, S] within +-ceiling, the deepest gain reduction in dB): one gain for all channels (the image stays).
-    Per 5 ms block, min(1, ceiling / peak), then the minimum with both neighbours, interpolated between block centres:
-    a sample's gain lies between its own block's and a neighbour's, both at most its own block's need: no overshoot."""
+    """([S] or [C, S] within +-ceiling, the deepest gain reduction in dB), one gain for all channels. Per 5 ms block
+    min(1, ceiling / peak), then the minimum with both neighbours, interpolated between block centres: no overshoot."""
     S = x.shape[-1]
     peak = torch.nn.functional.pad(x.abs().reshape(-1, S).amax(0), (0, -S % block)).view(-1, block).amax(1)
     need = (ceiling / peak.clamp(min=1e-12)).clamp(max=1.0)
@@ -564,8 +549,7 @@ def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
     return y, lufs - err
 
 
-@dataclass
-class Mix:
+class Mix(NamedTuple):
     audio: torch.Tensor                              # [2, ceil(duration * 40) * 1200] float32 at 48 kHz
     activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s, on the 40 Hz grid
     limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: no clipping)
@@ -573,9 +557,8 @@ class Mix:
 
 
 def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
-    """The 48 kHz stereo mix of `scene`: each sound faded, placed, set to `loudness` LUFS where it sits (the label is
-    its loudness in the mix), panned and added; the sum limited at 0.99. Activity: the 40 Hz frames where the sound's
-    own energy is within 30 dB of its loudest frame (a knock's gaps are inactive), gaps up to 100 ms bridged."""
+    """The 48 kHz stereo mix: each sound faded, placed, set to `loudness` LUFS where it sits, panned and added; the
+    sum limited at 0.99. Activity: the 40 Hz frames within 30 dB of the sound's loudest, gaps up to 100 ms bridged."""
     F = scene.num_frames(GRID)
     out, activity, shortfall = torch.zeros(2, F * HOP), {}, 0.0
     for s in scene.sounds:
@@ -591,12 +574,11 @@ def mix_scene(scene: Scene, renderer: Renderer) -> Mix:
             renderer.levelled[key] = set_loudness(placed, s.loudness)  # the silence around it falls below the gate
         placed, reached = renderer.levelled[key]
         shortfall = max(shortfall, abs(reached - s.loudness))
-        left, right = pan_gains(s.panning)
-        out += torch.stack([left * placed, right * placed])
+        out += torch.stack([g * placed for g in pan_gains(s.panning)])
         energy = 10 * torch.log10(placed.view(F, HOP).pow(2).mean(1) + 1e-20)  # [F] dB per frame
-        active, runs = ((energy > energy.max() - ACTIVITY_DB) & (energy > -100)).tolist(), []
-        for f in (f for f, on in enumerate(active) if on):                      # [start, end) frames of active runs
-            if runs and f - runs[-1][1] <= 4:
+        runs = []                                                               # [start, end) frames of active runs
+        for f in torch.nonzero((energy > energy.max() - ACTIVITY_DB) & (energy > -100)).flatten().tolist():
+            if runs and f - runs[-1][1] <= 4:                                   # bridge gaps up to 100 ms
                 runs[-1][1] = f + 1
             else:
                 runs.append([f, f + 1])
@@ -630,39 +612,41 @@ SIDES = {"left": ((-0.8, -0.5), ("on the left", "to the left", "from the left", 
          "centre": ((0.0, 0.0), ("in the middle", "in the centre", "in the center", "centered"))}
 LEVELS = {"loud": (("loud", "very loud", "noisy"), ("loudly", "loud and close")),
           "quiet": (("quiet", "soft", "faint", "gentle", "distant"), ("softly", "quietly", "in the distance"))}
-STARTS = ("at the start", "right at the beginning", "from the start", "straight away")   # how a user says 0 s
 NUMBERS = ("zero", "one", "two", "three")
-BACKGROUND = ("in the background", "as the background", "all the way through", "throughout")
-FILLERS = ("at night", "in the morning", "in a small village", "on a cold evening", "somewhere in the countryside",
-           "in the city", "late at night", "on a quiet afternoon", "in an old house", "at dawn", "outside", "in winter")
-STORY = ("Create a soundscape with {x}.", "I'd like to hear {x}.", "Make an audio scene with {x}.", "Give me {x}.",
-         "Can you make a scene with {x}?", "Let me hear {x}.", "Generate {x}.", "Play {x}.", "I want {x}.",
-         "Compose a scene: {x}.", "Please create {x}.", "An audio story with {x}.", "Picture this: {x}.",
-         "Set the scene with {x}.", "{X}.", "{X}, please.", "Design a sound scene with {x}.", "Could I hear {x}?",
-         "Make me a soundscape of {x}.", "A scene where there is {x}.")
-SETTING = ("{S}, with {x}.", "{X} {s}.", "A scene {s}: {x}.", "I want {x} {s}.")
-EDIT_WORDS = {  # the user's edit requests ({x}: a sound's short name, {y}: a noun phrase, {p}: a side)
-    "add": ("Add {y}.", "Can you add {y}?", "Put in {y}.", "I want to hear {y} too.", "Let's also have {y}.",
-            "Bring in {y}.", "Include {y}, please.", "Also add {y}.", "Now add {y}.", "Could you add {y}?"),
-    "remove": ("Remove the {x}.", "Get rid of the {x}.", "Take out the {x}.", "I don't want the {x} anymore.",
-               "Please delete the {x}.", "Lose the {x}.", "Can you drop the {x}?", "No more {x}.", "Cut the {x}."),
-    "change": ("Replace the {x} with {y}.", "Swap the {x} for {y}.", "Instead of the {x}, I want {y}.",
-               "Change the {x} to {y}.", "Turn the {x} into {y}.", "Could the {x} be {y} instead?",
-               "Use {y} instead of the {x}."),
-    "volume": ("Make the {x} {more}.", "Can you make the {x} {more}?", "The {x} should be {more}.",
-               "I'd like the {x} {more}.", "Turn the {x} {up}.", "Could the {x} be {more}?", "Turn {up} the {x}."),
-    "pan": ("Move the {x} {p}.", "Pan the {x} {p}.", "Place the {x} {p}.", "Could you put the {x} {p}?",
-            "I want the {x} {p}.", "Shift the {x} {p}.", "Put the {x} {p}."),
-    "busier": ("Make it busier.", "The scene feels empty, fill it up.", "Add more life to the scene.",
-               "Make it more lively.", "Add a couple more sounds."),
-    "calmer": ("Make it calmer.", "Tone everything down a little.", "It's too hectic, make it more relaxed.",
-               "Make the foreground softer.", "Everything except the background a bit quieter."),
-    "wider": ("Make it sound wider.", "Spread the sounds out in the stereo field.", "Give the scene more space.",
-              "Open up the stereo image."),
-    "later": ("Let the events start a bit later.", "Give it a slower build-up.", "Delay the foreground sounds by a "
-              "second.", "Start everything a second later."),
-    "shorter": ("Make the sounds shorter.", "Tighten everything up, the sounds go on too long.",
-                "Keep the foreground sounds brief.")}
+# The rest is "|"-separated: STARTS (how a user says 0 s), BACKGROUND (a bed's), FILLERS (a time or place), STORY and
+# SETTING (a story's templates: {x} the sounds, {s} a setting, capitalised {X} {S}), EDIT_WORDS ({x} a sound's short
+# name, {y} a noun phrase, {p} a side, {more} "a bit louder", {up} "up"/"down").
+STARTS = "at the start|right at the beginning|from the start|straight away".split("|")
+BACKGROUND = "in the background|as the background|all the way through|throughout".split("|")
+FILLERS = ("at night|in the morning|in a small village|on a cold evening|somewhere in the countryside|in the city|"
+           "late at night|on a quiet afternoon|in an old house|at dawn|outside|in winter").split("|")
+STORY = ("Create a soundscape with {x}.|I'd like to hear {x}.|Make an audio scene with {x}.|Give me {x}.|"
+         "Can you make a scene with {x}?|Let me hear {x}.|Generate {x}.|Play {x}.|I want {x}.|Compose a scene: {x}.|"
+         "Please create {x}.|An audio story with {x}.|Picture this: {x}.|Set the scene with {x}.|{X}.|{X}, please.|"
+         "Design a sound scene with {x}.|Could I hear {x}?|Make me a soundscape of {x}.|A scene where there is {x}."
+         ).split("|")
+SETTING = "{S}, with {x}.|{X} {s}.|A scene {s}: {x}.|I want {x} {s}.".split("|")
+EDIT_WORDS = {k: v.split("|") for k, v in {
+    "add": "Add {y}.|Can you add {y}?|Put in {y}.|I want to hear {y} too.|Let's also have {y}.|Bring in {y}.|"
+           "Include {y}, please.|Also add {y}.|Now add {y}.|Could you add {y}?",
+    "remove": "Remove the {x}.|Get rid of the {x}.|Take out the {x}.|I don't want the {x} anymore.|"
+              "Please delete the {x}.|Lose the {x}.|Can you drop the {x}?|No more {x}.|Cut the {x}.",
+    "change": "Replace the {x} with {y}.|Swap the {x} for {y}.|Instead of the {x}, I want {y}.|Change the {x} to {y}.|"
+              "Turn the {x} into {y}.|Could the {x} be {y} instead?|Use {y} instead of the {x}.",
+    "volume": "Make the {x} {more}.|Can you make the {x} {more}?|The {x} should be {more}.|I'd like the {x} {more}.|"
+              "Turn the {x} {up}.|Could the {x} be {more}?|Turn {up} the {x}.",
+    "pan": "Move the {x} {p}.|Pan the {x} {p}.|Place the {x} {p}.|Could you put the {x} {p}?|I want the {x} {p}.|"
+           "Shift the {x} {p}.|Put the {x} {p}.",
+    "busier": "Make it busier.|The scene feels empty, fill it up.|Add more life to the scene.|Make it more lively.|"
+              "Add a couple more sounds.",
+    "calmer": "Make it calmer.|Tone everything down a little.|It's too hectic, make it more relaxed.|"
+              "Make the foreground softer.|Everything except the background a bit quieter.",
+    "wider": "Make it sound wider.|Spread the sounds out in the stereo field.|Give the scene more space.|"
+             "Open up the stereo image.",
+    "later": "Let the events start a bit later.|Give it a slower build-up.|Delay the foreground sounds by a second.|"
+             "Start everything a second later.",
+    "shorter": "Make the sounds shorter.|Tighten everything up, the sounds go on too long.|"
+               "Keep the foreground sounds brief."}.items()}
 
 
 def _join(items: list[str]) -> str:
@@ -683,18 +667,13 @@ class Simulation:
     """The state of one simulated conversation, passed to every step of the offline designer."""
     rng: random.Random        # everything random comes from here: a conversation is a function of the rng's state
     matched: list[str]        # sound classes whose keywords the seed sentence contains
-    next_id: int = 0          # ids are never reused within a conversation
+    ids: Iterator[int] = field(default_factory=itertools.count)   # next(sim.ids): ids are never reused
 
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-
-def _pick(sim: Simulation, pool: list[str], exclude: set[str]) -> str:
-    """A class of `pool` not in `exclude`: a seed-matched one 60 % of the time when there is one, else any."""
-    pool = [n for n in pool if n not in exclude]
-    matched = [n for n in sim.matched if n in pool]
-    return sim.rng.choice(matched if matched and sim.rng.random() < 0.6 else pool)
+    def pick(self, pool: list[str], exclude: set[str]) -> str:
+        """A class of `pool` not in `exclude`: a seed-matched one 60 % of the time when there is one, else any."""
+        pool = [n for n in pool if n not in exclude]
+        matched = [n for n in self.matched if n in pool]
+        return self.rng.choice(matched if matched and self.rng.random() < 0.6 else pool)
 
 
 def _spec(cls: str, rng: random.Random, length: float, p_side=0.4, p_level=0.25, p_time=0.3) -> Spec:
@@ -706,11 +685,10 @@ def _spec(cls: str, rng: random.Random, length: float, p_side=0.4, p_level=0.25,
 
 
 def _say(spec: Spec, rng: random.Random, clause: bool = False, bed: bool = False) -> str:
-    """The user's words for a sound, a noun phrase ("a loud dog barking on the left after 2 seconds") or a clause
-    ("a dog barks loudly on the left"), with its stated level, side and start time."""
+    """The user's words for a sound with its stated level, side and start: a noun phrase or (`clause`) a sentence."""
     c = SOUND_CLASSES[spec.cls]
     words = rng.choice((c.clauses if clause else c.nouns).split("|")).split()
-    if spec.level and clause:
+    if spec.level and clause:                          # "a dog barks loudly"
         words.append(rng.choice(LEVELS[spec.level][1]))
     elif spec.level:                                   # after the article: "an electric fan" -> "a quiet electric fan"
         at = int(words[0] in ("a", "an", "the", "some"))
@@ -726,11 +704,9 @@ def _say(spec: Spec, rng: random.Random, clause: bool = False, bed: bool = False
 
 
 def _design(spec: Spec, sid: int, length: float, rng: random.Random, bed: bool = False) -> Sound:
-    """The designer's sound for what the user stated; the rest is the designer's choice. A bed lasts the scene,
-    centred; a stated level gets a loudness range apart from the unstated one; a stated side its SIDES range."""
-    c = SOUND_CLASSES[spec.cls]
-    top = int(c.top)
-    if bed:
+    """The designer's sound for what the user stated (a stated level or side gets its own range); the rest is free."""
+    c, top = SOUND_CLASSES[spec.cls], int(SOUND_CLASSES[spec.cls].top)
+    if bed:                                            # a bed lasts the whole scene, centred
         loudness = rng.randint(*{"loud": (-22, -20), "quiet": (-30, -28)}.get(spec.level, (-27, -23)))
         return Sound(sid, "sfx", c.caption, loudness, 0.0, 0.0, length)
     loudness = rng.randint(*{"loud": (top - 2, top), "quiet": (-28, -24)}.get(spec.level, (-23, top - 3)))
@@ -751,29 +727,28 @@ def _scene(sounds: list[Sound], previous: Scene | None = None) -> Scene:
 
 
 def _story(sim: Simulation, n_events: int | None = None) -> tuple[str, Scene, list[Spec]]:
-    """A story turn: (prompt, scene, what the prompt stated, bed first). The prompt is a request listing the sounds
-    (45 %), sentences joined by while/and/as (35 %), or a setting that implies the bed, then the events (20 %)."""
+    """A story turn: (prompt, scene, what the prompt stated, bed first), worded in one of three ways."""
     rng, mode = sim.rng, sim.rng.random()
     length = rng.choice((4.0, 5.0, 5.0, 6.0))
-    bed = Spec(_pick(sim, BEDS, set()), level=rng.choice(list(LEVELS)) if mode < 0.8 and rng.random() < 0.15 else None)
+    bed = Spec(sim.pick(BEDS, set()), level=rng.choice(list(LEVELS)) if mode < 0.8 and rng.random() < 0.15 else None)
     events = []
     for _ in range(n_events or rng.choice((1, 1, 2, 2, 3))):
-        events.append(_spec(_pick(sim, EVENTS, {e.cls for e in events}), rng, length))
-    sounds = [_design(bed, sim.new_id(), length, rng, bed=True)]
-    sounds += [_design(e, sim.new_id(), length, rng) for e in events]
-    if mode < 0.45:                                    # a request listing the sounds, the bed first or last
+        events.append(_spec(sim.pick(EVENTS, {e.cls for e in events}), rng, length))
+    sounds = [_design(bed, next(sim.ids), length, rng, bed=True)]
+    sounds += [_design(e, next(sim.ids), length, rng) for e in events]
+    if mode < 0.45:                                    # 45 %: a request listing the sounds, the bed first or last
         items = [_say(bed, rng, bed=True)] + [_say(e, rng) for e in events]
         items = _join(items[1:] + items[:1] if rng.random() < 0.5 else items)
         items += " " + rng.choice(FILLERS) if rng.random() < 0.25 else ""
         text = rng.choice(STORY).format(x=items, X=items[0].upper() + items[1:])
-    elif mode < 0.8:                                   # sentences: the rain falls, while a dog barks on the left
+    elif mode < 0.8:                                   # 35 %: sentences: the rain falls, while a dog barks on the left
         parts = [_say(bed, rng, clause=True)] + [_say(e, rng, clause=True) for e in events]
         parts = parts if rng.random() < 0.5 else parts[1:] + parts[:1]
         text = rng.choice((", while ", " and ", ", as ", " while ")).join(parts[:2])
         text += ", " + _join(parts[2:]) if parts[2:] else ""
         text = (rng.choice(FILLERS) + ", " if rng.random() < 0.3 else "") + text
         text = text[0].upper() + text[1:] + "."
-    else:                                              # a setting that implies the bed: by the sea, with ...
+    else:                                              # 20 %: a setting that implies the bed: by the sea, with ...
         s, x = rng.choice(SOUND_CLASSES[bed.cls].settings.split("|")), _join([_say(e, rng) for e in events])
         text = rng.choice(SETTING).format(s=s, S=s[0].upper() + s[1:], x=x, X=x[0].upper() + x[1:])
     return text, _scene(sounds), [bed] + events
@@ -781,24 +756,23 @@ def _story(sim: Simulation, n_events: int | None = None) -> tuple[str, Scene, li
 
 def _edit(sim: Simulation, scene: Scene, kind: str) -> tuple[str, list[Sound]] | None:
     """An edit of `kind` in the user's words and the new scene's sounds, or None when the scene does not allow it.
-    One sound: add, remove (one ambience stays), change (a bed for a bed: a new id), volume (+-4..8 dB), pan (to a
-    side at least 0.3 away); open: busier (two new sounds), or calmer (-6 dB), wider (0.4 outwards), later (+1 s)
-    or shorter (x0.6) for every foreground sound."""
+    One sound: add, remove (an ambience stays), change (a bed for a bed, a new id), volume (+-4..8 dB), pan (0.3 away
+    or more); open: busier (two new sounds), or calmer, wider, later or shorter foreground sounds."""
     rng, sounds, amb = sim.rng, scene.sounds, ambience_ids(scene)[:1]
     used, foreground = {caption_to_class(s.text) for s in sounds}, [s for s in sounds if s.id not in amb]
     name = lambda s: rng.choice(SOUND_CLASSES[caption_to_class(s.text)].names.split("|"))  # "remove the dog"
     swap = lambda old, new: [new if s is old else s for s in sounds]
     if kind == "add" and len(sounds) < 6:                               # room for busier, then add
-        spec = _spec(_pick(sim, EVENTS, used), rng, scene.duration, 0.5, 0.25, 0.4)
-        new = _design(spec, sim.new_id(), scene.duration, rng)
+        spec = _spec(sim.pick(EVENTS, used), rng, scene.duration, 0.5, 0.25, 0.4)
+        new = _design(spec, next(sim.ids), scene.duration, rng)
         return rng.choice(EDIT_WORDS["add"]).format(y=_say(spec, rng)), sounds + [new]
     if kind == "remove" and foreground:
         gone = rng.choice(foreground)
         return rng.choice(EDIT_WORDS["remove"]).format(x=name(gone)), [s for s in sounds if s is not gone]
     if kind == "change":
         old = rng.choice(sounds)
-        c = SOUND_CLASSES[_pick(sim, BEDS if old.id in amb else EVENTS, used)]
-        new = replace(old, id=sim.new_id(), text=c.caption, loudness=min(old.loudness, c.top))
+        c = SOUND_CLASSES[sim.pick(BEDS if old.id in amb else EVENTS, used)]
+        new = replace(old, id=next(sim.ids), text=c.caption, loudness=min(old.loudness, c.top))
         return rng.choice(EDIT_WORDS["change"]).format(x=name(old), y=rng.choice(c.nouns.split("|"))), swap(old, new)
     if kind == "volume" and (options := [(s, d) for s in sounds for d in (rng.randint(4, 8), -rng.randint(4, 8))
                                          if -30 <= s.loudness + d <= SOUND_CLASSES[caption_to_class(s.text)].top]):
@@ -810,8 +784,8 @@ def _edit(sim: Simulation, scene: Scene, kind: str) -> tuple[str, list[Sound]] |
     if kind == "pan" and foreground:
         s = rng.choice(foreground)
         (lo, hi), words = rng.choice([v for v in SIDES.values() if min(abs(s.panning - p) for p in v[0]) >= 0.3])
-        instruction = rng.choice(EDIT_WORDS["pan"]).format(x=name(s), p=rng.choice(words))
-        return instruction, swap(s, replace(s, panning=round(rng.uniform(lo, hi), 1)))
+        return rng.choice(EDIT_WORDS["pan"]).format(x=name(s), p=rng.choice(words)), \
+            swap(s, replace(s, panning=round(rng.uniform(lo, hi), 1)))
     if kind != "open":
         return None
     fits = lambda s: s.start_time + 1 <= MAX_START and s.end + 1 <= scene.duration
@@ -833,16 +807,15 @@ class OfflineCopilot:
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
                      kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
-        """[(instruction, kind, scene)]: a story (a bed and 1-3 events; 2 with `kinds`), then edits of the given
-        kinds, or of random feasible ones."""
+        """[(instruction, kind, scene)]: a story (a bed and 1-3 events; 2 with `kinds`), then edits of `kinds`, or
+        of random feasible kinds."""
         words = set(re.findall(r"[a-z]+", seed_text.lower()))
         sim = Simulation(rng, [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())])
         text, scene, _ = _story(sim, 2 if kinds else None)
         assert not (errors := validate_scene(scene)), (errors, text)
         turns = [(text, "story", scene)]
         for t in range(1, n_turns):
-            previous = turns[-1][2]
-            options = [kinds[t - 1]] if kinds else rng.sample(EDIT_KINDS, len(EDIT_KINDS))
+            previous, options = scene, [kinds[t - 1]] if kinds else rng.sample(EDIT_KINDS, len(EDIT_KINDS))
             kind, edit = next(((k, e) for k in options if (e := _edit(sim, previous, k))), (options, None))
             if edit is None:
                 raise RuntimeError(f"no feasible {options} edit for scene {scene_to_json(previous)}")
@@ -856,8 +829,7 @@ class OfflineCopilot:
         """A single-sound conversation (text-to-audio, captioning), asked for in the user's words for its class."""
         c = SOUND_CLASSES[rng.choice(list(SOUND_CLASSES))]
         loudness, duration = rng.randint(int(max(-30, c.top - 8)), int(c.top)), rng.choice((2, 3, 4))
-        sound = Sound(0, "sfx", c.caption, loudness, 0, 0, duration)
-        return [(rng.choice(c.nouns.split("|")), "t2a", _scene([sound]))]
+        return [(rng.choice(c.nouns.split("|")), "t2a", _scene([Sound(0, "sfx", c.caption, loudness, 0, 0, duration)]))]
 
 
 # -----------------------------------------------------------------------------
@@ -868,9 +840,8 @@ class CopilotError(RuntimeError):
 
 
 def _prompt(tts: bool) -> str:
-    """The AudioCopilot system prompt. Without tts it is the paper's Figure 8 word for word (its "Example output"
-    filled with the Figs. 9-10 example). The SFX + TTS prompt is not printed in the paper: it is reconstructed
-    here in the same words, adding the tts tool and its speaker/gender/emotion fields."""
+    """The system prompt: without tts the paper's Fig. 8 word for word ("Example output": Figs. 9-10); the SFX + TTS
+    prompt is not printed in the paper, so it is Fig. 8 in the same words plus the tts tool and its fields."""
     sfx = ("- **sfx**: used to create non-speech sound effects, including music or ambience. You will provide the "
            "text caption of the sound to be generated.")
     tools = ("two tools:\n\n" + sfx + "\n- **tts**: used to create speech. You will provide the transcript of the "
@@ -941,10 +912,9 @@ Example output:
 ```"""
 
 
-
 def _example(tts: bool) -> list[dict]:
-    """The paper's example (Figs. 9-10) as user text / system json messages. Fig. 10 prints only the added sound "due
-    to lack of space", but AudioCopilot always shows all sounds: the edit lists all four. The speech turn is ours."""
+    """The paper's example (Figs. 9-10) as messages; Fig. 10 prints only the added sound "due to lack of space", but
+    AudioCopilot always shows all sounds, so the edit lists all four. The speech turn is ours."""
     room = [Sound(0, "sfx", "gentle birdsong outside a window", -28, 0.1, 0, 8),
             Sound(1, "sfx", "antique clock ticking softly", -30, -0.1, 0, 8),
             Sound(2, "sfx", "distant, refined chatter", -30, 0, 0, 8)]
@@ -969,13 +939,11 @@ _KIND_WORDS = {"open": "an open-ended edit", "add": "adding a sound", "remove": 
                "pan": "adjusting the panning of one sound"}
 
 
-def chat_completion(base_url: str, model: str, messages: list[dict], *, timeout: float = 300.0,
+def chat_completion(base_url: str, model: str, messages: list[dict], timeout: float = 300.0,
                     seed: int | None = None) -> str:
-    """The answer of POST {base_url}/chat/completions (OpenAI API; bearer token from $OPENAI_API_KEY). A failure
-    raises CopilotError: the conversation is dropped, and rerunning the dataset job asks for it again."""
+    """The answer of POST {base_url}/chat/completions (OpenAI API; bearer token from $OPENAI_API_KEY)."""
     url, key = base_url.rstrip("/") + "/chat/completions", os.environ.get("OPENAI_API_KEY")
-    body = {"model": model, "messages": messages, "temperature": 1.0, "max_tokens": 8192}
-    body |= {"seed": seed} if seed is not None else {}
+    body = {"model": model, "messages": messages, "temperature": 1.0, "max_tokens": 8192, "seed": seed}
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     try:
         request = urllib.request.Request(url, json.dumps(body).encode(), headers)
@@ -989,8 +957,7 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, timeout:
 def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None,
                  tts: bool = True) -> tuple[list, list[str]]:
     """An LLM answer (a JSON list of user / system messages, Figs. 9-10) -> ([(instruction, kind, scene)], the rules
-    it breaks: each scene against the previous one, each edit against the asked kind, no speech unless `tts`).
-    An answer that cannot be read as scenes raises SceneError."""
+    it breaks, the edit kinds asked for included). An answer that cannot be read as scenes raises SceneError."""
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)          # prefer the fenced block, if any
     text = fenced.group(1) if fenced else text
     try:
@@ -1003,54 +970,49 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
         raise SceneError(f"expected a JSON list of {2 * n_turns if n_turns else f'2 to {2 * MAX_TURNS}'} messages "
                          f"(user and system alternating), got {type(messages).__name__} of length {count}")
     turns, errors, previous = [], [], None
-    for t, (user, system) in enumerate(zip(messages[::2], messages[1::2])):
-        try:                                           # the structure; a problem here makes the answer unreadable
-            if not (isinstance(user, dict) and user.get("role") == "user" and isinstance(system, dict)
-                    and system.get("role") in ("system", "assistant")):
-                raise SceneError("messages must alternate role \"user\" then role \"system\"")
-            instruction = user.get("content")
-            if isinstance(instruction, list):          # the paper's form: [{"type": "text", "text": ...}]
-                instruction = " ".join(c.get("text", "") for c in instruction if isinstance(c, dict))
-            if not isinstance(instruction, str) or not instruction.strip():
-                raise SceneError("the user message has no text")
-            content = system.get("content")
-            scene = parse_scene(content[0] if isinstance(content, list) and content else content)
+    for t, (user, system) in enumerate(zip(messages[::2], messages[1::2]), 1):
+        try:                                           # the user's text: a string or [{"type": "text", "text": ...}]
+            said = user["content"] if user["role"] == "user" and system["role"] in ("system", "assistant") else None
+            said = " ".join(c["text"] for c in said) if isinstance(said, list) else said
+            if not isinstance(said, str) or not said.strip():
+                raise SceneError("expected a user message with text, then a system message")
+            scene = parse_scene(system["content"][0] if isinstance(system["content"], list) else system["content"])
+        except (LookupError, TypeError) as e:
+            raise SceneError(f"turn {t}: malformed message ({e!r}); expected a user message, then a system one") from e
         except SceneError as e:
-            raise SceneError(f"turn {t + 1}: {e}") from e
-        errors += [f"turn {t + 1}: {e}" for e in validate_scene(scene, previous)]
-        errors += [f"turn {t + 1}: sound {s.id} uses tts, but only the sfx tool exists" for s in scene.sounds
-                   if s.tool == "tts" and not tts]
+            raise SceneError(f"turn {t}: {e}") from e
+        errors += [f"turn {t}: {e}" for e in validate_scene(scene, previous)] + [
+            f"turn {t}: sound {s.id} uses tts, but only the sfx tool exists" for s in scene.sounds
+            if s.tool == "tts" and not tts]
         kind = "story" if previous is None else classify_edit(previous, scene)
-        asked = kinds[t - 1] if kinds and t else None
-        if asked not in (None, "open", kind):
-            errors.append(f"turn {t + 1}: the edit should be {_KIND_WORDS[asked]}, but the scene's difference is a "
-                          f"{kind} edit")
-        turns.append((instruction.strip(), "open" if asked == "open" else kind, scene))
+        if (asked := kinds[t - 2] if kinds and t > 1 else None) not in (None, "open", kind):
+            errors.append(f"turn {t}: the edit should be {_KIND_WORDS[asked]}, but the scene's difference is a {kind} "
+                          f"edit")
+        turns.append((said.strip(), "open" if asked == "open" else kind, scene))
         previous = scene
     return turns, errors
 
 
 class LLMCopilot:
     """The LLM backend: one chat completion simulates a whole conversation (paper A.2). An invalid answer goes back
-    with its errors, up to `attempts` answers; a conversation still invalid raises CopilotError (it is dropped),
-    unless `keep_invalid` and it can be rendered: then it is kept with its violations (the two-stage data of A.3)."""
+    with its errors, up to `attempts` answers; still invalid, the conversation is dropped (CopilotError), or kept
+    with its violations if `keep_invalid` and it can be rendered (pre-train on all, fine-tune on the valid: A.3)."""
 
     def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, speech: float = 0.5,
-                 **http):
+                 timeout: float = 300.0):
         self.base_url, self.model, self.attempts, self.keep_invalid = base_url, model, attempts, keep_invalid
         self.speech = speech           # share of conversations given the SFX + TTS prompt (A.2; 0 without a TTS tool)
-        self.http = http               # chat_completion's keyword arguments (timeout)
+        self.timeout = timeout         # s per HTTP request
         self.failures = 0              # invalid answers seen (each one was retried, kept flagged, or dropped)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
                      kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
         tts = rng.random() < self.speech                               # paper A.2: one of two prompts at random
-        request = f"Inspiration: {seed_text}\n\nSimulate exactly {n_turns} interactions." + (
-            f" After the first request, the user's edits are, in order: {'; '.join(_KIND_WORDS[k] for k in kinds)}."
-            if kinds else "")
-        messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": request}]
-        for attempt in range(self.attempts):
-            answer = chat_completion(self.base_url, self.model, messages, seed=rng.getrandbits(31), **self.http)
+        edits = f" After the first request, the user's edits are, in order: {'; '.join(map(_KIND_WORDS.get, kinds or ()))}."
+        messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": f"Inspiration: "
+                     f"{seed_text}\n\nSimulate exactly {n_turns} interactions." + (edits if kinds else "")}]
+        for attempt in range(1, self.attempts + 1):
+            answer = chat_completion(self.base_url, self.model, messages, self.timeout, rng.getrandbits(31))
             try:
                 turns, problems = parse_answer(answer, n_turns, kinds, tts)
             except SceneError as e:
@@ -1058,14 +1020,12 @@ class LLMCopilot:
             if not problems:
                 return turns
             self.failures += 1
-            log.warning("invalid answer for seed %r (attempt %d/%d):\n%s", seed_text, attempt + 1, self.attempts,
-                        "\n".join(problems))
+            log.warning("invalid answer %d/%d for seed %r:\n%s", attempt, self.attempts, seed_text, "\n".join(problems))
             messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Your JSON breaks these "
                           "rules:\n" + "\n".join(problems) + "\nReturn the whole corrected JSON list only."}]
         if self.keep_invalid and turns and all(s.tool in ("sfx", "tts")[:1 + tts] and s.duration > 0
                                                for *_, scene in turns for s in scene.sounds):
-            log.warning("keeping the invalid conversation for seed %r; its violations are stored with it", seed_text)
-            return turns
+            return turns                                               # its violations are stored with it
         raise CopilotError(f"no valid conversation for seed {seed_text!r} after {self.attempts} answers; last "
                            f"problems:\n" + "\n".join(problems))
 
@@ -1073,20 +1033,18 @@ class LLMCopilot:
 # -----------------------------------------------------------------------------
 # Datasets: python copilot.py --out DIR --n N, read back with read_conversations
 
-@dataclass
-class ConversationTurn:
+class ConversationTurn(NamedTuple):
     instruction: str                                 # what the simulated user typed
     kind: str                                        # "story", "t2a", or an edit kind (EDIT_KINDS)
     scene: Scene                                     # the designer's plan (edits carry the previous scene forward)
     audio: Path                                      # the rendered mix, 48 kHz stereo FLAC
     activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s (energy-based, 40 Hz grid)
-    limited_db: float = 0.0                          # deepest gain reduction of the mix limiter, dB (0: no clipping)
-    level_error: float = 0.0                         # dB, largest |reached - asked| loudness of its sounds
-    violations: list[str] = field(default_factory=list)  # validate_scene against the previous turn ([]: valid, A.3)
+    limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: no clipping)
+    level_error: float                               # dB, largest |reached - asked| loudness of its sounds
+    violations: list[str]                            # validate_scene against the previous turn ([]: valid, A.3)
 
 
-@dataclass
-class Conversation:
+class Conversation(NamedTuple):
     id: str                                          # "{split}-{index:07d}"
     seed_text: str                                   # the sentence that seeded the simulation
     turns: list[ConversationTurn]
@@ -1127,24 +1085,23 @@ def _write_json(path: Path, obj, indent: int | None = None) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dict:
-    """Simulate, render and write conversation i of `split` (the audio, then the JSON that marks it finished) ->
-    statistics. Eval conversations: 3 turns (a story, two edits; each block of three covers the six edit kinds)."""
-    path = conversation_path(root, split, i, cfg.shard_size)
-    rng = random.Random(f"{cfg.seed}|{split}|{i}")
-    seed_text = rng.choice(EVAL_SEEDS if split == "eval" else TRAIN_SEEDS)
-    offline = OfflineCopilot()
+def make_conversation(job: tuple[DatasetConfig, Path, str, int]) -> dict:
+    """Simulate, render and write conversation i of `split` (the audio, then the JSON that marks it finished) -> its
+    kinds, or why it failed. Eval: a story and two edits; each block of three covers the six edit kinds."""
+    cfg, root, split, i = job
+    path, rng = conversation_path(root, split, i, cfg.shard_size), random.Random(f"{cfg.seed}|{split}|{i}")
+    seed_text, offline = rng.choice(EVAL_SEEDS if split == "eval" else TRAIN_SEEDS), OfflineCopilot()
     copilot = offline if cfg.backend == "offline" else LLMCopilot(
-        cfg.base_url, cfg.model, cfg.attempts, cfg.keep_invalid, 0.5 * (cfg.tts != "none"), timeout=cfg.timeout)
+        cfg.base_url, cfg.model, cfg.attempts, cfg.keep_invalid, 0.5 * (cfg.tts != "none"), cfg.timeout)
+    kinds = random.Random(f"{cfg.seed}|eval-block|{i // 3}").sample(EDIT_KINDS, 6)[2 * (i % 3): 2 * (i % 3) + 2]
     try:
         if split == "eval":
-            kinds = random.Random(f"{cfg.seed}|eval-block|{i // 3}").sample(EDIT_KINDS, 6)[2 * (i % 3): 2 * (i % 3) + 2]
             turns = copilot.conversation(seed_text, rng, 3, kinds)
         elif cfg.backend == "offline" and rng.random() < cfg.t2a_frac:
             turns = offline.t2a(rng)
         else:
-            turns = copilot.conversation(seed_text, rng, rng.choices(range(1, cfg.max_turns + 1),
-                                                                     TURN_WEIGHTS[:cfg.max_turns])[0])
+            n_turns = rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0]
+            turns = copilot.conversation(seed_text, rng, n_turns)
     except CopilotError as e:
         return {"id": path.stem, "failed": str(e), "invalid_answers": copilot.failures}
     tools = {"sfx": ProceduralSFX()} | ({"tts": EspeakTTS()} if cfg.tts == "espeak" else {})
@@ -1163,52 +1120,41 @@ def make_conversation(cfg: DatasetConfig, root: Path, split: str, i: int) -> dic
 def write_dataset(root: str | Path, n: int, eval_n: int = 0, cfg: DatasetConfig | None = None,
                   workers: int = 1) -> dict:
     """Write n training and eval_n evaluation conversations under root/{train,eval}/ -> counts. Finished ones are
-    skipped and *.tmp files of a killed job removed, so a rerun resumes with the same bytes; one torch thread per
-    process, so --workers does not change the bytes either."""
+    skipped and a killed job's *.tmp removed, so a rerun resumes to the same bytes, with any number of workers."""
     root, cfg = Path(root), cfg or DatasetConfig()
     settings = json.loads(json.dumps(vars(cfg)))
-    if (root / "config.json").exists():
-        stored = json.loads((root / "config.json").read_text())
-        if stored != settings:
-            diff = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
-            raise ValueError(f"{root} was written with other settings (stored, now): {diff}; "
-                             f"resume with the same flags or use a new --out")
-    else:
-        _write_json(root / "config.json", settings, indent=1)
+    stored = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else settings
+    if diff := {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}:
+        raise ValueError(f"{root} was written with other settings (stored, now): {diff}; resume with the same flags "
+                         f"or use a new --out")
+    _write_json(root / "config.json", settings, indent=1)
     for tmp in root.rglob("*.tmp"):
         tmp.unlink()
-    jobs = []
-    for split, count in (("train", n), ("eval", eval_n)):
-        if count:
-            (root / split).mkdir(exist_ok=True)
-        jobs += [(cfg, root, split, i) for i in range(count)
-                 if not conversation_path(root, split, i, cfg.shard_size).exists()]
-    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "failed": 0, "invalid_answers": 0, "kinds": {}}
+    jobs = [(cfg, root, split, i) for split, count in (("train", n), ("eval", eval_n)) for i in range(count)
+            if not conversation_path(root, split, i, cfg.shard_size).exists()]
+    for split in {job[2] for job in jobs}:             # a split exists even if every conversation of it failed
+        (root / split).mkdir(exist_ok=True)
+    stats = {"written": 0, "skipped": n + eval_n - len(jobs), "failed": 0, "invalid_answers": 0, "kinds": Counter()}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)                           # one thread per process: the bytes do not depend on --workers
     try:
         with (multiprocessing.get_context("spawn").Pool(workers, torch.set_num_threads, (1,)) if workers > 1
               else contextlib.nullcontext()) as pool:
-            for r in tqdm(pool.imap_unordered(_run_job, jobs) if pool else map(_run_job, jobs), total=len(jobs),
+            for r in tqdm((pool.imap_unordered if pool else map)(make_conversation, jobs), total=len(jobs),
                           desc=f"copilot -> {root}", unit="conv"):
-                stats["invalid_answers"] += r["invalid_answers"]
                 if "failed" in r:
                     log.error("%s dropped: %s", r["id"], r["failed"])
                 stats["failed" if "failed" in r else "written"] += 1
-                for k in r.get("kinds", []):
-                    stats["kinds"][k] = stats["kinds"].get(k, 0) + 1
+                stats["invalid_answers"] += r["invalid_answers"]
+                stats["kinds"].update(r.get("kinds", []))
     finally:
         torch.set_num_threads(threads)
-    log.info("%s: %s", root, stats)
     return stats
-
-
-def _run_job(job: tuple) -> dict:
-    return make_conversation(*job)
 
 
 def read_conversation(path: Path) -> Conversation:
     """One conversation file; a malformed file, or one whose audio is missing, is an error naming it."""
+    fix = "delete it and rerun the copilot.py command that wrote it, or skip bad files (train.py: --data.skip_bad true)"
     try:
         obj = json.loads(path.read_text())
         turns = [ConversationTurn(
@@ -1216,31 +1162,25 @@ def read_conversation(path: Path) -> Conversation:
             {int(k): [(float(a), float(b)) for a, b in iv] for k, iv in t["activity"].items()},
             float(t["limited_db"]), float(t["level_error"]), list(t["violations"])) for t in obj["turns"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); delete it and rerun the "
-                         f"copilot.py command that wrote its dataset to regenerate it, or skip bad files "
-                         f"(train.py: --data.skip_bad true)") from e
+        raise ValueError(f"{path}: malformed conversation file ({type(e).__name__}: {e}); {fix}") from e
     if missing := [t.audio.name for t in turns if not t.audio.is_file()]:
-        raise FileNotFoundError(f"{path}: its audio {missing} is missing; delete {path.name} and rerun copilot.py "
-                                f"to regenerate it, or skip bad files (train.py: --data.skip_bad true)")
+        raise FileNotFoundError(f"{path}: its audio {missing} is missing; {fix}")
     return Conversation(obj["id"], obj["seed_text"], turns)
 
 
 def read_conversations(root: str | Path, split: str = "train", skip_bad: bool = False) -> list[Conversation]:
-    """Every finished conversation of root/split, in index order, each checked by read_conversation; with
-    skip_bad a malformed one is left out and counted instead."""
+    """Every finished conversation of root/split, in index order; with skip_bad a malformed one is logged and left
+    out instead of raising."""
     if not (d := Path(root) / split).is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
-    conversations, bad = [], 0
+    conversations = []
     for path in sorted(d.glob("*/*.json")):
         try:
             conversations.append(read_conversation(path))
         except (ValueError, FileNotFoundError) as e:
             if not skip_bad:
                 raise
-            bad += 1
             log.warning("skipped %s", e)
-    if bad:
-        log.warning("%s: skipped %d of %d conversation files (skip_bad)", d, bad, bad + len(conversations))
     return conversations
 
 
