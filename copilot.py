@@ -162,10 +162,8 @@ def ambience_ids(scene: Scene) -> list[int]:
 
 
 def scene_diff(previous: Scene | None, scene: Scene) -> dict[str, list[int]]:
-    """Fig. 8's edit lists from `previous` (None: a first scene) to `scene`: new, vanished and remixed ids."""
-    if previous is None:
-        return {"added": [], "removed": [], "changed": []}
-    old, new = previous.by_id(), scene.by_id()
+    """Fig. 8's edit lists from `previous` to `scene`: new, vanished and remixed ids (all empty for a first scene)."""
+    old, new = (previous or scene).by_id(), scene.by_id()
     return {"added": sorted(new.keys() - old.keys()), "removed": sorted(old.keys() - new.keys()),
             "changed": sorted(i for i in new.keys() & old.keys() if new[i].mix_params() != old[i].mix_params())}
 
@@ -196,8 +194,8 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
              "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
         listed = getattr(scene, k)
-        errors += [f"sound {i}: listed more than once in {k}" for i in sorted({i for i in listed
-                                                                              if listed.count(i) > 1})]
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        errors += [f"sound {i}: listed more than once in {k}" for i in twice]
         if previous is None and listed:
             errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
@@ -414,7 +412,8 @@ class ProceduralSFX:
         cls, n = SOUND_CLASSES[caption_to_class(sound.text)], round(sound.duration * SAMPLE_RATE)
         pitch, rate, tilt = 2 ** (rng.uniform(-2, 2) / 12), rng.uniform(0.8, 1.25), rng.uniform(-0.15, 0.15)
         seed = rng.getrandbits(60) * 4
-        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i) for i, layer in enumerate(cls.layers))
+        return sum(layer.gain * synth_layer(layer, n, pitch, rate, tilt, seed + i)
+                   for i, layer in enumerate(cls.layers))
 
 
 def voice_for(speaker: str, gender: str) -> tuple[float, int]:
@@ -428,17 +427,14 @@ class EspeakTTS:
     EMOTIONS = {"happy": (1.15, 1.1), "excited": (1.25, 1.2), "sad": (0.88, 0.8), "angry": (1.05, 1.15),  # (pitch,
                 "calm": (0.95, 0.88), "scared": (1.2, 1.25), "surprised": (1.2, 1.0)}   # rate); others read as neutral
 
-    def __init__(self):
+    def render(self, sound: Sound, voice: tuple[float, int], rng: random.Random) -> torch.Tensor:
         if shutil.which("espeak-ng") is None:
             raise RuntimeError("espeak-ng not found on PATH; install it (e.g. `apt-get install espeak-ng`)")
-
-    def render(self, sound: Sound, voice: tuple[float, int], rng: random.Random) -> torch.Tensor:
         pitch, speed = self.EMOTIONS.get(sound.emotion, (1.0, 1.0))
         cmd = ["espeak-ng", "-v", f"en-us+{'f' if sound.gender == 'female' else 'm'}{voice[1]}", "-s",
                str(round(165 * voice[0] * speed)), "-p", str(min(99, round(50 * pitch))), "--stdout", sound.text]
-        wav = io.BytesIO(subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout)
-        data, sr = sf.read(wav, dtype="float32")
-        return resample(torch.from_numpy(data), sr, SAMPLE_RATE)
+        data, sr = sf.read(io.BytesIO(subprocess.run(cmd, capture_output=True, check=True, timeout=60).stdout))
+        return resample(torch.from_numpy(data).float(), sr, SAMPLE_RATE)
 
 
 # -----------------------------------------------------------------------------
