@@ -446,10 +446,8 @@ class Renderer:
 
     def __init__(self, tools: dict[str, Tool] | None = None, seed: int | str = 0):
         self.tools = tools if tools is not None else {"sfx": ProceduralSFX()}   # the toy world has no speech
-        self.seed = seed               # with the tool parameters, fixes every render (deterministic data)
-        self.cache: dict[tuple, torch.Tensor] = {}     # tool params -> [S] render
-        self.levelled: dict[tuple, tuple] = {}         # mix_scene's placed, levelled sounds: ([F * HOP], loudness)
-        self.renders = 0               # how many times a tool was actually called
+        self.seed, self.renders = seed, 0   # the seed and the tool parameters fix every render; renders: tool calls
+        self.cache, self.levelled = {}, {}  # tool params -> [S] render; mix_scene's levelled sounds ([F * HOP], LUFS)
 
     def render(self, sound: Sound) -> torch.Tensor:
         """[round(duration * 48000)] mono waveform of `sound` (trimmed or zero-padded to its duration)."""
@@ -474,8 +472,7 @@ _K_WEIGHTING = (((1.53512485958697, -2.69169618940638, 1.19839281085285), (1.0, 
 
 
 def k_weight(x: torch.Tensor) -> torch.Tensor:
-    """[C, S] -> [C, S] K-weighted at 48 kHz: the biquads' response on an FFT grid padded by 16384 samples (where
-    their impulse response is below 1e-25) equals IIR filtering to float precision, fast and without scipy."""
+    """[C, S] -> [C, S] K-weighted at 48 kHz: the biquads' response on an FFT grid (exact: 16384 samples of padding)."""
     S = x.shape[-1]
     n = 1 << (S + 16384 - 1).bit_length()
     z = torch.exp(-1j * torch.linspace(0, math.pi, n // 2 + 1, dtype=torch.float64))  # z^-1 on the rfft grid
@@ -528,8 +525,7 @@ def limit_peaks(x: torch.Tensor, ceiling: float, block: int = 240) -> tuple[torc
 
 
 def set_loudness(x: torch.Tensor, lufs: float) -> tuple[torch.Tensor, float]:
-    """([S] at `lufs` integrated loudness, the loudness reached). A sound peaking above -1 dBFS is limited and its gain
-    corrected by the secant method (0.05 LU, 5 rounds): a knock asked to be -10 dB still is, if it can be."""
+    """([S] at `lufs` integrated loudness, the loudness reached); peaks over -1 dBFS are limited, the gain corrected."""
     if (now := integrated_loudness(x)) <= -70:
         return x * 0, -70.0
     g, g_prev, err_prev = lufs - now, None, None                       # dB: the gain without limiting
@@ -797,14 +793,12 @@ def _edit(sim: Simulation, scene: Scene, kind: str) -> tuple[str, list[Sound]] |
 
 
 class OfflineCopilot:
-    """The procedural user and designer. Text only (nothing is rendered): a conversation is a pure function of
-    (seed text, rng state) and takes well under a millisecond, so training can draw plans on the fly."""
+    """The procedural user and designer, text only: a conversation is a function of (seed text, rng state), < 1 ms."""
     failures = 0   # invalid answers: the procedural designer writes valid scenes by construction (asserted)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
                      kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
-        """[(instruction, kind, scene)]: a story (a bed and 1-3 events; 2 with `kinds`), then edits of `kinds`, or
-        of random feasible kinds."""
+        """[(instruction, kind, scene)]: a story (a bed, 1-3 events), then edits of `kinds` or of feasible kinds."""
         words = set(re.findall(r"[a-z]+", seed_text.lower()))
         sim = Simulation(rng, [n for n, c in SOUND_CLASSES.items() if words & set(c.keywords.split())])
         text, scene, _ = _story(sim, 2 if kinds else None)
@@ -952,8 +946,7 @@ def chat_completion(base_url: str, model: str, messages: list[dict], timeout: fl
 
 def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None = None,
                  tts: bool = True) -> tuple[list, list[str]]:
-    """An LLM answer (a JSON list of user / system messages, Figs. 9-10) -> ([(instruction, kind, scene)], the rules
-    it breaks, the edit kinds asked for included). An answer that cannot be read as scenes raises SceneError."""
+    """An LLM answer (Figs. 9-10: user / system messages) -> ([(instruction, kind, scene)], the rules it breaks)."""
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)          # prefer the fenced block, if any
     text = fenced.group(1) if fenced else text
     try:
@@ -1004,9 +997,10 @@ class LLMCopilot:
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
                      kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
         tts = rng.random() < self.speech                               # paper A.2: one of two prompts at random
-        edits = f" After the first request, the user's edits are, in order: {'; '.join(map(_KIND_WORDS.get, kinds or ()))}."
-        messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": f"Inspiration: "
-                     f"{seed_text}\n\nSimulate exactly {n_turns} interactions." + (edits if kinds else "")}]
+        request = f"Inspiration: {seed_text}\n\nSimulate exactly {n_turns} interactions." + (
+            f" After the first request, the user's edits are, in order: {'; '.join(map(_KIND_WORDS.get, kinds))}."
+            if kinds else "")
+        messages = [{"role": "system", "content": _prompt(tts)}, {"role": "user", "content": request}]
         for attempt in range(1, self.attempts + 1):
             answer = chat_completion(self.base_url, self.model, messages, self.timeout, rng.getrandbits(31))
             try:
@@ -1165,8 +1159,7 @@ def read_conversation(path: Path) -> Conversation:
 
 
 def read_conversations(root: str | Path, split: str = "train", skip_bad: bool = False) -> list[Conversation]:
-    """Every finished conversation of root/split, in index order; with skip_bad a malformed one is logged and left
-    out instead of raising."""
+    """Every finished conversation of root/split in index order; with skip_bad a malformed one is logged, left out."""
     if not (d := Path(root) / split).is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
     conversations = []

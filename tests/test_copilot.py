@@ -1,4 +1,5 @@
 """Tests for copilot.py: the scene schema, the tools, the BS.1770 mixer, both designers and datasets."""
+import hashlib
 import http.server
 import json
 import math
@@ -544,6 +545,17 @@ def _paper_answer(**loudness_of_sound_3):
         if sound["id"] == 3:
             sound.update(loudness_of_sound_3)
     return "Here is the simulation:\n```json\n" + json.dumps(messages, indent=2) + "\n```"
+
+
+def test_the_prompts_keep_their_bytes():
+    """The SFX prompt is paper Fig. 8 word for word (its example: Figs. 9-10); the SFX + TTS prompt adds the tts
+    tool in the same words. Both are pinned, so a reformatting of copilot.py cannot change a byte of either."""
+    pinned = {False: "cb65c649b9b5af2648488740bda0acf23700a105cbd492824069a304aa43c6ed",
+              True: "959af740d082a88ef7cb1f8c3d2e762da5286ef180d8d774ae4660f26e6c9f86"}
+    for tts, expected in pinned.items():
+        got = hashlib.sha256(cp._prompt(tts).encode()).hexdigest()
+        assert got == expected, f"the {'SFX + TTS' if tts else 'SFX'} prompt changed (sha256 {got}); compare it " \
+                                f"with paper appendix A, Fig. 8, then update the pin"
 
 
 def test_llm_backend_round_trip_retries_a_malformed_answer():
