@@ -24,6 +24,7 @@ import pickle
 import re
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -387,7 +388,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train it first (the train.py stage that writes it)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # pages read as used
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))   # lazy pages
     except Exception as e:           # whatever torch.load raises, the file is at fault; its advice is not repeated
         code = re.search(r"GLOBAL (\S+)", str(e))        # weights_only refused a reference to code
         why = (f"cannot be read ({e.strerror or e})" if isinstance(e, OSError) else
