@@ -78,6 +78,8 @@ class DataConfig:
     heldout_every: int = setting(100, "manifests, corpora: every N-th record is held out")
     max_clip_seconds: float = setting(30.0, "manifests: longer audio is cut to this, s")
     context_turns: int = setting(2, "edit task: most turns per document (Eq. 3)")
+    skip_bad: bool = setting(False, "skip and count unreadable data (a truncated audio file, a cut conversation JSON, "
+                             "a bad JSONL line) instead of stopping")
 
 
 @dataclass
@@ -270,15 +272,22 @@ class Checkpoints:
         if not main:
             return
         path, info = self.folder / f"step-{step:06d}.pt", {"step": step, "settings": self.settings}
-        save_checkpoint(path, state | (extra or {}) | info | {"rng": torch.get_rng_state()})
         text = json.dumps(info | (meta or {}), indent=1, default=str)
-        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-        for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
-            old.unlink()
-            old.with_suffix(".json").unlink(missing_ok=True)
+        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))     # first: see prune
+        save_checkpoint(path, state | (extra or {}) | info | {"rng": torch.get_rng_state()})
+        self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest keep_last checkpoints with their .json and remove every other step-* file, so what a save
+        or prune killed midway (kill -9) left behind, a .tmp or a .json without its .pt, is gone once it resumes."""
+        keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
+        for p in self.folder.glob("step-*"):
+            if p.stem not in keep:
+                p.unlink(missing_ok=True)                  # missing_ok: every rank prunes on resume
 
     def read(self) -> dict | None:
-        """The newest checkpoint or None; tokenizer.load_checkpoint maps it, so ranks share the page cache."""
+        """The newest checkpoint or None (after prune); tokenizer.load_checkpoint maps it: ranks share the page cache."""
+        self.prune()
         if not (paths := sorted(self.folder.glob("step-*.pt"))):
             return None
         ckpt, self.path = load_checkpoint(paths[-1]), paths[-1]
@@ -426,7 +435,7 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
     if preset != "toy":
         return write_atomic(path, lambda tmp: Path(tmp).write_bytes((gemma_dir(cfg) / "tokenizer.model").read_bytes()))
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
-    for conv in read_conversations(data, "train"):
+    for conv in read_conversations(data, "train", cfg.skip_bad):
         texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
                                                                       scene_to_json(caption_of(t.scene)))]
     print(f"tokenizer: {train_text_tokenizer(texts, path, cfg.vocab_size).vocab_size} pieces from {len(texts)} texts")
@@ -443,18 +452,31 @@ def gemma_dir(cfg: DataConfig) -> Path:
     return d
 
 
-def find_audio(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
-    """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none."""
+def find_audio(root: str | os.PathLike, skip_bad: bool = False) -> list[tuple[Path, int, int]]:
+    """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none. skip_bad:
+    each file is decoded once (tokenizer.load_audio's rules) and a bad one left out and counted, not an error."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder; make audio with `python copilot.py --out {root}`")
-    files = [(p, sf.info(str(p))) for p in sorted(Path(root).rglob("*")) if p.suffix.lower() in (".wav", ".flac")]
-    for path, info in files:
-        if info.channels > 2 or info.frames == 0:
-            raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
-                             f"mono or stereo files, remove or convert it")
+    files, bad = [], 0
+    for path in sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in (".wav", ".flac")):
+        try:
+            info = sf.info(str(path))
+            if info.channels > 2 or info.frames == 0:
+                raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
+                                 f"mono or stereo files")
+            if skip_bad:
+                load_audio(path)                           # decoded once: a truncated or corrupt file shows here
+            files.append((path, info.frames, info.samplerate))
+        except (AudioError, sf.LibsndfileError) as e:
+            if not skip_bad:
+                raise AudioError(f"{e}; remove or convert it, or pass --data.skip_bad true to skip bad files") from e
+            bad += 1
+            print(f"--data.skip_bad: skipped {e}")
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} of {bad + len(files)} audio files under {root}")
     if not files:
         raise FileNotFoundError(f"--data {root}: no .wav or .flac files under it")
-    return [(path, info.frames, info.samplerate) for path, info in files]
+    return files
 
 
 def split_heldout(items: list, fraction: float) -> tuple[list, list]:
@@ -473,8 +495,12 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
             audio = load_audio(path)
         else:
             start = int(torch.randint(max(1, frames - num_samples + 1), (1,), generator=generator))
-            audio = torch.from_numpy(sf.read(str(path), frames=num_samples, start=start, dtype="float32",
-                                             always_2d=True)[0].T.copy()).expand(2, -1)
+            try:
+                data = sf.read(str(path), frames=num_samples, start=start, dtype="float32", always_2d=True)[0]
+            except sf.LibsndfileError as e:
+                raise AudioError(f"{path}: cannot decode it ({e}): truncated or corrupt; remove it, or pass "
+                                 f"--data.skip_bad true to find and skip bad files first") from e
+            audio = torch.from_numpy(data.T.copy()).expand(2, -1)
         if audio.shape[1] > num_samples:
             start = int(torch.randint(audio.shape[1] - num_samples + 1, (1,), generator=generator))
             audio = audio[:, start: start + num_samples]
@@ -492,12 +518,12 @@ def finished(path: Path) -> bool:
 
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
-              stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
+              stop_after: int | None = None, device: str | torch.device = "cpu", skip_bad: bool = False) -> Path:
     """The VAE stage (cfg: tokenizer.VAEConfig) on `device` (crops drawn on the CPU) -> vae.pt. Held out: encode ->
     decode of <= 16 files, multi-resolution STFT and multi-scale mel distances."""
     if finished(final := Path(out) / "vae.pt"):
         return final
-    train, heldout = split_heldout(find_audio(data), tc.heldout_fraction)
+    train, heldout = split_heldout(find_audio(data, skip_bad), tc.heldout_fraction)
     clips = [load_audio(f[0])[None, :, : int(tc.eval_seconds * SAMPLE_RATE)].to(device) for f in heldout[:16]]
     print(f"vae: {len(train)} training files, {len(heldout)} held out, under {data}; on {device}")
     torch.manual_seed(seed)
@@ -547,11 +573,11 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
 
 
 def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
-               stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
+               stop_after: int | None = None, device: str | torch.device = "cpu", skip_bad: bool = False) -> Path:
     """Train metrics.SmallFLAM (mc: FLAMConfig) on `device` -> flam.pt, with frame AUROC/F1 on the eval split."""
     if finished(final := out / "flam.pt"):
         return final
-    clips, held = flam_clips(read_conversations(data, "train")), flam_clips(read_conversations(data, "eval"))
+    clips, held = (flam_clips(read_conversations(data, split, skip_bad)) for split in ("train", "eval"))
     held, pool = held[: tc.eval_clips], sorted({c for clip in clips for c in clip.events})
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips; on {device}")
     torch.manual_seed(seed)
@@ -589,39 +615,45 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
 # -----------------------------------------------------------------------------
 # Paper-scale readers (documented JSONL formats), the conversation index and the latent cache
 
-def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int,
+               skip_bad: bool = False) -> list[tuple[int, dict]]:
     """(index, record) of one split of a JSONL file's records (blank lines skipped): every heldout_every-th is
-    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line."""
+    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line,
+    or with skip_bad the line is skipped and counted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, bad = [], 0
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in keys)
+            problem = "" if ok else f"needs non-empty string values for {list(keys)}, got {line[:120]!r}"
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line must be one object with keys "
-                             f"{list(keys)}") from e
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
-            raise ValueError(f"{path}, line {n}: needs non-empty string values for {list(keys)}, got {line[:120]!r}")
-        rows.append(row)
+            problem = f"not JSON ({e.msg}); each line must be one object with keys {list(keys)}"
+        if problem and not skip_bad:
+            raise ValueError(f"{path}, line {n}: {problem}; fix it, or pass --data.skip_bad true to skip bad lines")
+        bad += bool(problem)
+        rows += [] if problem else [row]
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} bad lines of {path}")
     return [(i, row) for i, row in enumerate(rows) if (i % heldout_every == heldout_every - 1) == (split == "eval")]
 
 
-def read_manifest(path: Path, split: str, heldout_every: int) -> list[dict]:
+def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = False) -> list[dict]:
     """Audio-text manifest: one {"audio": file (relative to the manifest), "text": transcript or caption, ["start": s,
     "end": s]} per line -> records with the file made absolute and "key", their latent cache file's name."""
     path = Path(path)
     tag = f"{path.stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     return [row | {"key": f"{tag}/{i // 1000:05d}/{i:08d}", "audio": path.parent / row["audio"]}
-            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every)]
+            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every, skip_bad)]
 
 
 def read_index(folder: Path, split: str) -> dict:
     """The conversation index of a split, written by the latents stage: columns file (under data/<split>), turns,
-    valid (turns before the first violation), single (a one-sound t2a conversation) and frames per turn."""
+    valid (turns before the first violation) and single (a one-sound t2a conversation)."""
     if not (path := folder / f"index-{split}.json").is_file():
         raise FileNotFoundError(f"{path}: no conversation index; run `python train.py --stage latents` first")
     return json.loads(path.read_text())
@@ -631,7 +663,8 @@ def read_index(folder: Path, split: str) -> dict:
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
     """Index the conversations (rank 0, once; delete the index to redo it), then encode every item's audio once with
     the frozen VAE (normalised posterior mean, float16): a file per story or manifest clip (cut at max_clip_seconds)
-    in out/latents, sharded over ranks, finished ones kept."""
+    in out/latents, sharded over ranks, finished ones kept. With skip_bad an item whose audio load_audio refuses
+    gets no file and is counted; TaskData then leaves it out."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
@@ -639,28 +672,39 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval") if d.main else ():
         if not (path := folder / f"index-{split}.json").exists():
-            c = read_conversations(data, split) if (data / split).is_dir() else []
+            c = read_conversations(data, split, cfg.skip_bad) if (data / split).is_dir() else []
             index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c],
                          turns=[len(x.turns) for x in c], single=[x.turns[0].kind == "t2a" for x in c],
-                         valid=[next((k for k, t in enumerate(x.turns) if t.violations), len(x.turns)) for x in c],
-                         frames=[[t.scene.num_frames for t in x.turns] for x in c])
+                         valid=[next((k for k, t in enumerate(x.turns) if t.violations), len(x.turns)) for x in c])
             write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
         stamp.write_text(digest)
     barrier()
     items = [(f"stories/{s}/{Path(f).stem}", data / s / f) for s in ("train", "eval")
              for f in read_index(folder, s)["file"]] + [(r["key"], r) for s in ("train", "eval") for m in
                                                          cfg.speech_manifests + cfg.sound_manifests
-                                                         for r in read_manifest(m, s, cfg.heldout_every)]
+                                                         for r in read_manifest(m, s, cfg.heldout_every, cfg.skip_bad)]
     todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
     print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
+    bad = 0
     for key, item in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
-        spans = [(t.audio, 0.0, None) for t in read_conversation(item).turns] if isinstance(item, Path) else \
-            [(item["audio"], s := float(item.get("start", 0)), min(float(item.get("end") or math.inf),
-                                                                  s + cfg.max_clip_seconds))]
-        audio = [load_audio(p)[None, :, int(a * SAMPLE_RATE): None if b is None else int(b * SAMPLE_RATE)]
-                 for p, a, b in spans]
+        try:
+            spans = [(t.audio, 0.0, None) for t in read_conversation(item).turns] if isinstance(item, Path) else \
+                [(item["audio"], s := float(item.get("start", 0)), min(float(item.get("end") or math.inf),
+                                                                      s + cfg.max_clip_seconds))]
+            audio = [load_audio(p)[None, :, int(a * SAMPLE_RATE): None if b is None else int(b * SAMPLE_RATE)]
+                     for p, a, b in spans]
+        except (AudioError, ValueError, FileNotFoundError) as e:
+            if not cfg.skip_bad and isinstance(e, AudioError):
+                raise AudioError(f"{e}; or pass --data.skip_bad true to skip and count bad items") from e
+            if not cfg.skip_bad:                           # copilot's message names the file and the flag
+                raise
+            bad += 1
+            tqdm.write(f"--data.skip_bad: skipped {key}: {e}")
+            continue
         save_checkpoint(folder / f"{key}.pt", {"latents": [vae.encode(x.to(d.device))[0].to("cpu", torch.float16)
                                                            for x in audio]})
+    if bad:
+        print(f"--data.skip_bad: {bad} of {len(todo)} items not encoded (rank {d.rank})")
     barrier()
 
 
@@ -683,14 +727,18 @@ class TaskData:
         self.cfg, self.stories, self.latents_dir, self.split, self.tok, self.audio_dim = \
             cfg, stories, latents, split, tok, audio_dim
         self.index = read_index(latents, split)
-        turns, single = torch.tensor(self.index["turns"], dtype=torch.long), torch.tensor(self.index["single"]).bool()
-        valid = torch.tensor(self.index["valid"], dtype=torch.long) if validated_only else turns
+        cached = (lambda key: (latents / f"{key}.pt").is_file()) if cfg.skip_bad else (lambda key: True)
+        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in self.index["file"]], dtype=torch.long)
+        turns = torch.tensor(self.index["turns"], dtype=torch.long) * keep      # what the latents stage skipped: out
+        single = torch.tensor(self.index["single"]).bool()
+        valid = torch.tensor(self.index["valid"], dtype=torch.long) * keep if validated_only else turns
         zero, one, story = torch.zeros_like(turns), torch.ones_like(turns), ~single
         first = torch.minimum(valid, one)                          # turn 0, if it is valid
-        speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every)]
-                          for manifests in (cfg.speech_manifests, cfg.sound_manifests))
-        corpus = [row for c in cfg.text_corpora for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every)]
-        self.pools = dict(text=[turn_pairs(one > 0, zero, one), corpus], t2a=[turn_pairs(single, zero, first), sounds],
+        speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)
+                           if cached(r["key"])] for manifests in (cfg.speech_manifests, cfg.sound_manifests))
+        corpus = [row for c in cfg.text_corpora
+                  for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every, cfg.skip_bad)]
+        self.pools = dict(text=[turn_pairs(turns > 0, zero, one), corpus], t2a=[turn_pairs(single, zero, first), sounds],
                           caption=[turn_pairs(single, zero, first), sounds], story=[turn_pairs(story, zero, first)],
                           understand=[turn_pairs(story, zero, valid)], edit=[turn_pairs(story, one, valid)],
                           upload_edit=[turn_pairs(story, one, valid)], asr=[speech], tts=[speech])
@@ -986,7 +1034,8 @@ def main(argv: list[str] | None = None) -> None:
                 barrier()
             elif stage in ("vae", "flam") and d.main:
                 (train_vae if stage == "vae" else train_flam)(cfg[f"{stage}_model"], cfg[stage], cfg[f"{stage}_loop"],
-                                                              args.data, args.out, args.seed, args.stop_after, d.device)
+                                                              args.data, args.out, args.seed, args.stop_after, d.device,
+                                                              dc.skip_bad)
             elif stage == "latents":
                 run_latents(dc, args.data, args.out, d)
             elif stage in SCT_FINAL:
