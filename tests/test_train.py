@@ -264,9 +264,9 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_resume_clears_what_a_killed_save_left(tmp_path):
     """kill -9 in a save or a prune: a .tmp, a .json without its .pt, one checkpoint too many. Resuming removes
     them (bench/soak.py found the orphan .json), so the stage ends with the files of an uninterrupted run."""
-    ckpts = train.Checkpoints(tmp_path, 2, {"seed": 0}, {})
+    ckpts = train.Checkpoints(tmp_path, 2, {"seed": 0}, extra={"w": torch.ones(1)})
     for step in (1, 2, 3):
-        ckpts.save(step, {"w": torch.ones(1)})
+        ckpts.save(step)
     (tmp_path / "step-000004.json").write_text("{}")                 # killed before its .pt
     (tmp_path / "step-000004.pt.x1y2.tmp").write_bytes(b"half")      # killed mid-write
     (tmp_path / "step-000001.pt").write_bytes((tmp_path / "step-000002.pt").read_bytes())   # a prune killed midway
