@@ -7,9 +7,8 @@ Top to bottom:
                   multi-scale mel, KL, multi-period and STFT discriminators) and latent normalisation
   checkpoints     load_checkpoint and load_model, the one loader of every .pt file (strict, errors named)
   text            TextTokenizer over a sentencepiece model (Gemma's, or a toy one from train_text_tokenizer)
-  the layout      encode_conversation: Gemma chat turns with audio spans between
-                  "<unused0>" and "<unused1>", LM labels on model tokens, span ids for the diffusion loss;
-                  task_turns lays out every task, for train.py's documents and sample.py's prompts alike
+  the layout      encode_conversation: Gemma chat turns with audio spans between "<unused0>" and "<unused1>", LM
+                  labels on model tokens, span ids for diffusion; task_turns: every task, for train.py and sample.py
 
     python tokenizer.py --params                                        # VAE preset sizes
     python -m pytest -q tests/test_tokenizer.py
