@@ -290,7 +290,7 @@ class Checkpoints:
             else:
                 load_state_dict_strict(o, ckpt[k], self.path)
         torch.set_rng_state(ckpt["rng"])
-        self.log = {k: ckpt[k] for k in self.log}
+        self.log = {k: ckpt.get(k, []) for k in self.log}
         if main:
             print(f"{name}: resuming from step {ckpt['step']} ({self.path})")
         return ckpt["step"]
