@@ -330,7 +330,10 @@ def test_documents_follow_the_paper_layout(toy):
 
 def test_sample_prompts_are_prefixes_of_training_documents(toy):
     """What sample.py asks the model is a token prefix of the document train.py trains on for the same turn: a
-    story, a later chat turn (after the reference turns, as --eval gives them), an upload edit and a describe."""
+    story, a later chat turn (after the reference turns, as bench/eval_split.py gives them), an upload edit and a
+    describe."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import eval_split
     td = task_data(toy, "eval")
     conv = td.conversation(0)
     z = td.latents(f"stories/eval/{conv.id}")
@@ -339,7 +342,7 @@ def test_sample_prompts_are_prefixes_of_training_documents(toy):
     cases = {"story": (td.build("story", ("conv", 0, 0), random.Random(0)),
                        sample.request([], "story", instruction[0])),
              "later chat turn": (td.build("edit", ("conv", 0, 1), random.Random(0)),
-                                 sample.request(sample.reference_history(conv, 1, z), "story", instruction[1])),
+                                 sample.request(eval_split.reference_history(conv, 1, z), "story", instruction[1])),
              "upload edit": (td.build("upload_edit", ("conv", 0, 2), random.Random(0)),
                              sample.request([], "upload_edit", {"clip": z[1], **instruction[2]})),
              "describe": (td.build("understand", ("conv", 0, 1), random.Random(seed)),
@@ -536,7 +539,8 @@ def test_bad_data_is_named_or_skipped_and_counted(toy, tmp_path, capsys, caplog)
     printed = capsys.readouterr()
     assert f"--data.skip_bad: skipped stories/train/{convs[0].id}: {flac}" in printed.out
     assert "--data.skip_bad: 1 of " in printed.out and "skipped 1 bad lines of" in printed.out
-    assert f"{cut.name}: malformed conversation file (JSONDecodeError" in caplog.text and "skipped 1 of 5 conversation files" in caplog.text
+    assert f"{cut.name}: malformed conversation file (JSONDecodeError" in caplog.text
+    assert "skipped 1 of 5 conversation files" in caplog.text
     td = train.TaskData(cfg, data, out / "latents", "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)
     used = {td.conversation(c).id for task in td.pools for source in td.pools[task] if torch.is_tensor(source)
             for c in source[:, 0].tolist()}
