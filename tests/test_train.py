@@ -397,7 +397,7 @@ def test_documents_that_only_read_audio_are_never_noised(toy):
 def test_a_text_window_cut_from_a_longer_text_has_no_eos(toy, tmp_path):
     words = " ".join(f"word{i}" for i in range(400))
     (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": words}) + "\n")
-    (tmp_path / "index-train.json").write_text(json.dumps(dict(file=[], turns=[], valid=[], single=[], frames=[])))
+    (tmp_path / "index-train.json").write_text(json.dumps(dict(file=[], turns=[], valid=[], single=[])))
     td = train.TaskData(train.DataConfig(text_corpora=(str(tmp_path / "corpus.jsonl"),), heldout_every=1000), tmp_path,
                         tmp_path, "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)       # the corpus alone
     text = td.tok.encode(words)
@@ -464,7 +464,7 @@ def test_a_large_conversation_index_loads_in_seconds(toy, tmp_path):
     turns, single = torch.randint(1, 6, (n,), generator=g), torch.rand(n, generator=g) < 0.2
     turns[single] = 1
     index = {"file": [f"{i // 1000:05d}/train-{i:07d}.json" for i in range(n)], "turns": turns.tolist(),
-             "valid": turns.tolist(), "single": single.tolist(), "frames": [[320] * t for t in turns.tolist()]}
+             "valid": turns.tolist(), "single": single.tolist()}
     (tmp_path / "index-train.json").write_text(json.dumps(index))
     start = time.perf_counter()
     td = train.TaskData(train.DataConfig(), tmp_path / "no-such-data", tmp_path, "train", TextTokenizer(
