@@ -10,7 +10,7 @@ tables, and `format_tables`, print multiFLAM, ΔmultiFLAM, editFLAM and tcpWER x
 already (kadtk's convention), FAD is printed as is.
 
 Evaluation: `python metrics.py --data DIR --system OUT` reads the copilot eval split (DIR/eval) and a
-directory of system outputs written by sample.py in this layout (k counts the turns of a conversation
+directory of system outputs written by bench/eval_split.py in this layout (k counts the turns of a conversation
 from 0, as in the dataset):
     OUT/<conversation id>/turn<k>.wav    48 kHz audio. k = 0: the story told from turn 0's instruction.
                                          k >= 1: the edit asked by turn k, given the REFERENCE conversation
@@ -520,8 +520,8 @@ def _speech(scene: dict | None) -> list[Segment]:
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing system output; produce it with sample.py (layout: metrics.py's "
-                                f"docstring)")
+        raise FileNotFoundError(f"{path}: missing system output; produce it with bench/eval_split.py (layout: "
+                                f"metrics.py's docstring)")
     return path
 
 
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             "on the copilot eval split; the output layout is in this file's docstring.")
     p.add_argument("--data", type=Path, required=True,
                    help="dataset root written by `python copilot.py --out DIR`; DIR/eval is read")
-    p.add_argument("--system", type=Path, required=True, help="directory of system outputs written by sample.py")
+    p.add_argument("--system", type=Path, required=True, help="directory of system outputs (bench/eval_split.py)")
     p.add_argument("--flam", type=Path, default=Path("checkpoints/toy/flam.pt"),
                    help="SmallFLAM checkpoint: the frame scorer and the KAD/FAD embedding")
     p.add_argument("--openflam", type=Path, default=None,

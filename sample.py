@@ -5,44 +5,35 @@
     python sample.py --audio in.wav                               # describe it: out/caption.json
     python sample.py --chat                                       # multi-turn on stdin (Eq. 3)
     python sample.py --plan plan.json                             # render a plan you wrote
-    python sample.py --eval data/toy --out out/toy                # the eval split, in metrics.py's layout
 
 From a prompt to the WAV (respond, appendix D): the request is laid out as in training (tokenizer.task_turns);
 SCT.generate decodes the model's text greedily until <unused0> (the audio starts), <end_of_turn> or <eos>;
-accept_plan checks it and its canonical scene_to_json text goes into the context; sample_latents draws its
-Scene.num_frames latent frames with DPM-Solver++(2M) and CFG (the conditional and the unconditional prefix
-<bos><start_of_turn>model\n<unused0> cached once, batched); the VAE decodes them to 48 kHz stereo. One seed, one
-audio. A plan parse_scene cannot read, or of more than copilot.MAX_SOUNDS sounds, is an error; one validate_scene
-rejects is repaired (numbers clamped, edit lists set to copilot.scene_diff) and every repair is printed. A chat
-longer than the SCT's trained length loses its oldest exchange (the previous plan carries the story, Eq. 3).
-
-Flags, files, input audio (README: audio input) and checkpoints are checked before any work, and --out before
-any write; main() catches this project's errors only (anything else is a bug and keeps its traceback).
+accept_plan checks it (repairing an invalid plan, and saying how) and its canonical JSON goes into the context;
+sample_latents draws the plan's latent frames with DPM-Solver++(2M) and CFG; the VAE decodes them to 48 kHz
+stereo. One seed, one audio. A chat too long for the SCT loses its oldest exchange (the plan carries the story).
+Flags, files, input audio (README) and checkpoints are checked before any work, --out before any write; main()
+catches this project's errors only. bench/eval_split.py answers a whole eval split in metrics.py's layout.
 
 Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 """
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from copilot import (MAX_END, MAX_SOUNDS, MAX_START, Scene, SceneError, parse_scene, read_conversations, scene_diff,
-                     scene_to_json, validate_scene)
+from copilot import MAX_END, MAX_SOUNDS, MAX_START, Scene, SceneError, parse_scene, scene_diff, scene_to_json, \
+    validate_scene
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
-from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
+from tokenizer import (DESCRIBE, FRAME_RATE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
                        encode_conversation, load_audio, load_checkpoint, load_model, save_audio, task_turns,
-                       write_atomic, FRAME_RATE)
-
-CKPT_FILES = ("tokenizer.model", "vae.pt", "sct.pt")
+                       write_atomic)
 
 
 class SampleError(Exception):
@@ -70,10 +61,7 @@ class Models:
     vae: StereoVAE      # float32 always: it decodes the waveform
     sct: SCT            # bfloat16 on CUDA, float32 elsewhere
     max_len: int        # longest sequence (context + plan + audio frames) the SCT was trained with
-
-    @property
-    def device(self) -> torch.device:
-        return self.sct.model.embed_tokens.weight.device
+    device: torch.device
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """[2, S] at 48 kHz -> normalised latents [F, audio_dim]."""
@@ -83,41 +71,35 @@ class Models:
 def load_models(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
     """tokenizer.model, vae.pt and sct.pt from ckpt_dir (tokenizer.load_model refuses a file that does not match
     this code, naming it), refusing a set whose files were not trained together (sct.pt's "trained_with")."""
-    d = Path(ckpt_dir)
-    missing = [n for n in CKPT_FILES if not (d / n).is_file()]
-    if missing:
+    d, names = Path(ckpt_dir), ("tokenizer.model", "vae.pt", "sct.pt")
+    if missing := [n for n in names if not (d / n).is_file()]:
         raise SampleError(f"--ckpt-dir {d} lacks {', '.join(missing)}; train the toy model with "
-                          f"`python train.py --preset toy`, or pass the folder holding {', '.join(CKPT_FILES)}")
+                          f"`python train.py --preset toy`, or pass the folder holding {', '.join(names)}")
     tok, vae, ckpt = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device), \
         load_checkpoint(d / "sct.pt", "sct")
     sct = load_model(SCT, d / "sct.pt", device, ckpt).to(dtype)
-    sha = lambda name: hashlib.sha256((d / name).read_bytes()).hexdigest()
-    have = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": sha("tokenizer.model"),
-            "vae_sha256": sha("vae.pt"), "vae_audio_dim": vae.audio_dim}
-    bad = [f"{k}: sct.pt was trained with {v}, {d} has {have[k]}"
-           for k, v in {"vae_audio_dim": sct.config.audio_dim, **ckpt.get("trained_with", {})}.items()
-           if have.get(k, v) != v]
-    if bad:
+    sha = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in names[:2]}
+    have = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": sha["tokenizer.model"],
+            "vae_sha256": sha["vae.pt"], "vae_audio_dim": vae.audio_dim}
+    if bad := [f"{k}: sct.pt was trained with {v}, {d} has {have[k]}"
+               for k, v in {"vae_audio_dim": sct.config.audio_dim, **ckpt.get("trained_with", {})}.items()
+               if have.get(k, v) != v]:
         raise SampleError(f"the checkpoints in {d} do not belong together:\n  " + "\n  ".join(bad) +
                           "\nKeep the files of one training run together, or retrain: `python train.py --preset toy`")
     seq_len = ckpt.get("train_config", {}).get("sct", {}).get("seq_len")
-    return Models(tok, vae, sct, int(seq_len or sct.config.max_position_embeddings))
+    return Models(tok, vae, sct, int(seq_len or sct.config.max_position_embeddings), torch.device(device))
 
 
 def read_audio(path: str | Path, trim: bool = False) -> torch.Tensor:
     """An input clip [2, S] at 48 kHz by the README's rules (tokenizer.load_audio), at most MAX_END s unless trim."""
     audio = load_audio(path)
-    seconds = audio.shape[1] / SAMPLE_RATE
-    if seconds > MAX_END and not trim:
+    if (seconds := audio.shape[1] / SAMPLE_RATE) > MAX_END and not trim:
         raise SampleError(f"{path}: {seconds:.2f} s of audio, but the model reads clips of at most {MAX_END:g} s (no "
                           f"scene it was trained on is longer); cut it, or pass --trim to keep the first {MAX_END:g} s")
     if seconds > MAX_END:
         say(f"note: {path} is {seconds:.2f} s long; --trim keeps its first {MAX_END:g} s")
     return audio[:, : int(MAX_END * SAMPLE_RATE)]
 
-
-# -----------------------------------------------------------------------------
-# The invalid-plan policy (module docstring), applied to every scene the model writes and every --plan file
 
 @dataclass
 class Checked:
@@ -126,23 +108,9 @@ class Checked:
     notes: list[str]    # its violations, the repairs made, and what is left
 
 
-def repair_scene(scene: Scene, previous: Scene | None) -> tuple[Scene, list[str]]:
-    """Clamp every number into its range and set added/changed/removed to the real edit; list each change."""
-    sounds, fixes = [], []
-    for s in scene.sounds:
-        start = min(max(s.start_time, 0.0), MAX_START)
-        new = replace(s, loudness=min(max(s.loudness, -30.0), -10.0), panning=min(max(s.panning, -1.0), 1.0),
-                      start_time=start, duration=min(max(s.duration, 0.1), MAX_END - start))
-        fixes += [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}"
-                  for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
-        sounds.append(new)
-    edit = scene_diff(previous, Scene(scene.description, sounds))
-    fixes += [f"{k} {getattr(scene, k)} -> {v}" for k, v in edit.items() if getattr(scene, k) != v]
-    return Scene(scene.description, sounds, **edit), fixes
-
-
 def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checked:
-    """Parse and validate a scene (against `previous` for an edit); repair it when invalid, reporting everything."""
+    """Parse and validate a scene (against `previous` for an edit); when invalid, clamp every number into its range
+    and set added/changed/removed to the real edit (copilot.scene_diff), reporting every violation and repair."""
     try:
         scene = parse_scene(text)
     except SceneError as e:
@@ -150,22 +118,21 @@ def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checke
     if len(scene.sounds) > MAX_SOUNDS:
         raise PlanError(f"the {what} has {len(scene.sounds)} sounds; a scene holds at most {MAX_SOUNDS} sounds "
                         f"(copilot.MAX_SOUNDS, as in training): split it or leave some out")
-    violations = validate_scene(scene, previous)
-    if not violations:
+    if not (violations := validate_scene(scene, previous)):
         return Checked(scene, True, [])
-    fixed, repairs = repair_scene(scene, previous)
-    notes = ([f"{what} invalid: {v}" for v in violations] + [f"{what} repaired: {r}" for r in repairs] +
-             [f"{what} left as written: {v}" for v in validate_scene(fixed, previous)])
-    return Checked(fixed, False, notes)
-
-
-def pretty(scene: Scene) -> str:
-    """scene_to_json laid out one sound per line (still JSON that parse_scene reads back)."""
-    obj = json.loads(scene_to_json(scene))
-    head = ", ".join(f'"{k}": {json.dumps(obj[k], ensure_ascii=False)}' for k in ("description", "added", "changed",
-                                                                                  "removed"))
-    sounds = ",\n  ".join(json.dumps(s, ensure_ascii=False) for s in obj["text"])
-    return "{" + head + ',\n "text": [\n  ' + sounds + "]}"
+    sounds, fixes = [], []
+    for s in scene.sounds:
+        start = min(max(s.start_time, 0.0), MAX_START)
+        sounds.append(new := replace(s, loudness=min(max(s.loudness, -30.0), -10.0), start_time=start,
+                                     panning=min(max(s.panning, -1.0), 1.0), duration=min(max(s.duration, 0.1),
+                                                                                           MAX_END - start)))
+        fixes += [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}"
+                  for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
+    edit = scene_diff(previous, Scene(scene.description, sounds))
+    fixes += [f"{k} {getattr(scene, k)} -> {v}" for k, v in edit.items() if getattr(scene, k) != v]
+    fixed = Scene(scene.description, sounds, **edit)
+    return Checked(fixed, False, [f"{what} invalid: {v}" for v in violations] + [f"{what} repaired: {r}" for r in fixes]
+                   + [f"{what} left as written: {v}" for v in validate_scene(fixed, previous)])
 
 
 # -----------------------------------------------------------------------------
@@ -199,17 +166,10 @@ def request(history: list[Turn], task: str, user: dict) -> list[Turn]:
     return history + task_turns(task, **user)
 
 
-def reference_history(conv, k: int, clips: list[torch.Tensor]) -> list[Turn]:
-    """The reference turns before turn k of a copilot conversation as --eval gives them: stories (Eq. 3)."""
-    return [t for j in range(k) for t in task_turns("story", instruction=conv.turns[j].instruction,
-                                                     plan=scene_to_json(conv.turns[j].scene), audio=clips[j])]
-
-
 def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str, int | None]:
     """Greedy text of the model turn that follows `turns` -> (text, the stop id or None at the token limit)."""
     ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
-    room = m.max_len - len(ex.ids)
-    if room < 2:
+    if (room := m.max_len - len(ex.ids)) < 2:
         raise ContextFull(f"the conversation is {len(ex.ids)} tokens; the model was trained on at most {m.max_len}")
     stops = (m.tok.audio_start_id, m.tok.end_of_turn_id, m.tok.eos_id)
     new = m.sct.generate([ex.ids], [ex.latents], [ex.span_ids], min(max_new_tokens, room), stops)[0].tolist()
@@ -228,17 +188,15 @@ def _span_prefix(m: Models, turns: list[Turn]) -> tuple[torch.Tensor, torch.Tens
 def sample_latents(m: Models, turns: list[Turn], opts: Options, generator: torch.Generator) -> torch.Tensor:
     """The audio span that ends `turns` (its latents a placeholder: only their count F is read) -> clean latents
     [F, audio_dim], drawn with CFG against the unconditional prefix <bos><start_of_turn>model\\n<unused0>."""
-    placeholder = turns[-1].parts[-1]
-    F, D = placeholder.shape
-    cond, uncond = _span_prefix(m, turns), _span_prefix(m, [Turn("model", [placeholder])])
+    F, D = turns[-1].parts[-1].shape
+    cond, uncond = _span_prefix(m, turns), _span_prefix(m, [Turn("model", [turns[-1].parts[-1]])])
     if len(cond[0]) + F + 1 > m.max_len:
         raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} the model was "
                           f"trained on")
     cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)
-    v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # rows: conditional, then unconditional
-    z = sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
-               generator, m.device, progress=True)
-    return z[0]
+    v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # noqa: E731 (rows: conditional, unconditional)
+    return sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
+                  generator, m.device, progress=True)[0]
 
 
 def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options,
@@ -248,12 +206,11 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     t0, caption, notes, audio_start = time.perf_counter(), None, [], m.tok.audio_start_id
     if plan is None:
         text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
-        notes += [note for bad, note in (
-            (stop is None, f"the model's turn hit --max-new-tokens {opts.max_new_tokens}"),
-            (stop is not None and task == "understand" and stop == audio_start, "the model started an audio span "
-             "after the caption; a description has no audio, so it was dropped"),
-            (stop is not None and task != "understand" and stop != audio_start, "the model ended its turn without "
-             "starting the audio; the audio is made from its plan anyway")) if bad]
+        if stop is None or (stop == audio_start) == (task == "understand"):   # a turn that did not end as trained
+            notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}" if stop is None else
+                         "the model started an audio span after the caption; a description has no audio, so it was "
+                         "dropped" if task == "understand" else "the model ended its turn without starting the "
+                         "audio; the audio is made from its plan anyway")
         if task == "upload_edit":
             caption_text, newline, text = text.partition("\n")
             if not newline:
@@ -268,12 +225,11 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
                   notes + [n for c in (caption, plan) if c is not None for n in c.notes])
     if plan is None:
         return reply
-    if plan.scene.num_frames(FRAME_RATE) == 0:
-        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{pretty(plan.scene)}")
+    if (frames := plan.scene.num_frames(FRAME_RATE)) == 0:
+        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{scene_to_json(plan.scene)}")
     t1 = time.perf_counter()
-    placeholder = torch.zeros(plan.scene.num_frames(FRAME_RATE), m.sct.config.audio_dim)
-    reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": placeholder}), opts,
-                                   generator)
+    reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": torch.zeros(
+        frames, m.sct.config.audio_dim)}), opts, generator)
     t2 = time.perf_counter()
     reply.audio = m.vae.decode(reply.latents[None].float(), round(plan.scene.duration * SAMPLE_RATE))[0].cpu()
     reply.seconds.update(diffusion=t2 - t1, vae=time.perf_counter() - t2)
@@ -297,36 +253,21 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
             history = history[2:]
 
 
-# -----------------------------------------------------------------------------
-# The modes
-
 def report(reply: Reply, out: Path) -> None:
-    """Print the reply's notes (stderr) and scenes (stdout); write the audio to `out` with its plan (.json) and the
-    caption (.caption.json) beside it, or, describing a clip, only the caption, to `out`."""
+    """Print the reply's notes (stderr) and scenes (stdout, canonical JSON); write the audio to `out` with its plan
+    (.json) and the caption (.caption.json) beside it, or, describing a clip, only the caption, to `out`."""
     for note in reply.notes:
         say(f"note: {note}")
-    scenes = [(name, c) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c is not None]
     paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
-    for name, checked in scenes:
-        print(f"{name}:\n{pretty(checked.scene)}")
+    scenes = {name: scene_to_json(c.scene) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c}
+    print("\n".join(f"{name}:\n{text}" for name, text in scenes.items()))
     if reply.plan is not None:
         save_audio(out, reply.audio)
-    for name, checked in scenes:
-        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(pretty(checked.scene) + "\n"))
-    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name, _ in scenes]
+    for name, text in scenes.items():
+        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(text + "\n"))
+    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name in scenes]
     say(f"wrote {', '.join(map(str, written))}" + (f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
         f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
-
-
-def run_once(m: Models, args: argparse.Namespace, opts: Options) -> None:
-    """--prompt, --audio [--prompt] and --plan: one request, its inputs already read and checked by main()."""
-    if args.clip is None:
-        task, user = "story", {"instruction": args.prompt or args.plan.scene.description}
-    elif args.prompt is None:
-        task, user = "understand", {"clip": m.encode(args.clip), "request": DESCRIBE}
-    else:
-        task, user = "upload_edit", {"clip": m.encode(args.clip), "instruction": args.prompt}
-    report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), args.plan), args.out)
 
 
 def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> None:
@@ -353,8 +294,8 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
         elif line.startswith("/"):
             say(f"unknown command {line.split()[0]}; use /load FILE, /undo or /quit")
         elif line:
-            task = "story" if clip is None else "upload_edit"
-            user = {"instruction": line} if clip is None else {"clip": clip, "instruction": line}
+            task, user = ("story", {"instruction": line}) if clip is None else \
+                ("upload_edit", {"clip": clip, "instruction": line})
             try:
                 reply, context = respond_in_context(m, history, task, user, previous, opts, args.seed + len(undo))
             except SampleError as e:                # no usable plan, a turn too long for the model, non-finite audio
@@ -365,41 +306,6 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
             history, previous, clip = context + task_turns(task, **user, **reply.parts), reply.plan.scene, None
 
 
-def run_eval(m: Models, args: argparse.Namespace, opts: Options) -> None:
-    """--eval DATA --out OUT: every eval conversation in the layout of metrics.py's docstring, resumable: turn k
-    (given the REFERENCE turns before it) -> turn{k}.wav and .json, and a description of turn 0's clip."""
-    for conv in tqdm(read_conversations(args.eval, "eval"), desc="eval", unit="conversation"):
-        clips = [m.encode(read_audio(t.audio)) for t in conv.turns]
-        for k, turn in enumerate(conv.turns):
-            seed = args.seed + zlib.crc32(f"{conv.id}|{k}".encode())
-            eval_one(m, reference_history(conv, k, clips), "story", {"instruction": turn.instruction},
-                     conv.turns[k - 1].scene if k else None, opts, seed, args.out / conv.id / f"turn{k}")
-        eval_one(m, [], "understand", {"clip": clips[0], "request": DESCRIBE}, None, opts, 0,
-                 args.out / conv.id / "caption")
-
-
-def eval_one(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options, seed: int,
-             stem: Path) -> None:
-    """One eval output unless done: stem.wav (1 s of silence when the model made no usable plan) and stem.json."""
-    if stem.with_suffix(".json").is_file():
-        return
-    t0 = time.perf_counter()
-    try:
-        reply = respond_in_context(m, history, task, user, previous, opts, seed)[0]
-        checked, notes = reply.caption if task == "understand" else reply.plan, reply.notes
-    except SampleError as e:                         # recorded; the eval goes on
-        reply, checked, notes = None, None, [str(e)]
-    if task != "understand":
-        save_audio(stem.with_suffix(".wav"), reply.audio if reply else torch.zeros(2, SAMPLE_RATE))
-    scene = json.loads(scene_to_json(checked.scene)) if checked is not None and checked.valid else None
-    record = {"seconds": time.perf_counter() - t0, "scene" if task == "understand" else "plan": scene, "notes": notes}
-    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
-    write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-
-
-# -----------------------------------------------------------------------------
-# Command line: every flag, input file and --out is checked here, before the models load
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="AudioChat: tell, edit and describe audio stories (module docstring).")
     g = p.add_argument_group("what to do (one mode)")
@@ -407,10 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--audio", help="an audio file (<= 8 s; README: audio input): edited with --prompt, else described")
     g.add_argument("--chat", action="store_true", help="multi-turn session on stdin (/load FILE, /undo, /quit)")
     g.add_argument("--plan", help="render this scene JSON file instead of decoding a plan (--prompt: the instruction)")
-    g.add_argument("--eval", metavar="DATA_DIR", help="answer every conversation of DATA_DIR/eval (copilot.py's)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="WAV/FLAC path (default out/sample.wav), caption JSON path for --audio alone "
-                                 "(default out/caption.json), or a folder for --chat (default out/chat) and --eval")
+                                 "(default out/caption.json), or a folder for --chat (default out/chat)")
     g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio, not refuse it")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
     g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
@@ -422,21 +327,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device; the SCT runs in bfloat16 on CUDA, float32 elsewhere (the VAE in float32)")
     args = p.parse_args(argv)
-    given = {"--chat": args.chat, "--eval": args.eval, "--plan": args.plan, "--audio": args.audio,
+    given = {"--chat": args.chat, "--plan": args.plan, "--audio": args.audio,
              "--prompt": args.prompt is not None and not args.plan}
-    modes = [name for name, on in given.items() if on]
-    if len(modes) != 1 and modes != ["--audio", "--prompt"]:
-        p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE, --chat or --eval "
-                f"DATA_DIR (got {' and '.join(modes) or 'none'})")
+    if len(modes := [name for name, on in given.items() if on]) != 1 and modes != ["--audio", "--prompt"]:
+        p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE or --chat (got "
+                f"{' and '.join(modes) or 'none'})")
     for flag, value, lo, hi in (("--steps", args.steps, 1, 1000), ("--cfg", args.cfg, 0, 20), ("--seed", args.seed, 0,
                                 2 ** 32 - 1), ("--max-new-tokens", args.max_new_tokens, 1, 10 ** 6)):
         if not lo <= value <= hi:                   # NaN fails every comparison
             p.error(f"{flag} {value}: give a number from {lo} to {hi}")
-    if args.eval and not args.out:
-        p.error("--eval needs --out OUT_DIR")
     describe = args.audio and args.prompt is None
     args.out = Path(args.out or ("out/chat" if args.chat else "out/caption.json" if describe else "out/sample.wav"))
-    want = () if args.chat or args.eval else (".json",) if describe else (".wav", ".flac")
+    want = () if args.chat else (".json",) if describe else (".wav", ".flac")
     if want and args.out.suffix.lower() not in want:
         p.error(f"--out {args.out}: {'a description is JSON' if describe else 'the audio is written as WAV or FLAC'}; "
                 f"end the path with {' or '.join(want)}")
@@ -450,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SampleError("--prompt is empty; write an instruction, e.g. --prompt \"rain on a tin roof\"")
         if args.plan and not Path(args.plan).is_file():
             raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
-        args.plan = accept_plan(Path(args.plan).read_text(errors="replace"), None) if args.plan else None
-        args.clip = read_audio(args.audio, args.trim) if args.audio else None
-        folder = args.out if args.chat or args.eval else args.out.parent
+        plan = accept_plan(Path(args.plan).read_text(errors="replace"), None) if args.plan else None
+        clip = read_audio(args.audio, args.trim) if args.audio else None
+        folder = args.out if args.chat else args.out.parent
         try:                                        # --out must be writable: make its folder and a file there
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
@@ -460,11 +362,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise IsADirectoryError(f"{args.out} is a folder")
         except OSError as e:
             raise SampleError(f"--out {args.out}: cannot write there ({e.strerror or e}); choose another path") from e
-        dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
-        m = load_models(args.ckpt_dir, args.device, dtype)
+        m = load_models(args.ckpt_dir, args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        opts = Options(args.steps, args.cfg, args.max_new_tokens)
         with torch.no_grad():
-            (run_chat if args.chat else run_eval if args.eval else run_once)(
-                m, args, Options(args.steps, args.cfg, args.max_new_tokens))
+            if args.chat:
+                return run_chat(m, args, opts) or 0
+            if clip is None:                        # --prompt or --plan: a story
+                task, user = "story", {"instruction": args.prompt or plan.scene.description}
+            else:                                   # --audio: described, or edited as --prompt asks
+                task, user = ("understand", {"request": DESCRIBE}) if args.prompt is None else \
+                    ("upload_edit", {"instruction": args.prompt})
+                user["clip"] = m.encode(clip)
+            report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), plan), args.out)
     except (SampleError, AudioError, CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

@@ -7,9 +7,8 @@ Top to bottom:
                   multi-scale mel, KL, multi-period and STFT discriminators) and latent normalisation
   checkpoints     load_checkpoint and load_model, the one loader of every .pt file (strict, errors named)
   text            TextTokenizer over a sentencepiece model (Gemma's, or a toy one from train_text_tokenizer)
-  the layout      encode_conversation: Gemma chat turns with audio spans between
-                  "<unused0>" and "<unused1>", LM labels on model tokens, span ids for the diffusion loss;
-                  task_turns lays out every task, for train.py's documents and sample.py's prompts alike
+  the layout      encode_conversation: Gemma chat turns with audio spans between "<unused0>" and "<unused1>", LM
+                  labels on model tokens, span ids for diffusion; task_turns: every task, for train.py and sample.py
 
     python tokenizer.py --params                                        # VAE preset sizes
     python -m pytest -q tests/test_tokenizer.py
@@ -24,6 +23,7 @@ import pickle
 import re
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -387,7 +387,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train it first (the train.py stage that writes it)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # pages read as used
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))   # lazy pages
     except Exception as e:           # whatever torch.load raises, the file is at fault; its advice is not repeated
         code = re.search(r"GLOBAL (\S+)", str(e))        # weights_only refused a reference to code
         why = (f"cannot be read ({e.strerror or e})" if isinstance(e, OSError) else

@@ -23,7 +23,6 @@ import math
 import os
 import random
 import time
-import types
 import typing
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +77,7 @@ class DataConfig:
     heldout_every: int = setting(100, "manifests, corpora: every N-th record is held out")
     max_clip_seconds: float = setting(30.0, "manifests: longer audio is cut to this, s")
     context_turns: int = setting(2, "edit task: most turns per document (Eq. 3)")
+    skip_bad: bool = setting(False, "skip and count unreadable data (cut audio, JSON or JSONL lines), not stop")
 
 
 @dataclass
@@ -122,12 +122,10 @@ class SCTTrainConfig:
     dtype: str = setting("bfloat16", "autocast dtype on GPU (weights, gradients, AdamW stay float32); CPU: float32")
     from_gemma: bool = setting(False, "stage 1 starts from Gemma 2 2B in --data.gemma_dir")
     fsdp: bool = setting(False, "under torchrun: FSDP2 (fully_shard per block) instead of DDP")
-    compile: bool = setting(False, "torch.compile the model")
     gradient_checkpointing: bool = setting(False, "recompute each block in the backward pass")
     lm_chunk: int = setting(1024, "LM logits are made and reduced this many positions at a time")
     prefetch: int = setting(2, "steps of rows a background thread draws ahead")
-    understanding_grad: bool = setting(True, "the diffusion loss also trains the U understanding layers (reading "
-                                       "A); false: only the LM loss does (reading B, paper 4.1; see model.py)")
+    understanding_grad: bool = setting(True, "the diffusion loss trains the U understanding layers too (paper 4.1)")
     peak_tflops: float = setting(989.0, "accelerator peak for the MFU (H100 SXM bf16: 989)")
 
 
@@ -150,8 +148,7 @@ SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
 PRESETS = {
-    # Toy: about 1 h on a 2-core CPU (bench/README.md). No speech corpus (asr/tts weights unused); trained from
-    # scratch, hence larger learning rates than Table 5's fine-tuning of Gemma.
+    # Toy: about 1 h on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0),
         vae=VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
@@ -163,8 +160,7 @@ PRESETS = {
         sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5)),
         sct2=StageConfig(steps=200, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
         sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True)),
-    # Paper scale on 8 x 80 GB (Table 5; batch and sequence length are not in the paper: 64 x 8192 tokens per
-    # step). FSDP2 and activation checkpointing are required; 4 rows per forward pass fit (bench/memory.py).
+    # Paper scale on 8 x 80 GB (Table 5; 64 x 8192 tokens per step, not in the paper): FSDP2, bench/memory.py.
     "audiochat": dict(
         data=DataConfig(context_turns=5), vae=VAETrainConfig(), flam=FLAMTrainConfig(),
         vae_loop=LoopConfig(log_every=100, eval_every=5000, save_every=2000),
@@ -178,36 +174,30 @@ PRESETS = {
 }
 
 
-def preset_sections(preset: str) -> dict:
-    """Every config section of a preset, in flag order: this file's and the model presets of tokenizer/model/metrics."""
-    p = PRESETS[preset]
-    return {"data": p["data"], "vae_model": VAE_PRESETS[preset], "vae": p["vae"], "vae_loop": p["vae_loop"],
-            "flam": p["flam"], "flam_loop": p["flam_loop"], "flam_model": FLAM_PRESETS[preset],
-            "sct_model": SCT_PRESETS[preset], **{k: p[k] for k in ("sct", "sct_loop", "diffusion", *SCT_FINAL)}}
-
-
 def parse_value(text: str, hint):
-    """A flag's text as the field's type: int/float/str, bool (true/false), X | None ("none"), tuples ("a,b,c")
-    and dict[str, float] ("k=v,k=v")."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if origin in (typing.Union, types.UnionType):
-        return None if text.lower() == "none" else parse_value(text, next(a for a in args if a is not type(None)))
+    """A flag's text as its field's type: int, float, str, bool, X | None ("none"), tuple ("a,b"), dict ("k=v,k=v")."""
+    args, items = typing.get_args(hint), [x.strip() for x in text.split(",") if x.strip()]
+    if type(None) in args:
+        return None if text.lower() == "none" else parse_value(text, args[0])
+    if typing.get_origin(hint) is dict:                     # a malformed pair raises ValueError, which argparse reports
+        return {k.strip(): parse_value(v.strip(), args[1]) for k, v in (x.split("=") for x in items)}
+    if typing.get_origin(hint) is tuple:
+        return tuple(parse_value(x, args[0]) for x in items)
     if hint is bool and text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise ValueError(f"expected true or false, got {text!r}")
-    if origin is dict and any(x.count("=") != 1 for x in items):
-        raise ValueError(f"expected key=value pairs separated by commas, got {text!r}")
-    if origin is dict:
-        return {k.strip(): parse_value(v.strip(), args[1]) for k, v in (x.split("=") for x in items)}
-    return tuple(parse_value(x, args[0]) for x in items) if origin is tuple else \
-        text.lower() in ("true", "1", "yes") if hint is bool else hint(text)
+    return text.lower() in ("true", "1", "yes") if hint is bool else hint(text)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The run flags and the effective config sections (the preset's, with --section.field overrides)."""
+    """The run flags and the config sections: the preset's (and the model presets of tokenizer, model and metrics),
+    each field overridden by its flag --SECTION.FIELD."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    sections = preset_sections(pre.parse_known_args(argv)[0].preset)      # --help shows this preset's values
+    name = pre.parse_known_args(argv)[0].preset                      # --help shows this preset's values
+    p = PRESETS[name]
+    sections = {"data": p["data"], "vae_model": VAE_PRESETS[name], "vae": p["vae"], "vae_loop": p["vae_loop"],
+                "flam": p["flam"], "flam_loop": p["flam_loop"], "flam_model": FLAM_PRESETS[name],
+                "sct_model": SCT_PRESETS[name], **{k: p[k] for k in ("sct", "sct_loop", "diffusion", *SCT_FINAL)}}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--preset P] [--stage S] [run flags] [--SECTION.FIELD V ...]")
     run = parser.add_argument_group("run").add_argument
@@ -218,25 +208,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     run("--out", type=Path, default=None, help="checkpoint folder (default checkpoints/<preset>)")
     run("--seed", type=int, default=0, help="seed of weights, data order, CFG dropout and noise")
     run("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
-    run("--threads", type=int, default=None, help="torch CPU threads per process (default: half the cores per "
-        "process, at least 1: idle OpenMP threads spinning on a loaded machine cost up to 20x)")
+    run("--threads", type=int, default=None, help="torch CPU threads per process (default: half its share of cores)")
     run("--stop-after", type=int, default=None, metavar="K", help="stop hard after step K (tests resuming)")
-    for name, cfg in sections.items():
-        group, hints = parser.add_argument_group(f"{name} ({type(cfg).__name__})"), typing.get_type_hints(type(cfg))
+    for section, cfg in sections.items():             # --help shows each field's preset value as its default
+        group, hints = parser.add_argument_group(f"{section} ({type(cfg).__name__})"), typing.get_type_hints(type(cfg))
         for f in fields(cfg):
-            def convert(text, hint=hints[f.name]):
-                return parse_value(text, hint)
+            convert = lambda text, hint=hints[f.name]: parse_value(text, hint)             # noqa: E731
             convert.__name__ = getattr(hints[f.name], "__name__", str(hints[f.name]))    # argparse's error names it
-            v = getattr(cfg, f.name)
-            shown = ",".join(map(str, v)) if isinstance(v, tuple) else \
-                ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v
-            group.add_argument(f"--{name}.{f.name}", dest=f"{name}.{f.name}", type=convert, default=argparse.SUPPRESS,
-                               metavar="V", help=f"{f.metadata['help']} [{shown}]".replace("%", "%%"))
+            group.add_argument(f"--{section}.{f.name}", type=convert, metavar="V", default=getattr(cfg, f.name),
+                               help=f.metadata["help"].replace("%", "%%") + " [%(default)s]")
     args = parser.parse_args(argv)
     args.data, args.out = args.data or Path("data") / args.preset, args.out or Path("checkpoints") / args.preset
-    given = vars(args)                                    # flags not given are absent (SUPPRESS): the preset's value
-    return args, {name: replace(cfg, **{f.name: given[f"{name}.{f.name}"] for f in fields(cfg)
-                                        if f"{name}.{f.name}" in given}) for name, cfg in sections.items()}
+    return args, {s: replace(cfg, **{f.name: getattr(args, f"{s}.{f.name}") for f in fields(cfg)})
+                  for s, cfg in sections.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -255,54 +239,58 @@ def file_sha256(path: Path) -> str:
 
 
 class Checkpoints:
-    """A stage's resumable checkpoints, folder/step-NNNNNN.pt and a readable .json, the newest keep_last kept: the
-    torch RNG and each object's state (modules and (module, optimizer) pairs as full state dicts gathered from
-    FSDP2 shards, so save is a collective; generators' get_state). Other settings than the run's are refused."""
+    """A stage's resumable checkpoints, folder/step-NNNNNN.pt with a readable .json, the newest keep_last kept: the
+    torch RNG, `extra`, the log (history, evals) and the state of every module and (module, optimizer) pair, full
+    state dicts gathered from FSDP2 shards (saving is a collective). Other settings than the run's are refused."""
 
-    def __init__(self, folder: Path, keep_last: int, settings: dict, objects: dict):
-        self.folder, self.keep_last, self.settings, self.objects = Path(folder), keep_last, settings, objects
-        self.path = None                                  # the checkpoint resumed from
+    def __init__(self, folder: Path, keep_last: int, settings: dict, objects: dict | None = None, extra=None):
+        self.folder, self.keep_last, self.settings, self.objects = Path(folder), keep_last, settings, objects or {}
+        self.extra, self.log, self.path = extra or {}, {"history": [], "evals": []}, None   # path: resumed from
 
-    def save(self, step: int, extra: dict | None = None, meta: dict | None = None, main: bool = True) -> None:
-        state = {k: get_optimizer_state_dict(*o, options=FULL) if isinstance(o, tuple) else o.get_state()
-                 if isinstance(o, torch.Generator) else get_model_state_dict(o, options=FULL)
-                 for k, o in self.objects.items()}
-        if not main:
-            return
-        path, info = self.folder / f"step-{step:06d}.pt", {"step": step, "settings": self.settings}
-        save_checkpoint(path, state | (extra or {}) | info | {"rng": torch.get_rng_state()})
-        text = json.dumps(info | (meta or {}), indent=1, default=str)
-        write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-        for old in sorted(self.folder.glob("step-*.pt"))[: -self.keep_last]:
-            old.unlink()
-            old.with_suffix(".json").unlink(missing_ok=True)
+    def save(self, step: int, main: bool = True) -> None:
+        state = {k: get_optimizer_state_dict(*o, options=FULL) if isinstance(o, tuple) else
+                 get_model_state_dict(o, options=FULL) for k, o in self.objects.items()}
+        if main:                                                    # every rank gathered; rank 0 writes, all wait
+            path, info = self.folder / f"step-{step:06d}.pt", {"step": step, "settings": self.settings}
+            text = json.dumps(info | {"last": self.log["history"][-1:], "evals": self.log["evals"]}, indent=1)
+            write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))    # first: see prune
+            save_checkpoint(path, state | self.extra | self.log | info | {"rng": torch.get_rng_state()})
+            self.prune()
+        barrier()
+
+    def prune(self) -> None:
+        """Keep the newest keep_last checkpoints with their .json and remove every other step-* file, so what a save
+        or prune killed midway (kill -9) left behind, a .tmp or a .json without its .pt, is gone once it resumes."""
+        keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
+        for p in self.folder.glob("step-*"):
+            if p.stem not in keep:
+                p.unlink(missing_ok=True)                  # missing_ok: every rank prunes on resume
 
     def read(self) -> dict | None:
-        """The newest checkpoint or None; tokenizer.load_checkpoint maps it, so ranks share the page cache."""
+        """The newest checkpoint (after prune), memory-mapped so that ranks share the page cache, or None."""
+        self.prune()
         if not (paths := sorted(self.folder.glob("step-*.pt"))):
             return None
         ckpt, self.path = load_checkpoint(paths[-1]), paths[-1]
         old = ckpt["settings"]
-        diff = {k: {f: (old[k].get(f), v.get(f)) for f in v | old[k] if old[k].get(f) != v.get(f)}
-                if isinstance(v, dict) and isinstance(old.get(k), dict) else (old.get(k), v)
-                for k, v in self.settings.items() if old.get(k) != v}
-        if diff:
+        if diff := {k: {f: (old[k].get(f), v.get(f)) for f in v | old[k] if old[k].get(f) != v.get(f)}
+                    if isinstance(v, dict) and isinstance(old.get(k), dict) else (old.get(k), v)
+                    for k, v in self.settings.items() if old.get(k) != v}:
             raise ValueError(f"{self.folder} was trained with other settings (then, now): {diff}; resume with the "
                              f"same flags or delete {self.folder}")
         return ckpt
 
     def resume(self, name: str, ckpt: dict | None = None, main: bool = True) -> int:
-        """Load the newest checkpoint (or ckpt) into the objects and the torch RNG -> its step, 0 if there is none."""
+        """Load the newest checkpoint (or ckpt) into the objects, the log and the torch RNG -> its step (0: none)."""
         if (ckpt := ckpt or self.read()) is None:
             return 0
         for k, o in self.objects.items():
             if isinstance(o, tuple):
                 set_optimizer_state_dict(*o, ckpt[k], options=FULL)
-            elif isinstance(o, torch.Generator):
-                o.set_state(ckpt[k])
             else:
                 load_state_dict_strict(o, ckpt[k], self.path)
         torch.set_rng_state(ckpt["rng"])
+        self.log = {k: ckpt.get(k, []) for k in self.log}
         if main:
             print(f"{name}: resuming from step {ckpt['step']} ({self.path})")
         return ckpt["step"]
@@ -323,32 +311,38 @@ def lr_at(step: int, peak: float, steps: int, warmup: int, final_fraction: float
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
+def optimize(opt: torch.optim.Optimizer, lr: float, loss: torch.Tensor | None, params=(), clip: float = 0.0):
+    """Backward of loss (None: done), the gradient norm clipped at clip (0: not), a step at lr -> the norm."""
     for group in opt.param_groups:
         group["lr"] = lr
-    return lr
+    if loss is not None:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
 
 
-def train_loop(name: str, start: int, steps: int, loop: LoopConfig, step_fn, evaluate, save, stop_after: int | None,
-               history: list | None = None, extra=None, main: bool = True) -> None:
-    """Every stage's loop: step_fn(step) -> numbers, whose means, ms per step and extra(means) are printed and kept in
-    history every log_every steps; evaluate(step) every eval_every steps and at the end; save(step) every save_every
-    steps but the last (the stage writes its final file); a hard stop after stop_after."""
-    sums, n, t0, history = {}, 0, time.perf_counter(), [] if history is None else history
+def train_loop(name: str, ckpts: Checkpoints, start: int, steps: int, loop: LoopConfig, step_fn, evaluate,
+               stop_after: int | None, extra=None, main: bool = True) -> None:
+    """Every stage's loop: step_fn(step) -> numbers, averaged (+ ms per step, extra(means)) into ckpts.log's history
+    every log_every steps, evaluate() -> numbers into its evals every eval_every steps and at the end, both printed;
+    a checkpoint every save_every steps but the last (the stage writes its final file)."""
+    sums, n, t0 = {}, 0, time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not main, dynamic_ncols=True):
-        sums, n, done = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1
+        sums, n, done, logged = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1, []
         if done % loop.log_every == 0 or done == steps:
             means = {k: v / n for k, v in sums.items()} | {"ms_per_step": 1000 * (time.perf_counter() - t0) / n}
-            history.append({"step": done, **means, **(extra(means) if extra else {})})
-            if main:
-                tqdm.write(f"{name} step {done:6d} | " + " ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
-                                                                  if k != "step"))
-            sums, n, t0 = {}, 0, time.perf_counter()
+            logged, sums, n = [("step", "history", means | (extra(means) if extra else {}))], {}, 0
         if done % loop.eval_every == 0 or done == steps:
-            evaluate(done)
-            t0 = time.perf_counter()                                # ms/step counts training only
+            logged.append(("eval", "evals", evaluate()))
+        for what, key, numbers in (x for x in logged if x[2]):
+            ckpts.log[key].append({"step": done, **numbers})
+            if main:
+                tqdm.write(f"{name} {what} {done:6d} | " + " ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        t0 = time.perf_counter() if logged else t0                 # ms/step counts training only
         if done % loop.save_every == 0 and done < steps:
-            save(done)
+            ckpts.save(done, main)
         if stop_after is not None and done >= stop_after:
             raise SystemExit(f"{name}: stopped after step {done} (--stop-after)")
 
@@ -407,8 +401,7 @@ def wrap_model(core: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
 
 
 def grad_sync(model: torch.nn.Module, on: bool):
-    """Skip DDP's all-reduce or FSDP2's reduce-scatter on non-final micro-steps (FSDP2 then keeps float32 gradients
-    unsharded, as bench/memory.py counts)."""
+    """No DDP all-reduce or FSDP2 reduce-scatter on non-final micro-steps (bench/memory.py counts the cost)."""
     if isinstance(model, DDP) and not on:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
@@ -418,19 +411,6 @@ def grad_sync(model: torch.nn.Module, on: bool):
 
 # -----------------------------------------------------------------------------
 # Stages: tokenizer, the VAE on random crops of every audio file under a folder, the small FLAM (metrics.py)
-
-def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
-    """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
-    if (path := out / "tokenizer.model").exists():
-        return print(f"tokenizer: {path} exists; skipping")
-    if preset != "toy":
-        return write_atomic(path, lambda tmp: Path(tmp).write_bytes((gemma_dir(cfg) / "tokenizer.model").read_bytes()))
-    texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
-    for conv in read_conversations(data, "train"):
-        texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
-                                                                      scene_to_json(caption_of(t.scene)))]
-    print(f"tokenizer: {train_text_tokenizer(texts, path, cfg.vocab_size).vocab_size} pieces from {len(texts)} texts")
-
 
 def gemma_dir(cfg: DataConfig) -> Path:
     """The Hugging Face Gemma 2 directory, checked: a clear error when it is missing or incomplete."""
@@ -443,18 +423,50 @@ def gemma_dir(cfg: DataConfig) -> Path:
     return d
 
 
-def find_audio(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
-    """(path, frames, sample rate) of every .wav/.flac under root, sorted; a clear error if there is none."""
+def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
+    """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
+    if (path := out / "tokenizer.model").exists():
+        return print(f"tokenizer: {path} exists; skipping")
+    if preset != "toy":
+        return write_atomic(path, lambda tmp: Path(tmp).write_bytes((gemma_dir(cfg) / "tokenizer.model").read_bytes()))
+    texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
+    for conv in read_conversations(data, "train", cfg.skip_bad):
+        texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
+                                                                      scene_to_json(caption_of(t.scene)))]
+    print(f"tokenizer: {train_text_tokenizer(texts, path, cfg.vocab_size).vocab_size} pieces from {len(texts)} texts")
+
+
+def skipped(error: Exception, skip_bad: bool, what: str, key: str = "") -> int:
+    """Unreadable data (`key`): an error naming --data.skip_bad, or with skip_bad a printed note -> 1 (a count)."""
+    if not skip_bad and "--data.skip_bad" in str(error):
+        raise error
+    if not skip_bad:
+        raise type(error)(f"{error}; or pass --data.skip_bad true to skip and count bad {what}") from error
+    tqdm.write(f"--data.skip_bad: skipped {key}{': ' * bool(key)}{error}")
+    return 1
+
+
+def find_audio(root: str | os.PathLike, skip_bad: bool = False) -> list[tuple[Path, int, int]]:
+    """(path, frames, sample rate) of every .wav/.flac under root, sorted; skip_bad: each decoded once, bad ones out."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder; make audio with `python copilot.py --out {root}`")
-    files = [(p, sf.info(str(p))) for p in sorted(Path(root).rglob("*")) if p.suffix.lower() in (".wav", ".flac")]
-    for path, info in files:
-        if info.channels > 2 or info.frames == 0:
-            raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
-                             f"mono or stereo files, remove or convert it")
+    files, bad = [], 0
+    for path in sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in (".wav", ".flac")):
+        try:
+            info = sf.info(str(path))
+            if info.channels > 2 or info.frames == 0:
+                raise AudioError(f"{path}: {info.channels} channels, {info.frames} frames; training needs non-empty "
+                                 f"mono or stereo files, remove or convert it")
+            if skip_bad:
+                load_audio(path)                           # decoded once: a truncated or corrupt file shows here
+            files.append((path, info.frames, info.samplerate))
+        except (AudioError, sf.LibsndfileError) as e:
+            bad += skipped(AudioError(str(e)) if isinstance(e, sf.LibsndfileError) else e, skip_bad, "files")
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} of {bad + len(files)} audio files under {root}")
     if not files:
         raise FileNotFoundError(f"--data {root}: no .wav or .flac files under it")
-    return [(path, info.frames, info.samplerate) for path, info in files]
+    return files
 
 
 def split_heldout(items: list, fraction: float) -> tuple[list, list]:
@@ -473,8 +485,12 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
             audio = load_audio(path)
         else:
             start = int(torch.randint(max(1, frames - num_samples + 1), (1,), generator=generator))
-            audio = torch.from_numpy(sf.read(str(path), frames=num_samples, start=start, dtype="float32",
-                                             always_2d=True)[0].T.copy()).expand(2, -1)
+            try:
+                data = sf.read(str(path), frames=num_samples, start=start, dtype="float32", always_2d=True)[0]
+            except sf.LibsndfileError as e:
+                raise AudioError(f"{path}: cannot decode it ({e}): truncated or corrupt; remove it, or pass "
+                                 f"--data.skip_bad true to find and skip bad files first") from e
+            audio = torch.from_numpy(data.T.copy()).expand(2, -1)
         if audio.shape[1] > num_samples:
             start = int(torch.randint(audio.shape[1] - num_samples + 1, (1,), generator=generator))
             audio = audio[:, start: start + num_samples]
@@ -492,53 +508,44 @@ def finished(path: Path) -> bool:
 
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
-              stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
-    """The VAE stage (cfg: tokenizer.VAEConfig) on `device` (crops drawn on the CPU) -> vae.pt. Held out: encode ->
-    decode of <= 16 files, multi-resolution STFT and multi-scale mel distances."""
+              stop_after: int | None = None, device: str | torch.device = "cpu", skip_bad: bool = False) -> Path:
+    """The VAE stage (cfg: tokenizer.VAEConfig) on `device` (crops drawn on the CPU, keyed by seed and step) ->
+    vae.pt. Held out: the STFT and mel distances of <= 16 files after encode -> decode."""
     if finished(final := Path(out) / "vae.pt"):
         return final
-    train, heldout = split_heldout(find_audio(data), tc.heldout_fraction)
+    train, heldout = split_heldout(find_audio(data, skip_bad), tc.heldout_fraction)
     clips = [load_audio(f[0])[None, :, : int(tc.eval_seconds * SAMPLE_RATE)].to(device) for f in heldout[:16]]
     print(f"vae: {len(train)} training files, {len(heldout)} held out, under {data}; on {device}")
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)                      # data order and crops
     vae, disc = StereoVAE(cfg).to(device), Discriminator(cfg).to(device) if cfg.gan else None
     opt = torch.optim.AdamW(vae.parameters(), tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     opt_d = disc and torch.optim.AdamW(disc.parameters(), tc.disc_lr, betas=tc.betas, weight_decay=tc.weight_decay)
     ckpts = Checkpoints(Path(out) / "vae", loop.keep_last, {"vae_model": asdict(cfg), "vae": asdict(tc), "seed": seed},
-                        {"model": vae, "optimizer": (vae, opt), "data": gen} |
-                        ({"disc": disc, "disc_optimizer": (disc, opt_d)} if disc else {}))
-    num_samples = int(tc.crop_seconds * SAMPLE_RATE)
+                        {"model": vae, "optimizer": (vae, opt)} | ({"disc": disc, "disc_optimizer": (disc, opt_d)}
+                                                                  if disc else {}))
+    crops = lambda n, gain_db, *key: crop_batch(train, n, int(tc.crop_seconds * SAMPLE_RATE),  # noqa: E731
+                                                torch.Generator().manual_seed(key_seed(seed, *key)), gain_db)
 
     def step(s: int) -> dict:
-        lr = set_lr(opt, lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1))
-        audio = crop_batch(train, tc.batch_size, num_samples, gen, tc.gain_db).to(device)
+        audio = crops(tc.batch_size, tc.gain_db, "vae", s).to(device)
         loss, parts, recon = vae_loss(vae, audio, disc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
-        opt.step()
+        optimize(opt, lr := lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1), loss, vae.parameters(), tc.grad_clip)
         if disc:                                                   # LSGAN discriminator step on the same pair
-            d_loss = discriminator_loss(disc, audio, recon)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            parts["disc"] = d_loss.item()
+            disc.zero_grad(set_to_none=True)                       # (the adversarial loss reached it too)
+            parts["disc"] = (d_loss := discriminator_loss(disc, audio, recon)).item()
+            optimize(opt_d, tc.disc_lr, d_loss)
         return {"loss": loss.item(), **parts, "lr": lr}
 
     @torch.no_grad()
-    def evaluate(done: int) -> None:
-        if clips:
-            pairs = [(vae.eval().decode(vae.encode(x), x.shape[-1]), x) for x in clips]
-            stft = sum(stft_distance(r, x, cfg.stft_ffts).item() for r, x in pairs) / len(pairs)
-            mel = sum(mel_loss(r, x, cfg.mel_windows, cfg.mel_bins).item() for r, x in pairs) / len(pairs)
-            tqdm.write(f"vae eval {done:6d} | held-out stft {stft:.4f} mel {mel:.4f}")
-            vae.train()
+    def evaluate() -> dict:
+        pairs = [(vae.eval().decode(vae.encode(x), x.shape[-1]), x) for x in clips]
+        mean = lambda f: sum(f(r, x).item() for r, x in pairs) / len(pairs)                # noqa: E731
+        vae.train()
+        return {"stft": mean(lambda r, x: stft_distance(r, x, cfg.stft_ffts)),
+                "mel": mean(lambda r, x: mel_loss(r, x, cfg.mel_windows, cfg.mel_bins))} if pairs else {}
 
-    train_loop("vae", ckpts.resume("vae"), tc.steps, loop, step, evaluate, ckpts.save, stop_after)
-    stats_gen = torch.Generator().manual_seed(seed + 1)
-    vae.eval().fit_latent_stats(crop_batch(train, 8, num_samples, stats_gen).to(device)
-                                for _ in range(math.ceil(tc.stats_crops / 8)))
+    train_loop("vae", ckpts, ckpts.resume("vae"), tc.steps, loop, step, evaluate, stop_after)
+    vae.eval().fit_latent_stats(crops(8, 0.0, "stats", i).to(device) for i in range(math.ceil(tc.stats_crops / 8)))
     print(f"vae: latent normalisation fitted, |shift| mean {vae.latent_shift.abs().mean():.3f}, "
           f"scale mean {vae.latent_scale.mean():.3f}")
     save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": {k: v.cpu() for k, v in
@@ -547,11 +554,11 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
 
 
 def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
-               stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
+               stop_after: int | None = None, device: str | torch.device = "cpu", skip_bad: bool = False) -> Path:
     """Train metrics.SmallFLAM (mc: FLAMConfig) on `device` -> flam.pt, with frame AUROC/F1 on the eval split."""
     if finished(final := out / "flam.pt"):
         return final
-    clips, held = flam_clips(read_conversations(data, "train")), flam_clips(read_conversations(data, "eval"))
+    clips, held = (flam_clips(read_conversations(data, split, skip_bad)) for split in ("train", "eval"))
     held, pool = held[: tc.eval_clips], sorted({c for clip in clips for c in clip.events})
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips; on {device}")
     torch.manual_seed(seed)
@@ -561,25 +568,20 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
     ckpts = Checkpoints(out / "flam", loop.keep_last, settings, {"model": model, "optimizer": (model, opt)})
 
     def step(s: int) -> dict:
-        lr = set_lr(opt, lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1))
         rng = random.Random(f"{seed}|flam|{s}")                    # stateless: resume needs only the step
         audio, captions, targets = flam_batch(rng.sample(clips, min(tc.batch_size, len(clips))), pool, tc.captions,
                                               rng, mc.hop_samples)
         loss = model.loss(audio.to(device), captions, targets.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        optimize(opt, lr := lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1), loss, model.parameters(), tc.grad_clip)
         return {"loss": loss.item(), "lr": lr}
 
-    def evaluate(done: int) -> None:
+    def evaluate() -> dict:                                        # held-out frame detection
         if held:
             quality.update(detection_quality(model.eval().score, held))
-            tqdm.write(f"flam eval {done:6d} | held-out frame detection " + " ".join(f"{k} {v:.3f}" for k, v in
-                                                                                   quality.items()))
             model.train()
+        return quality
 
-    train_loop("flam", ckpts.resume("flam"), tc.steps, loop, step, evaluate, ckpts.save, stop_after)
+    train_loop("flam", ckpts, ckpts.resume("flam"), tc.steps, loop, step, evaluate, stop_after)
     save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": {k: v.cpu() for k, v in
                             model.state_dict().items()}, "detection": quality, "step": tc.steps,
                             "train_config": settings})
@@ -589,49 +591,46 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
 # -----------------------------------------------------------------------------
 # Paper-scale readers (documented JSONL formats), the conversation index and the latent cache
 
-def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int) -> list[tuple[int, dict]]:
-    """(index, record) of one split of a JSONL file's records (blank lines skipped): every heldout_every-th is
-    "eval", the rest "train". Each must be an object with non-empty strings at `keys`: an error names the line."""
-    path = Path(path)
-    if not path.is_file():
+def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int,
+               skip_bad: bool = False) -> list[tuple[int, dict]]:
+    """(index, record) of one split of a JSONL file (every heldout_every-th record is "eval"): objects with
+    non-empty strings at `keys`; another line is an error naming it, or with skip_bad skipped and counted."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, bad = [], 0
+    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip() for k in keys)
+            problem = "" if ok else f"needs non-empty string values for {list(keys)}, got {line[:120]!r}"
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}); each line must be one object with keys "
-                             f"{list(keys)}") from e
-        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k].strip() for k in keys):
-            raise ValueError(f"{path}, line {n}: needs non-empty string values for {list(keys)}, got {line[:120]!r}")
-        rows.append(row)
+            problem = f"not JSON ({e.msg}); each line must be one object with keys {list(keys)}"
+        if problem:
+            bad += skipped(ValueError(f"{path}, line {n}: {problem}"), skip_bad, "lines")
+        else:
+            rows.append(row)
+    if bad:
+        print(f"--data.skip_bad: skipped {bad} bad lines of {path}")
     return [(i, row) for i, row in enumerate(rows) if (i % heldout_every == heldout_every - 1) == (split == "eval")]
 
 
-def read_manifest(path: Path, split: str, heldout_every: int) -> list[dict]:
+def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = False) -> list[dict]:
     """Audio-text manifest: one {"audio": file (relative to the manifest), "text": transcript or caption, ["start": s,
     "end": s]} per line -> records with the file made absolute and "key", their latent cache file's name."""
-    path = Path(path)
-    tag = f"{path.stem}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-    return [row | {"key": f"{tag}/{i // 1000:05d}/{i:08d}", "audio": path.parent / row["audio"]}
-            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every)]
-
-
-def read_index(folder: Path, split: str) -> dict:
-    """The conversation index of a split, written by the latents stage: columns file (under data/<split>), turns,
-    valid (turns before the first violation), single (a one-sound t2a conversation) and frames per turn."""
-    if not (path := folder / f"index-{split}.json").is_file():
-        raise FileNotFoundError(f"{path}: no conversation index; run `python train.py --stage latents` first")
-    return json.loads(path.read_text())
+    tag = f"{Path(path).stem}-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]}"
+    return [row | {"key": f"{tag}/{i // 1000:05d}/{i:08d}", "audio": Path(path).parent / row["audio"]}
+            for i, row in read_jsonl(path, ("audio", "text"), split, heldout_every, skip_bad)]
 
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
-    """Index the conversations (rank 0, once; delete the index to redo it), then encode every item's audio once with
-    the frozen VAE (normalised posterior mean, float16): a file per story or manifest clip (cut at max_clip_seconds)
-    in out/latents, sharded over ranks, finished ones kept."""
+    """Index the conversations, index-<split>.json (rank 0, once; delete it to redo it): columns file (under
+    data/<split>), turns, valid (turns before the first violation) and single (a one-sound t2a conversation). Then
+    encode every item's audio once with the frozen VAE (normalised posterior mean, float16): a file per story or
+    manifest clip (cut at max_clip_seconds) in out/latents, sharded over ranks, finished ones kept. With skip_bad an
+    item whose audio load_audio refuses gets no file and is counted; TaskData then leaves it out."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
@@ -639,72 +638,82 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval") if d.main else ():
         if not (path := folder / f"index-{split}.json").exists():
-            c = read_conversations(data, split) if (data / split).is_dir() else []
+            c = read_conversations(data, split, cfg.skip_bad) if (data / split).is_dir() else []
             index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c],
                          turns=[len(x.turns) for x in c], single=[x.turns[0].kind == "t2a" for x in c],
-                         valid=[next((k for k, t in enumerate(x.turns) if t.violations), len(x.turns)) for x in c],
-                         frames=[[t.scene.num_frames for t in x.turns] for x in c])
+                         valid=[next((k for k, t in enumerate(x.turns) if t.violations), len(x.turns)) for x in c])
             write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
         stamp.write_text(digest)
     barrier()
     items = [(f"stories/{s}/{Path(f).stem}", data / s / f) for s in ("train", "eval")
-             for f in read_index(folder, s)["file"]] + [(r["key"], r) for s in ("train", "eval") for m in
-                                                         cfg.speech_manifests + cfg.sound_manifests
-                                                         for r in read_manifest(m, s, cfg.heldout_every)]
+             for f in json.loads((folder / f"index-{s}.json").read_text())["file"]]
+    items += [(r["key"], r) for s in ("train", "eval") for m in cfg.speech_manifests + cfg.sound_manifests
+              for r in read_manifest(m, s, cfg.heldout_every, cfg.skip_bad)]
     todo = [it for i, it in enumerate(items) if i % d.world == d.rank and not (folder / f"{it[0]}.pt").exists()]
     print(f"latents: {len(items)} items, {len(todo)} to encode on rank {d.rank}")
+    bad = 0
     for key, item in tqdm(todo, desc="latents", disable=not d.main, dynamic_ncols=True):
-        spans = [(t.audio, 0.0, None) for t in read_conversation(item).turns] if isinstance(item, Path) else \
-            [(item["audio"], s := float(item.get("start", 0)), min(float(item.get("end") or math.inf),
-                                                                  s + cfg.max_clip_seconds))]
-        audio = [load_audio(p)[None, :, int(a * SAMPLE_RATE): None if b is None else int(b * SAMPLE_RATE)]
-                 for p, a, b in spans]
+        try:
+            spans = [(t.audio, 0.0, None) for t in read_conversation(item).turns] if isinstance(item, Path) else \
+                [(item["audio"], s := float(item.get("start", 0)), min(float(item.get("end") or math.inf),
+                                                                      s + cfg.max_clip_seconds))]
+            audio = [load_audio(p)[None, :, int(a * SAMPLE_RATE): None if b is None else int(b * SAMPLE_RATE)]
+                     for p, a, b in spans]
+        except (ValueError, FileNotFoundError) as e:      # AudioError, a cut conversation file, its audio missing
+            bad += skipped(e, cfg.skip_bad, "items", key)
+            continue
         save_checkpoint(folder / f"{key}.pt", {"latents": [vae.encode(x.to(d.device))[0].to("cpu", torch.float16)
                                                            for x in audio]})
+    if bad:
+        print(f"--data.skip_bad: {bad} of {len(todo)} items not encoded (rank {d.rank})")
     barrier()
 
 
 # -----------------------------------------------------------------------------
 # SCT data: documents per task, Diffusion Forcing noise, CFG dropout, packing
 
-def turn_pairs(select: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[M, 2] (conversation, turn k) for lo <= k < hi of every selected conversation, vectorised (6 M at scale)."""
-    counts = (hi - lo).clamp(min=0) * select
-    conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo[conv]], 1)
-
-
 class TaskData:
-    """Every document source of one split per task: pools[task] lists its sources, [M, 2] tensors of (conversation
-    in the index, turn k) and lists of manifest or corpus records, drawn from as one list (item)."""
+    """Every document source of one split per task: pools[task] = ([M, 2] (conversation in the index, turn k)
+    pairs, manifest or corpus records), drawn from as one list (item). With skip_bad, what the latents stage did
+    not encode is left out."""
 
     def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
                  audio_dim: int, validated_only: bool = False):
         self.cfg, self.stories, self.latents_dir, self.split, self.tok, self.audio_dim = \
             cfg, stories, latents, split, tok, audio_dim
-        self.index = read_index(latents, split)
-        turns, single = torch.tensor(self.index["turns"], dtype=torch.long), torch.tensor(self.index["single"]).bool()
-        valid = torch.tensor(self.index["valid"], dtype=torch.long) if validated_only else turns
+        if not (path := latents / f"index-{split}.json").is_file():
+            raise FileNotFoundError(f"{path}: no conversation index; run `python train.py --stage latents` first")
+        self.index = json.loads(path.read_text())
+        cached = (lambda key: (latents / f"{key}.pt").is_file()) if cfg.skip_bad else (lambda key: True)
+        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in self.index["file"]], dtype=torch.long)
+        turns = torch.tensor(self.index["turns"], dtype=torch.long) * keep
+        single = torch.tensor(self.index["single"]).bool()
+        valid = torch.tensor(self.index["valid"], dtype=torch.long) * keep if validated_only else turns
         zero, one, story = torch.zeros_like(turns), torch.ones_like(turns), ~single
         first = torch.minimum(valid, one)                          # turn 0, if it is valid
-        speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every)]
-                          for manifests in (cfg.speech_manifests, cfg.sound_manifests))
-        corpus = [row for c in cfg.text_corpora for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every)]
-        self.pools = dict(text=[turn_pairs(one > 0, zero, one), corpus], t2a=[turn_pairs(single, zero, first), sounds],
-                          caption=[turn_pairs(single, zero, first), sounds], story=[turn_pairs(story, zero, first)],
-                          understand=[turn_pairs(story, zero, valid)], edit=[turn_pairs(story, one, valid)],
-                          upload_edit=[turn_pairs(story, one, valid)], asr=[speech], tts=[speech])
+
+        def pairs(select: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+            """[M, 2] (conversation, turn k) for lo <= k < hi of the selected conversations, vectorised (6 M)."""
+            counts = (hi - lo).clamp(min=0) * select
+            conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo[conv]], 1)
+        speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)
+                           if cached(r["key"])] for manifests in (cfg.speech_manifests, cfg.sound_manifests))
+        corpus = [row for c in cfg.text_corpora
+                  for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every, cfg.skip_bad)]
+        none = pairs(one, zero, zero)
+        self.pools = dict(text=(pairs(turns > 0, zero, one), corpus), t2a=(pairs(single, zero, first), sounds),
+                          caption=(pairs(single, zero, first), sounds), story=(pairs(story, zero, first), []),
+                          understand=(pairs(story, zero, valid), []), edit=(pairs(story, one, valid), []),
+                          upload_edit=(pairs(story, one, valid), []), asr=(none, speech), tts=(none, speech))
 
     def size(self, task: str) -> int:
         return sum(map(len, self.pools[task]))
 
     def item(self, task: str, j: int) -> tuple:
         """The j-th item of a task's pool: ("conv", conversation, turn k) or ("record", record, 0)."""
-        for source in self.pools[task]:
-            if j < len(source):
-                return ("conv", *source[j].tolist()) if torch.is_tensor(source) else ("record", source[j], 0)
-            j -= len(source)
-        raise IndexError(f"item {j} beyond the {task} pool")
+        convs, records = self.pools[task]
+        return ("conv", *convs[j].tolist()) if j < len(convs) else ("record", records[j - len(convs)], 0)
 
     def conversation(self, i: int):
         return read_conversation(self.stories / self.split / self.index["file"][i])
@@ -767,15 +776,6 @@ def key_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def text_example(ids: list[int], tok: TextTokenizer, audio_dim: int, eos: bool = True) -> Example:
-    """<bos> text [<eos>] with the LM loss on every token (the text task); no <eos> after a window cut before the
-    text's end, which would teach the model to stop at an arbitrary point."""
-    t = torch.tensor([tok.bos_id] + ids + [tok.eos_id] * eos)
-    z = torch.zeros(len(t), dtype=torch.long)
-    return Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
-                   span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, audio_dim))
-
-
 def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_dropout: float,
                    tok: TextTokenizer) -> dict[str, torch.Tensor]:
     """CFG dropout, one diffusion time per model span (Diffusion Forcing; a span that is only read stays clean, t =
@@ -801,10 +801,13 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
     while misses < 3:
         task = rng.choices(*mixture)[0]
         doc = data.document(task, rng)
-        if task == "text":
+        if task == "text":                    # <bos> window [<eos>]: no <eos> where a window cuts the text short
             start = rng.randrange(max(1, len(doc) - seq_len + 3))
-            end = start + seq_len - 2                              # <eos> only where the text ends
-            ex = text_example(doc[start: end], data.tok, data.audio_dim, eos=end >= len(doc))
+            t = torch.tensor([data.tok.bos_id] + doc[start: start + seq_len - 2] + [data.tok.eos_id] * (
+                start + seq_len - 2 >= len(doc)))
+            z = torch.zeros(len(t), dtype=torch.long)
+            ex = Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
+                         span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, data.audio_dim))
         else:
             ex = encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
         stats["dropped"] += len(ex.ids) > seq_len
@@ -896,19 +899,17 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
     trained_with = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": file_sha256(out / "tokenizer.model"),
                     "vae_audio_dim": 2 * load_checkpoint(out / "vae.pt", "vae")["config"]["latent_dim"],
                     "vae_sha256": file_sha256(out / "vae.pt")}
-    ckpts = Checkpoints(out / stage, loop.keep_last, {"sct_model": asdict(cfg["sct_model"]), "sct": asdict(tc),
-                                                      "diffusion": asdict(dc), "stage": asdict(st),
-                                                      "data": asdict(cfg["data"]), "seed": seed,
-                                                      "trained_with": trained_with}, {})
+    settings = {k: asdict(cfg[k]) for k in ("sct_model", "sct", "diffusion", "data")} | {
+        "stage": asdict(st), "seed": seed, "trained_with": trained_with}
+    ckpts = Checkpoints(out / stage, loop.keep_last, settings)
     torch.manual_seed(seed)
     sct = load_model(SCT, ckpts.path, ckpt=ckpt) if (ckpt := ckpts.read()) else build_sct(stage, cfg, out, trained_with)
     sct.gradient_checkpointing, sct.understanding_grad = tc.gradient_checkpointing, tc.understanding_grad
     core = TransfusionForcing(sct.to(d.device), dc.loss_weight, tc.lm_chunk)
-    model = torch.compile(wrap_model(core, d, tc.fsdp)) if tc.compile else wrap_model(core, d, tc.fsdp)
-    opt = adamw(core, st.lr, tc.weight_decay, betas=tc.betas, fused=d.device.type == "cuda")
-    ckpts.objects = {"model": sct, "optimizer": (core, opt)}
+    model, opt = wrap_model(core, d, tc.fsdp), adamw(core, st.lr, tc.weight_decay, betas=tc.betas,
+                                                     fused=d.device.type == "cuda")
+    ckpts.objects, ckpts.extra = {"model": sct, "optimizer": (core, opt)}, {"config": asdict(sct.config)}
     step = ckpts.resume(stage, ckpt, d.main) if ckpt else 0      # (the model's weights were loaded before wrapping)
-    history, evals = (ckpt or {}).get("history", []), (ckpt or {}).get("evals", [])
     train_data, eval_data = (TaskData(cfg["data"], data, out / "latents", split, tok, sct.config.audio_dim,
                                       st.validated_only) for split in ("train", "eval"))
     mixture, eval_mixture = train_data.mixture(st.mixture, strict=True), eval_data.mixture(st.mixture, strict=False)
@@ -924,11 +925,9 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
                          range(step, st.steps), tc.prefetch)
 
     def train_step(s: int) -> dict:
-        lr = set_lr(opt, lr_at(s, st.lr, st.steps, st.warmup_steps, tc.final_lr_fraction))
         r = run_rows(model, next(batches), d, tc, train=True)
-        gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lr = lr_at(s, st.lr, st.steps, st.warmup_steps, tc.final_lr_fraction)
+        gnorm = optimize(opt, lr, None, core.parameters(), tc.grad_clip)
         return r | {"gnorm": (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item(), "lr": lr}
 
     def extra(m: dict) -> dict:                                   # nanoGPT's log line: loss, time, tokens/s, MFU
@@ -937,60 +936,51 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
             {"mfu": flops_per_token * tok_s / (tc.peak_tflops * 1e12 * d.world)} if d.device.type == "cuda" else {})
 
     @torch.no_grad()
-    def evaluate(done: int) -> None:
+    def evaluate() -> dict:
         rows = [draw_row(eval_data, eval_mixture, tc.seq_len, dc, 0.0, seed, "eval", j)
                 for j in range(d.rank, tc.eval_rows, d.world)]
         sct.eval()
         r = run_rows(model, rows, d, tc, train=False)
         sct.train()
-        evals.append({"step": done, "loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]})
-        if d.main:
-            tqdm.write(f"{stage} eval {done:6d} | " + " ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()))
+        return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]}
 
-    def save(done: int) -> None:                                    # every rank gathers, rank 0 writes, all wait
-        ckpts.save(done, {"config": asdict(sct.config), "history": history, "evals": evals},
-                   {"stage": stage, "last": history[-1:], "evals": evals, "world_size": d.world}, d.main)
-        barrier()
-
-    train_loop(stage, step, st.steps, loop, train_step, evaluate, save, stop_after, history, extra, d.main)
+    train_loop(stage, ckpts, step, st.steps, loop, train_step, evaluate, stop_after, extra, d.main)
     model_sd = get_model_state_dict(sct, options=FULL)
     if d.main:
         save_checkpoint(final, {"kind": "sct", "config": asdict(sct.config), "model": model_sd, "stage": stage,
                                 "step": st.steps, "train_config": {k: asdict(v) for k, v in cfg.items()},
-                                "trained_with": trained_with, "history": history, "evals": evals})
+                                "trained_with": trained_with, **ckpts.log})
     barrier()
     return final
 
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_args(argv)
-    d = setup_distributed(args.device)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (2 * int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                                                   1)))))
+    d, dc, ranks_here = setup_distributed(args.device), cfg["data"], int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (2 * ranks_here)))  # idle OpenMP threads
     if d.main:                                                    # the effective configuration, one line per section
         print(f"run: preset {args.preset}, stage {args.stage}, data {args.data}, out {args.out}, seed {args.seed}, "
               f"{d.world} rank(s)\n" + "\n".join(f"{name}: {json.dumps(asdict(s))}" for name, s in cfg.items()))
     try:
         for stage in PRESET_STAGES[args.preset] if args.stage == "all" else (args.stage,):
-            start, dc = time.time(), cfg["data"]
+            start = time.time()
             if stage in ("data", "vae", "flam") and d.world > 1 and not (args.out / f"{stage}.pt").exists():
                 raise RuntimeError(f"stage {stage} runs in one process: run `python train.py --stage {stage} --out "
                                    f"{args.out}` first, then torchrun the later stages")
             if stage == "data":                                    # copilot.write_dataset skips finished files
-                stats = write_dataset(args.data, dc.copilot_n, dc.copilot_eval_n, DatasetConfig(seed=dc.copilot_seed),
-                                      dc.copilot_workers)
-                print(f"data: {json.dumps(stats)}")
-            elif stage == "tokenizer":
-                if d.main:
-                    run_tokenizer(dc, args.data, args.out, args.preset)
-                barrier()
+                print("data:", json.dumps(write_dataset(args.data, dc.copilot_n, dc.copilot_eval_n,
+                                                        DatasetConfig(seed=dc.copilot_seed), dc.copilot_workers)))
+            elif stage == "tokenizer" and d.main:
+                run_tokenizer(dc, args.data, args.out, args.preset)
             elif stage in ("vae", "flam") and d.main:
                 (train_vae if stage == "vae" else train_flam)(cfg[f"{stage}_model"], cfg[stage], cfg[f"{stage}_loop"],
-                                                              args.data, args.out, args.seed, args.stop_after, d.device)
+                                                              args.data, args.out, args.seed, args.stop_after, d.device,
+                                                              dc.skip_bad)
             elif stage == "latents":
                 run_latents(dc, args.data, args.out, d)
             elif stage in SCT_FINAL:
                 train_sct(stage, cfg, args.data, args.out, args.seed, d, args.stop_after)
+            barrier()
             if d.main:
                 print(f"{stage}: done in {(time.time() - start) / 60:.1f} min wall time")
     finally:

@@ -1,8 +1,10 @@
 """Tests for sample.py's parts, in process: the invalid-plan policy, the layouts of the prefixes, cached CFG
-sampling against a full-sequence reference, input and checkpoint checks, chat context trimming, eval resume.
+sampling against a full-sequence reference, input and checkpoint checks, chat context trimming, and the resume of
+bench/eval_split.py, which answers an eval split with these functions.
 The command line itself is driven end to end in tests/test_end_to_end.py."""
 import json
 import shutil
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from model import SCT, SCTConfig
 from test_end_to_end import CAPTION, INSTRUCTIONS, SCENES, TINY_VAE, save_checkpoints, write_eval_split
 from tokenizer import (SAMPLE_RATE, CheckpointError, StereoVAE, Turn, encode_conversation, load_model, save_audio,
                        task_turns, train_text_tokenizer)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import eval_split  # noqa: E402  (bench/eval_split.py: the eval split in metrics.py's layout)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +213,8 @@ def test_bad_input_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatc
         assert message in capsys.readouterr().err, f"{argv}: expected {message!r}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1hz.wav", "a_file", "broken.wav", "cut.wav", "folder.wav",
                                                           "many.json"], "a refused request wrote something"
-    for argv in (["--chat", "--prompt", "x"], ["--eval", "data"], ["--plan", "p.json", "--audio", "a.wav"], []):
+    for argv in (["--chat", "--prompt", "x"], ["--chat", "--audio", "a.wav"], ["--plan", "p.json", "--audio", "a.wav"],
+                 []):
         with pytest.raises(SystemExit):
             sample.parse_args(argv)
 
@@ -293,9 +299,9 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(m, tmp_path, mo
 
 def test_eval_records_unusable_plans_and_resumes(tiny, tmp_path):
     write_eval_split(tmp_path / "data")
-    argv = ["--ckpt-dir", str(tiny), "--eval", str(tmp_path / "data"), "--out", str(tmp_path / "sys"),
+    argv = ["--ckpt-dir", str(tiny), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "sys"),
             "--steps", "1", "--max-new-tokens", "8"]
-    assert sample.main(argv) == 0
+    assert eval_split.main(argv) == 0
     out = tmp_path / "sys" / read_conversations(tmp_path / "data", "eval")[0].id
     for k in range(3):                                             # an untrained model writes no scene
         record = json.loads((out / f"turn{k}.json").read_text())
@@ -303,7 +309,7 @@ def test_eval_records_unusable_plans_and_resumes(tiny, tmp_path):
         assert record["seconds"] > 0 and (out / f"turn{k}.wav").is_file()
     assert json.loads((out / "caption.json").read_text())["scene"] is None
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sample.main(argv) == 0
+    assert eval_split.main(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "finished outputs were computed again"
 
 

@@ -264,13 +264,13 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_resume_clears_what_a_killed_save_left(tmp_path):
     """kill -9 in a save or a prune: a .tmp, a .json without its .pt, one checkpoint too many. Resuming removes
     them (bench/soak.py found the orphan .json), so the stage ends with the files of an uninterrupted run."""
-    ckpts = train.Checkpoints(tmp_path, 2, {"seed": 0})
+    ckpts = train.Checkpoints(tmp_path, 2, {"seed": 0}, extra={"w": torch.ones(1)})
     for step in (1, 2, 3):
-        ckpts.save(step, {"w": torch.ones(1)}, {})
+        ckpts.save(step)
     (tmp_path / "step-000004.json").write_text("{}")                 # killed before its .pt
     (tmp_path / "step-000004.pt.x1y2.tmp").write_bytes(b"half")      # killed mid-write
     (tmp_path / "step-000001.pt").write_bytes((tmp_path / "step-000002.pt").read_bytes())   # a prune killed midway
-    assert ckpts.resume()["step"] == 3 and ckpts.path.name == "step-000003.pt"
+    assert ckpts.read()["step"] == 3 and ckpts.path.name == "step-000003.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002.json", "step-000002.pt", "step-000003.json",
                                                           "step-000003.pt"]
 
@@ -330,7 +330,10 @@ def test_documents_follow_the_paper_layout(toy):
 
 def test_sample_prompts_are_prefixes_of_training_documents(toy):
     """What sample.py asks the model is a token prefix of the document train.py trains on for the same turn: a
-    story, a later chat turn (after the reference turns, as --eval gives them), an upload edit and a describe."""
+    story, a later chat turn (after the reference turns, as bench/eval_split.py gives them), an upload edit and a
+    describe."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import eval_split
     td = task_data(toy, "eval")
     conv = td.conversation(0)
     z = td.latents(f"stories/eval/{conv.id}")
@@ -339,7 +342,7 @@ def test_sample_prompts_are_prefixes_of_training_documents(toy):
     cases = {"story": (td.build("story", ("conv", 0, 0), random.Random(0)),
                        sample.request([], "story", instruction[0])),
              "later chat turn": (td.build("edit", ("conv", 0, 1), random.Random(0)),
-                                 sample.request(sample.reference_history(conv, 1, z), "story", instruction[1])),
+                                 sample.request(eval_split.reference_history(conv, 1, z), "story", instruction[1])),
              "upload edit": (td.build("upload_edit", ("conv", 0, 2), random.Random(0)),
                              sample.request([], "upload_edit", {"clip": z[1], **instruction[2]})),
              "describe": (td.build("understand", ("conv", 0, 1), random.Random(seed)),
@@ -394,7 +397,7 @@ def test_documents_that_only_read_audio_are_never_noised(toy):
 def test_a_text_window_cut_from_a_longer_text_has_no_eos(toy, tmp_path):
     words = " ".join(f"word{i}" for i in range(400))
     (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": words}) + "\n")
-    (tmp_path / "index-train.json").write_text(json.dumps(dict(file=[], turns=[], valid=[], single=[], frames=[])))
+    (tmp_path / "index-train.json").write_text(json.dumps(dict(file=[], turns=[], valid=[], single=[])))
     td = train.TaskData(train.DataConfig(text_corpora=(str(tmp_path / "corpus.jsonl"),), heldout_every=1000), tmp_path,
                         tmp_path, "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)       # the corpus alone
     text = td.tok.encode(words)
@@ -461,7 +464,7 @@ def test_a_large_conversation_index_loads_in_seconds(toy, tmp_path):
     turns, single = torch.randint(1, 6, (n,), generator=g), torch.rand(n, generator=g) < 0.2
     turns[single] = 1
     index = {"file": [f"{i // 1000:05d}/train-{i:07d}.json" for i in range(n)], "turns": turns.tolist(),
-             "valid": turns.tolist(), "single": single.tolist(), "frames": [[320] * t for t in turns.tolist()]}
+             "valid": turns.tolist(), "single": single.tolist()}
     (tmp_path / "index-train.json").write_text(json.dumps(index))
     start = time.perf_counter()
     td = train.TaskData(train.DataConfig(), tmp_path / "no-such-data", tmp_path, "train", TextTokenizer(
@@ -520,13 +523,14 @@ def test_bad_data_is_named_or_skipped_and_counted(toy, tmp_path, capsys, caplog)
         train.run_latents(train.DataConfig(), data, out, train.Dist())
     with pytest.raises(AudioError, match=f"{flac.name}: cannot decode it.*--data.skip_bad true"):
         frames = sf.info(str(flac)).frames                                # the header's length: the whole
-        train.read_crop((flac, frames, SAMPLE_RATE), frames // 2, torch.Generator().manual_seed(0))
+        train.crop_batch([(flac, frames, SAMPLE_RATE)], 1, frames // 2, torch.Generator().manual_seed(0))
     cut.write_text(cut.read_text()[: len(cut.read_text()) // 2])
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     sf.write(tmp_path / "a.wav", (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE)
     (tmp_path / "sounds.jsonl").write_text('{"audio": "a.wav", "text": "a beep"}\n{"audio": "a.wav", "te\n')
+    shutil.rmtree(out / "latents")                                   # the conversation index is made again
     with pytest.raises(ValueError, match=f"{cut.name}: malformed conversation file.*--data.skip_bad true"):
-        train.TaskData(train.DataConfig(), data, out / "latents", "train", None, 8)
+        train.run_latents(train.DataConfig(), data, out, train.Dist())
     with pytest.raises(ValueError, match=r"sounds.jsonl, line 2: not JSON.*--data.skip_bad true"):
         train.read_manifest(tmp_path / "sounds.jsonl", "train", 100)
     capsys.readouterr()
@@ -535,10 +539,13 @@ def test_bad_data_is_named_or_skipped_and_counted(toy, tmp_path, capsys, caplog)
     printed = capsys.readouterr()
     assert f"--data.skip_bad: skipped stories/train/{convs[0].id}: {flac}" in printed.out
     assert "--data.skip_bad: 1 of " in printed.out and "skipped 1 bad lines of" in printed.out
-    assert f"{cut.name}: JSONDecodeError" in caplog.text and "skipped 1 of 5 conversation files" in caplog.text
+    assert f"{cut.name}: malformed conversation file (JSONDecodeError" in caplog.text
+    assert "skipped 1 of 5 conversation files" in caplog.text
     td = train.TaskData(cfg, data, out / "latents", "train", TextTokenizer(toy[1] / "tokenizer.model"), 8)
-    assert [c.id for c in td.convs] == [c.id for c in convs[2:]], "the truncated and the cut conversation are out"
-    assert [ref.text for kind, ref, _ in td.pools["t2a"] if kind == "record"] == ["a beep"]
+    used = {td.conversation(c).id for task in td.pools for source in td.pools[task] if torch.is_tensor(source)
+            for c in source[:, 0].tolist()}
+    assert used == {c.id for c in convs[2:]}, "the truncated and the cut conversation are out"
+    assert [r["text"] for r in td.pools["t2a"][1]] == ["a beep"]
     found = train.find_audio(data / "train", skip_bad=True)
     assert flac not in [f[0] for f in found] and "skipped 1 of" in capsys.readouterr().out
 
