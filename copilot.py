@@ -1162,14 +1162,16 @@ def read_conversations(root: str | Path, split: str = "train", skip_bad: bool = 
     """Every finished conversation of root/split in index order; with skip_bad a malformed one is logged, left out."""
     if not (d := Path(root) / split).is_dir():
         raise FileNotFoundError(f"{d}: no such split; write it with `python copilot.py --out {root} --n N --eval-n M`")
-    conversations = []
-    for path in sorted(d.glob("*/*.json")):
+    conversations, paths = [], sorted(d.glob("*/*.json"))
+    for path in paths:
         try:
             conversations.append(read_conversation(path))
         except (ValueError, FileNotFoundError) as e:
             if not skip_bad:
                 raise
             log.warning("skipped %s", e)
+    if len(conversations) < len(paths):
+        log.warning("skipped %d of %d conversation files under %s", len(paths) - len(conversations), len(paths), d)
     return conversations
 
 
