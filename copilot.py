@@ -489,7 +489,11 @@ def integrated_loudness(x: torch.Tensor) -> float:
     if x.shape[-1] < SAMPLE_RATE // 2:
         x = x.repeat(1, -(-(SAMPLE_RATE // 2) // x.shape[-1]))
     block, step = int(0.4 * SAMPLE_RATE), int(0.1 * SAMPLE_RATE)
-    power = k_weight(x).pow(2).unfold(-1, block, step).mean(-1).sum(0)   # [J] sum over channels of block mean squares
+    return gated_loudness(k_weight(x).pow(2).unfold(-1, block, step).mean(-1).sum(0))  # channels' block mean squares
+
+
+def gated_loudness(power: torch.Tensor) -> float:
+    """LUFS of K-weighted block powers [J] (400 ms blocks every 100 ms, summed over channels): BS.1770-4 gating."""
     keep = power > 10 ** ((-70 + 0.691) / 10)                            # absolute gate: block loudness > -70 LUFS
     if not keep.any():
         return -70.0

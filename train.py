@@ -101,7 +101,7 @@ class VAETrainConfig:
 class FLAMTrainConfig:
     steps: int = setting(20_000, "optimizer steps")
     batch_size: int = setting(16, "clips per step")
-    captions: int = setting(8, "captions per clip: its sounds (at most this many), negatives")
+    captions: int = setting(8, "captions per clip: its sounds, then absent ones; >= the caption pool: every caption on every clip")
     lr: float = setting(1e-3, "AdamW peak learning rate")
     warmup_steps: int = setting(200, "linear warm-up, then cosine decay to lr / 10")
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices")
@@ -153,7 +153,7 @@ PRESETS = {
         data=DataConfig(max_clip_seconds=8.0),
         vae=VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
-        flam=FLAMTrainConfig(steps=1000, batch_size=8, lr=2e-3, warmup_steps=100, eval_clips=180),
+        flam=FLAMTrainConfig(steps=1500, batch_size=8, captions=16, lr=2e-3, warmup_steps=100, eval_clips=180),
         flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
         sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50), diffusion=DiffusionConfig(),

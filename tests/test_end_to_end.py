@@ -239,9 +239,10 @@ def test_eval_writes_the_layout_metrics_reads(world, tmp_path):
         check_audio(out / f"turn{k}.wav", scene)
     assert scene_to_json(parse_scene(json.dumps(json.loads((out / "caption.json").read_text())["scene"]))) == CAPTION
     conversations = read_conversations(world["data"], "eval")
-    results = metrics.evaluate(conversations, tmp_path / "sys", lambda audio, caps: torch.full((len(caps), 4), 0.5),
-                               lambda audio: torch.stack([audio.abs().mean(), audio.std()]))
-    assert results["editing"]["System"]["all"]["n"] == 2 and results["storytelling"]["System"]["multiflam"] == 0.5
+    results = metrics.evaluate(conversations, lambda audio, caps: torch.full((len(caps), 4), 0.5),
+                               lambda audio: torch.stack([audio.abs().mean(), audio.std()]), tmp_path / "sys")
+    editing, story = results["editing"]["all"], results["storytelling"]["all"]
+    assert editing["System"]["n"] == 2 and story["System"]["multiflam"] == 0.5, results
 
 
 def test_kill_9_soak_short(tmp_path):
