@@ -71,7 +71,7 @@ class SCTConfig:
     max_position_embeddings: int = field(default=8192, metadata={
         "help": "longest document Gemma 2 was trained on (positions restart per packed document)"})
     hidden_activation: str = field(default="gelu_pytorch_tanh", metadata={"help": "GeGLU gate; Gemma 2's only one"})
-    audio_dim: int = field(default=256, metadata={"help": "latent size per 40 Hz frame (2 x 128, B.1; train.py sets)"})
+    audio_dim: int = field(default=256, metadata={"help": "latent size per frame (2 x 128, B.1; train.py sets)"})
     attn_implementation: str = field(default="eager", metadata={
         "help": "eager (exact) | sdpa (needs no soft-cap) | flex (exact, GPU); see the module docstring"})
 

@@ -31,7 +31,7 @@ from copilot import MAX_END, MAX_SOUNDS, MAX_START, Scene, SceneError, parse_sce
     validate_scene
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
-from tokenizer import (DESCRIBE, FRAME_RATE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
+from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
                        encode_conversation, load_audio, load_checkpoint, load_model, save_audio, task_turns,
                        write_atomic)
 
@@ -225,7 +225,7 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
                   notes + [n for c in (caption, plan) if c is not None for n in c.notes])
     if plan is None:
         return reply
-    if (frames := plan.scene.num_frames(FRAME_RATE)) == 0:
+    if (frames := plan.scene.num_frames(m.vae.config.frame_rate)) == 0:
         raise PlanError(f"the plan has no sound, so there is no audio to make:\n{scene_to_json(plan.scene)}")
     t1 = time.perf_counter()
     reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": torch.zeros(

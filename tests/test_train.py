@@ -28,7 +28,7 @@ from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT
 from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer,
-                       VAEConfig, encode_conversation, load_model, FRAME_RATE)
+                       VAEConfig, encode_conversation, load_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -287,7 +287,7 @@ def test_latents_are_the_normalised_vae_encoding_and_resumable(toy, capsys):
         expected = [vae.encode(train.load_audio(t.audio)[None])[0] for t in conv.turns]
     assert len(cached) == len(conv.turns) and cached[0].dtype == torch.float16
     for got, want in zip(cached, expected):
-        assert got.shape == want.shape == (conv.turns[0].scene.num_frames(FRAME_RATE), vae.audio_dim)
+        assert got.shape == want.shape == (conv.turns[0].scene.num_frames(vae.config.frame_rate), vae.audio_dim)
         torch.testing.assert_close(got.float(), want, atol=2e-3 * want.abs().max().item(), rtol=1e-3)
     train.main(["--stage", "latents", "--data", str(data), "--out", str(out), "--threads", "1"])
     assert "7 items, 0 to encode" in capsys.readouterr().out
@@ -309,7 +309,7 @@ def test_documents_follow_the_paper_layout(toy):
 
     (user, model), conv = doc("story", 0)
     assert user.parts == [conv.turns[0].instruction] and model.parts[0] == scene_to_json(conv.turns[0].scene)
-    assert model.parts[1].shape == (conv.turns[0].scene.num_frames(FRAME_RATE), 8)
+    assert model.parts[1].shape == (conv.turns[0].scene.num_frames(TINY.frame_rate), 8)
     (user, model), conv = doc("upload_edit", 2)
     assert torch.is_tensor(user.parts[0]) and user.parts[1] == conv.turns[2].instruction
     assert model.parts[:2] == [scene_to_json(caption_of(conv.turns[1].scene)), scene_to_json(conv.turns[2].scene)]
