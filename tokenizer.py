@@ -648,10 +648,13 @@ class TextTokenizer:
         return self.sp.decode(list(ids))
 
 
-def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int) -> TextTokenizer:
+def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int,
+                         pieces: tuple[str, ...] = ()) -> TextTokenizer:
     """Train a toy BPE sentencepiece model on texts, write it to model_file and load it. Like Gemma's: <pad> 0,
     <eos> 1, <bos> 2, <unk> 3, the special pieces and "\\n" as pieces of their own, no normalisation (whitespace
-    survives), digits split, unseen characters fall back to UTF-8 bytes."""
+    survives), digits split, unseen characters fall back to UTF-8 bytes. Unlike Gemma's, a piece may cross a script
+    boundary (`":"` and `"a` merge: plans take ~40 % fewer tokens), and `pieces` are whole pieces (train.py gives
+    the plan's numbers, so copying a number from a plan or a prompt is one token, not three)."""
     lines = [line for text in texts for line in text.split("\n") if line]   # sentencepiece reads lines
     if not lines:
         raise ValueError("train_text_tokenizer got no text; pass a non-empty list of strings")
@@ -662,10 +665,11 @@ def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vo
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        split_by_unicode_script=False,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"])
+        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"] + list(pieces))
     write_atomic(model_file, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
     return TextTokenizer(model_file)
 

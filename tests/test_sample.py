@@ -167,7 +167,7 @@ def test_audio_longer_than_8_s_is_refused_unless_trimmed(m, tmp_path):
     save_audio(tmp_path / "long.wav", torch.zeros(2, int(8.5 * SAMPLE_RATE)))
     with pytest.raises(sample.SampleError, match=r"8.50 s of audio.*at most 8 s.*--trim"):
         sample.read_audio(tmp_path / "long.wav")
-    assert m.encode(sample.read_audio(tmp_path / "long.wav", trim=True)).shape == (8 * 40, m.vae.audio_dim)
+    assert m.encode(sample.read_audio(tmp_path / "long.wav", trim=True)).shape == (8 * m.vae.config.frame_rate, m.vae.audio_dim)
 
 
 def exit_code(argv: list) -> int:
