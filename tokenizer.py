@@ -658,9 +658,9 @@ def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vo
     lines = [line for text in texts for line in text.split("\n") if line]   # sentencepiece reads lines
     if not lines:
         raise ValueError("train_text_tokenizer got no text; pass a non-empty list of strings")
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte pieces and 9 special pieces "
-                         f"need room; use at least 300")
+    if vocab_size < 300 + len(pieces):
+        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte pieces, 9 special pieces and "
+                         f"{len(pieces)} given pieces need room; use at least {300 + len(pieces)}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     base = work / "base"                              # tokenizer, a tiny VAE and the latents, made once
     if not (base / "latents").is_dir():
         run(vae(base), work / "base.log")
-        run(train("--stage", "tokenizer", "--out", base, "--data.vocab_size", 400), work / "base.log")
+        run(train("--stage", "tokenizer", "--out", base, "--data.vocab_size", 600), work / "base.log")
         run(train("--stage", "latents", "--out", base), work / "base.log")
 
     def copy_base(folder):

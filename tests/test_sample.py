@@ -322,3 +322,22 @@ def test_the_shipped_toy_model_loads_and_plans():
     text, stop = sample.decode_text(m, [Turn("user", ["Make an audio scene with steady rain falling."])], 600)
     assert stop == m.tok.audio_start_id, f"the plan should end where its audio starts, got {text!r}"
     assert parse_scene(text).sounds
+
+
+def test_plot_draws_the_spectrograms_with_the_plan_and_names_matplotlib_when_missing(tmp_path, monkeypatch):
+    """--plot: a PNG of both channels' spectrograms with one labelled box per planned sound; without matplotlib a
+    clear error that says how to get it (it is an optional extra)."""
+    pytest.importorskip("matplotlib")
+    scene = parse_scene(SCENES[0])
+    audio = torch.randn(2, 2 * SAMPLE_RATE) * 0.1
+    sample.plot_scene(tmp_path / "a.png", audio, scene)
+    png = (tmp_path / "a.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    import matplotlib.pyplot as plt
+    drawn = []
+    monkeypatch.setattr(plt.Axes, "add_patch", lambda ax, patch: drawn.append(patch))
+    sample.plot_scene(tmp_path / "b.png", audio, scene)
+    assert len(drawn) == 2 * len(scene.sounds)                       # a box per sound in each channel's picture
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(sample.SampleError, match="--plot needs matplotlib.*pip install matplotlib"):
+        sample.plot_scene(tmp_path / "c.png", audio, scene)
