@@ -5,6 +5,7 @@
     python sample.py --audio in.wav                               # describe it: out/caption.json
     python sample.py --chat                                       # multi-turn on stdin (Eq. 3)
     python sample.py --plan plan.json                             # render a plan you wrote
+    python sample.py --prompt "..." --plot                        # + out/sample.png: spectrograms and the plan
 
 From a prompt to the WAV (respond, appendix D): the request is laid out as in training (tokenizer.task_turns);
 SCT.generate decodes the model's text greedily until <unused0> (the audio starts), <end_of_turn> or <eos>;
@@ -18,6 +19,7 @@ Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 """
 import argparse
 import hashlib
+import math
 import sys
 import tempfile
 import time
@@ -236,6 +238,9 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     if not torch.isfinite(reply.audio).all():
         raise SampleError(f"the model made {int((~torch.isfinite(reply.audio)).sum())} NaN or infinite samples; "
                           f"nothing is written (the checkpoints may be broken: retrain, or try another --seed)")
+    if (peak := reply.audio.abs().max().item()) > 1:                # a WAV holds full scale: never write clipping
+        reply.audio *= 0.99 / peak
+        reply.notes.append(f"the audio peaked at {20 * math.log10(peak):+.1f} dBFS; scaled down to -0.1 dBFS")
     return reply
 
 

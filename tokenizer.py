@@ -182,8 +182,9 @@ class VAEConfig:
 
     def __post_init__(self):
         if math.prod(self.strides) * self.frame_rate != SAMPLE_RATE:
-            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, but a latent frame "
-                             f"at {self.frame_rate} Hz is {SAMPLE_RATE / self.frame_rate:g} samples; make them agree")
+            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, but a latent "
+                             f"frame at {self.frame_rate} Hz is {SAMPLE_RATE / self.frame_rate:g} samples; make them "
+                             f"agree")
         if self.gain_shape and self.latent_dim < 2:
             raise ValueError("VAEConfig.gain_shape spends one latent dim on the level; latent_dim must be >= 2")
         if len(self.mel_windows) != len(self.mel_bins):

@@ -102,7 +102,7 @@ class VAETrainConfig:
 class FLAMTrainConfig:
     steps: int = setting(20_000, "optimizer steps")
     batch_size: int = setting(16, "clips per step")
-    captions: int = setting(8, "captions per clip: its sounds, then absent ones; >= the caption pool: every caption on every clip")
+    captions: int = setting(8, "captions per clip: its sounds, then absent ones (>= the pool: every caption)")
     lr: float = setting(1e-3, "AdamW peak learning rate")
     warmup_steps: int = setting(200, "linear warm-up, then cosine decay to lr / 10")
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices")

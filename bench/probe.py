@@ -310,6 +310,10 @@ def probe_describe(m, opts, n: int) -> dict:
             "start": rate(c["start_ok"], c["starts"]), "counts": c}
 
 
+def fmt_db(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:5.1f} %"
 
@@ -346,15 +350,16 @@ def main(argv: list[str] | None = None) -> dict:
              f"sides {pct(P['side'])} | levels {pct(P['level'])} | starts {pct(P['start'])}"]
     if "plans_eval" in res:
         Q = res["plans_eval"]
-        lines.append(f"plans, {Q['n']} eval turn-0 prompts: valid {pct(Q['valid'])} | named present {pct(Q['present'])}")
+        lines.append(f"plans, {Q['n']} eval turn-0 prompts: valid {pct(Q['valid'])} | named present "
+                     f"{pct(Q['present'])}")
     for row in ("model", "copilot via VAE"):
         r = A[row]
         lines.append(f"audio ({row}), {r['n']} single-event scenes: onset within 0.25 s {pct(r['onset'])} | ILD sign "
                      f"{pct(r['ild_sign'])} | mean |level error| {r['level_err']:.1f} dB")
     lines.append(f"swap test: followed in {A['swap']['followed']} of {A['swap']['classes']} classes")
     lines.append("edits right: " + " | ".join(f"{k} {pct(v)}" for k, v in E["per_kind"].items()) +
-                 f"; kept sounds moved {E['kept_db'] if E['kept_db'] is None else round(E['kept_db'], 1)} dB "
-                 f"(copilot: {E['kept_db_copilot'] if E['kept_db_copilot'] is None else round(E['kept_db_copilot'], 1)})")
+                 f"; kept sounds moved {fmt_db(E['kept_db'])} dB "
+                 f"(copilot: {fmt_db(E['kept_db_copilot'])})")
     lines.append(f"describe, {D['n']} renders: sounds named {pct(D['recall'])} | sides {pct(D['side'])} | "
                  f"starts {pct(D['start'])}")
     print("\n".join(lines))

@@ -167,7 +167,8 @@ def test_audio_longer_than_8_s_is_refused_unless_trimmed(m, tmp_path):
     save_audio(tmp_path / "long.wav", torch.zeros(2, int(8.5 * SAMPLE_RATE)))
     with pytest.raises(sample.SampleError, match=r"8.50 s of audio.*at most 8 s.*--trim"):
         sample.read_audio(tmp_path / "long.wav")
-    assert m.encode(sample.read_audio(tmp_path / "long.wav", trim=True)).shape == (8 * m.vae.config.frame_rate, m.vae.audio_dim)
+    z = m.encode(sample.read_audio(tmp_path / "long.wav", trim=True))
+    assert z.shape == (8 * m.vae.config.frame_rate, m.vae.audio_dim)
 
 
 def exit_code(argv: list) -> int:
@@ -238,6 +239,13 @@ def test_bad_checkpoints_and_non_finite_audio(tiny, tmp_path, capsys, monkeypatc
     assert sample.main(argv) == 2
     assert "NaN or infinite samples; nothing is written" in capsys.readouterr().err
     assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "nan.json").exists()
+    loud = torch.tensor([[2.0], [-0.5]])                            # left +6 dBFS, right -6 dBFS, opposite signs
+    monkeypatch.setattr(StereoVAE, "decode", lambda self, *a: real_decode(self, *a) * 0 + loud)
+    argv[5] = str(tmp_path / "loud.wav")
+    assert sample.main(argv) == 0                                   # too loud: scaled to -0.1 dBFS, and said so
+    assert "the audio peaked at +6.0 dBFS; scaled down to -0.1 dBFS" in capsys.readouterr().err
+    loud, _ = sf.read(tmp_path / "loud.wav")
+    assert abs(loud).max() == pytest.approx(0.99, abs=1e-4) and loud[:, 0] == pytest.approx(-4 * loud[:, 1], abs=1e-4)
     monkeypatch.setattr(sample, "respond", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         sample.main(argv)

@@ -752,3 +752,13 @@ def test_conditioning_gaps_are_zero_for_a_model_that_ignores_its_condition_and_p
         opt.step()
     gaps = train.conditioning_gaps(sct.eval(), td, 8, 0, cpu)
     assert gaps["lm_gap"] > 0.3, gaps
+
+
+def test_every_eval_keeps_the_conditioning_gaps_for_the_curves(single_run, capsys):
+    """Each held-out eval of an SCT stage logs the gaps, keeps them in the stage's checkpoint, and bench/curves.py
+    reads them back in step order."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from curves import read_evals
+    rows = read_evals(single_run)
+    assert rows and [r["at"] for r in rows] == sorted(r["at"] for r in rows) and rows[-1]["stage"] == "sct1"
+    assert all(math.isfinite(r[k]) for r in rows for k in ("lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.9"))
