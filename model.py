@@ -98,7 +98,7 @@ SCT_PRESETS = {
     "toy": SCTConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                      num_generation_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      query_pre_attn_scalar=64, sliding_window=128, attn_logit_softcapping=None,
-                     audio_dim=32, attn_implementation="sdpa"),           # audio_dim: the toy VAE's 2 x 16
+                     audio_dim=64, attn_implementation="sdpa"),           # audio_dim: the toy VAE's 2 x 32
     # Paper B.2: Gemma 2 2B (26 layers) + 13 generation layers, 3.6 B parameters.
     "audiochat": SCTConfig(attn_implementation="flex"),
 }

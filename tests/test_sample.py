@@ -298,7 +298,7 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(m, tmp_path, mo
                             torch.zeros(2, round(scene.duration * SAMPLE_RATE)), dict(plan=0, diffusion=0, vae=0), [])
 
     monkeypatch.setattr(sample, "respond", fake_respond)
-    args = Namespace(out=str(tmp_path), seed=0, trim=False)
+    args = Namespace(out=str(tmp_path), seed=0, trim=False, plot=False)
     sample.run_chat(m, args, sample.Options(), lines=INSTRUCTIONS)
     assert seen[-1] == [INSTRUCTIONS[1], SCENES[0], INSTRUCTIONS[2]], f"retry context: {seen[-1]}"
     assert "dropping the oldest exchange" in capsys.readouterr().err

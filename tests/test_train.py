@@ -85,7 +85,8 @@ def single_run(toy, tmp_path_factory):
 
 def test_every_field_has_a_flag_with_help_and_typed_values():
     args, cfg = train.parse_args(["--sct.seq_len", "512", "--sct1.mixture", "story=1,text=2.5",
-                                  "--vae_model.strides", "4,5,6,10", "--sct_model.sliding_window", "none",
+                                  "--vae_model.strides", "4,5,6,10", "--vae_model.frame_rate", "40",
+                                  "--sct_model.sliding_window", "none",
                                   "--sct.fsdp", "true", "--sct.betas", "0.9,0.99", "--diffusion.cfg_weight", "2"])
     assert cfg["sct"].seq_len == 512 and cfg["sct"].fsdp is True and cfg["sct"].betas == (0.9, 0.99)
     assert cfg["sct1"].mixture == {"story": 1.0, "text": 2.5} and cfg["vae_model"].strides == (4, 5, 6, 10)
