@@ -528,8 +528,9 @@ def regenerate(scene: dict, seed: str) -> torch.Tensor:
 
 def read_system(system_dir: Path, conversations, allow_missing: bool = False) -> tuple[dict, list[str]]:
     """A bench/eval_split.py folder -> ({conversation id: {k: (turn k's audio [2, S], seconds), "caption": scene or
-    None}}, problems). Each file is checked: present, readable, 48 kHz audio, a JSON record with "seconds" and a plan (scene)
-    that is null or a scene. A bad file is an error naming every one, unless allow_missing: its turn is left out."""
+    None}}, problems). Each file is checked: present, readable, 48 kHz audio, a JSON record with "seconds" and a plan
+    (scene) that is null or a scene. A bad file is an error naming every one, unless allow_missing: its turn is left
+    out."""
     def read(path: Path):
         if not path.is_file():
             raise FileNotFoundError(path)
@@ -554,7 +555,8 @@ def read_system(system_dir: Path, conversations, allow_missing: bool = False) ->
         outputs[conv.id] |= {"caption": got["caption.json"][1]} if "caption.json" in got else {}
     if problems and not allow_missing:
         raise ValueError(f"{system_dir}: {len(problems)} unusable outputs:\n  " + "\n  ".join(problems) + "\nrerun "
-                         "bench/eval_split.py --data DATA --out DIR (it writes what is missing) or pass --allow-missing")
+                         "bench/eval_split.py --data DATA --out DIR (it writes what is missing) or pass "
+                         "--allow-missing")
     return outputs, problems
 
 

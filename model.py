@@ -71,7 +71,7 @@ class SCTConfig:
     max_position_embeddings: int = field(default=8192, metadata={
         "help": "longest document Gemma 2 was trained on (positions restart per packed document)"})
     hidden_activation: str = field(default="gelu_pytorch_tanh", metadata={"help": "GeGLU gate; Gemma 2's only one"})
-    audio_dim: int = field(default=256, metadata={"help": "latent size per 40 Hz frame (2 x 128, B.1; train.py sets)"})
+    audio_dim: int = field(default=256, metadata={"help": "latent size per frame (2 x 128, B.1; train.py sets)"})
     attn_implementation: str = field(default="eager", metadata={
         "help": "eager (exact) | sdpa (needs no soft-cap) | flex (exact, GPU); see the module docstring"})
 
@@ -98,7 +98,7 @@ SCT_PRESETS = {
     "toy": SCTConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                      num_generation_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      query_pre_attn_scalar=64, sliding_window=128, attn_logit_softcapping=None,
-                     audio_dim=32, attn_implementation="sdpa"),           # audio_dim: the toy VAE's 2 x 16
+                     audio_dim=64, attn_implementation="sdpa"),           # audio_dim: the toy VAE's 2 x 32
     # Paper B.2: Gemma 2 2B (26 layers) + 13 generation layers, 3.6 B parameters.
     "audiochat": SCTConfig(attn_implementation="flex"),
 }

@@ -5,6 +5,7 @@
     python sample.py --audio in.wav                               # describe it: out/caption.json
     python sample.py --chat                                       # multi-turn on stdin (Eq. 3)
     python sample.py --plan plan.json                             # render a plan you wrote
+    python sample.py --prompt "..." --plot                        # + out/sample.png: spectrograms and the plan
 
 From a prompt to the WAV (respond, appendix D): the request is laid out as in training (tokenizer.task_turns);
 SCT.generate decodes the model's text greedily until <unused0> (the audio starts), <end_of_turn> or <eos>;
@@ -18,6 +19,7 @@ Tests: python -m pytest -q tests/test_sample.py tests/test_end_to_end.py
 """
 import argparse
 import hashlib
+import math
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from copilot import MAX_END, MAX_SOUNDS, MAX_START, Scene, SceneError, parse_sce
     validate_scene
 from diffusion import DiffusionConfig, guided, sample
 from model import SCT
-from tokenizer import (DESCRIBE, FRAME_RATE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
+from tokenizer import (DESCRIBE, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer, Turn,
                        encode_conversation, load_audio, load_checkpoint, load_model, save_audio, task_turns,
                        write_atomic)
 
@@ -225,7 +227,7 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
                   notes + [n for c in (caption, plan) if c is not None for n in c.notes])
     if plan is None:
         return reply
-    if (frames := plan.scene.num_frames(FRAME_RATE)) == 0:
+    if (frames := plan.scene.num_frames(m.vae.config.frame_rate)) == 0:
         raise PlanError(f"the plan has no sound, so there is no audio to make:\n{scene_to_json(plan.scene)}")
     t1 = time.perf_counter()
     reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": torch.zeros(
@@ -236,6 +238,9 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     if not torch.isfinite(reply.audio).all():
         raise SampleError(f"the model made {int((~torch.isfinite(reply.audio)).sum())} NaN or infinite samples; "
                           f"nothing is written (the checkpoints may be broken: retrain, or try another --seed)")
+    if (peak := reply.audio.abs().max().item()) > 1:                # a WAV holds full scale: never write clipping
+        reply.audio *= 0.99 / peak
+        reply.notes.append(f"the audio peaked at {20 * math.log10(peak):+.1f} dBFS; scaled down to -0.1 dBFS")
     return reply
 
 
@@ -253,9 +258,42 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
             history = history[2:]
 
 
-def report(reply: Reply, out: Path) -> None:
+def plot_scene(path, audio, scene, title=""):
+    """A PNG at `path`: the spectrogram of each channel of audio [2, S] (48 kHz) with the plan's sounds drawn as
+    labelled boxes at their times (matplotlib, imported only here)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SampleError("--plot needs matplotlib, an optional extra: `pip install matplotlib`, or leave out "
+                          "--plot") from e
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    window = torch.hann_window(2048)
+    for c, (ax, name) in enumerate(zip(axes, ("left", "right"))):
+        spec = torch.stft(audio[c], 2048, 512, window=window, return_complex=True).abs().pow(2)
+        db = 10 * torch.log10(spec + 1e-10)
+        ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=float(db.max()) - 80,
+                  extent=(0, audio.shape[1] / SAMPLE_RATE, 0, SAMPLE_RATE / 2000))
+        ax.set_ylabel(f"{name} (kHz)")
+        for k, s in enumerate(scene.sounds):
+            side = (1 - s.panning) / 2 if c == 0 else (1 + s.panning) / 2     # how much of it is in this channel
+            y = 20 * (0.08 + 0.84 * k / max(1, len(scene.sounds)))
+            ax.add_patch(plt.Rectangle((s.start_time, y), s.duration, 2, fill=False, lw=1.5, alpha=0.3 + 0.7 * side,
+                                       color="cyan"))
+            ax.text(s.start_time + 0.03, y + 0.4, f"{s.id}: {s.text} ({s.loudness:g} dB, pan {s.panning:g})",
+                    fontsize=7, color="white", alpha=0.4 + 0.6 * side)
+    axes[0].set_title(title or scene.description, fontsize=9)
+    axes[1].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(reply: Reply, out: Path, plot: bool = False) -> None:
     """Print the reply's notes (stderr) and scenes (stdout, canonical JSON); write the audio to `out` with its plan
-    (.json) and the caption (.caption.json) beside it, or, describing a clip, only the caption, to `out`."""
+    (.json), the caption (.caption.json) and with `plot` the picture (.png) beside it, or, describing a clip, only
+    the caption, to `out`."""
     for note in reply.notes:
         say(f"note: {note}")
     paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
@@ -263,9 +301,12 @@ def report(reply: Reply, out: Path) -> None:
     print("\n".join(f"{name}:\n{text}" for name, text in scenes.items()))
     if reply.plan is not None:
         save_audio(out, reply.audio)
+        if plot:
+            plot_scene(out.with_suffix(".png"), reply.audio, reply.plan.scene)
     for name, text in scenes.items():
         write_atomic(paths[name], lambda tmp: Path(tmp).write_text(text + "\n"))
-    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name in scenes]
+    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name in scenes] + [
+        out.with_suffix(".png")] * (plot and reply.plan is not None)
     say(f"wrote {', '.join(map(str, written))}" + (f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
         f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
 
@@ -280,7 +321,7 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
             break
         if line == "/undo" and undo:
             history, previous, clip = undo.pop()
-            for suffix in (".wav", ".json", ".caption.json"):
+            for suffix in (".wav", ".json", ".caption.json", ".png"):
                 (out / f"turn{len(undo)}{suffix}").unlink(missing_ok=True)
             say(f"removed turn {len(undo)}")
         elif line == "/undo":
@@ -301,7 +342,7 @@ def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> 
             except SampleError as e:                # no usable plan, a turn too long for the model, non-finite audio
                 say(f"error: {e}")
                 continue
-            report(reply, out / f"turn{len(undo)}.wav")
+            report(reply, out / f"turn{len(undo)}.wav", args.plot)
             undo.append((history, previous, clip))
             history, previous, clip = context + task_turns(task, **user, **reply.parts), reply.plan.scene, None
 
@@ -317,6 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", help="WAV/FLAC path (default out/sample.wav), caption JSON path for --audio alone "
                                  "(default out/caption.json), or a folder for --chat (default out/chat)")
     g.add_argument("--trim", action="store_true", help="keep the first 8 s of longer input audio, not refuse it")
+    g.add_argument("--plot", action="store_true", help="also write OUT.png: each channel's spectrogram with the "
+                                                       "plan's sounds as labelled boxes (needs matplotlib)")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
     g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
     g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas, 1 to 1000")
@@ -373,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 task, user = ("understand", {"request": DESCRIBE}) if args.prompt is None else \
                     ("upload_edit", {"instruction": args.prompt})
                 user["clip"] = m.encode(clip)
-            report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), plan), args.out)
+            report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), plan), args.out,
+                   args.plot)
     except (SampleError, AudioError, CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

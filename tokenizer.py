@@ -36,8 +36,6 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 SAMPLE_RATE = 48_000                 # every waveform inside the project, in Hz
-FRAME_RATE = 40                      # latent frames per second (paper B.1)
-HOP = SAMPLE_RATE // FRAME_RATE      # 1200 samples per latent frame
 
 
 # -----------------------------------------------------------------------------
@@ -159,7 +157,8 @@ class VAEConfig:
     latent_dim: int = field(default=128, metadata={"help": "dims per channel; audio_dim = 2 * latent_dim (B.1: 128)"})
     encoder_dim: int = field(default=64, metadata={"help": "channels after the first conv; each encoder block doubles"})
     decoder_dim: int = field(default=1536, metadata={"help": "channels into the first decoder block; each halves them"})
-    strides: tuple[int, ...] = field(default=(2, 6, 10, 10), metadata={"help": "encoder strides; product HOP (40 Hz)"})
+    frame_rate: int = field(default=40, metadata={"help": "latent frames per second (B.1: 40); hop = 48000 / rate"})
+    strides: tuple[int, ...] = field(default=(2, 6, 10, 10), metadata={"help": "encoder strides; product = the hop"})
     dilations: tuple[int, ...] = field(default=(1, 3, 9), metadata={"help": "a residual unit per dilation (DAC)"})
     chunk_frames: int = field(default=400, metadata={"help": "decode() runs at most this many frames at once"})
     overlap_frames: int = field(default=16, metadata={"help": "context decoded around each chunk and dropped; >= the "
@@ -182,21 +181,27 @@ class VAEConfig:
                                                               "and the networks code the level-normalised waveform"})
 
     def __post_init__(self):
-        if math.prod(self.strides) != HOP:
-            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, "
-                             f"but one latent frame is HOP = {HOP} samples; choose strides whose product is {HOP}")
+        if math.prod(self.strides) * self.frame_rate != SAMPLE_RATE:
+            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, but a latent "
+                             f"frame at {self.frame_rate} Hz is {SAMPLE_RATE / self.frame_rate:g} samples; make them "
+                             f"agree")
         if self.gain_shape and self.latent_dim < 2:
             raise ValueError("VAEConfig.gain_shape spends one latent dim on the level; latent_dim must be >= 2")
         if len(self.mel_windows) != len(self.mel_bins):
             raise ValueError(f"mel_windows {self.mel_windows} and mel_bins {self.mel_bins} need the same length")
 
+    @property
+    def hop(self) -> int:
+        """Samples per latent frame."""
+        return SAMPLE_RATE // self.frame_rate
+
 
 VAE_PRESETS = {
-    # Toy: sized for ~20 min on 2 CPU cores. A simple world fits 16 dims per channel (one the level) at 40 Hz,
-    # about Stable Audio's rate; the 48 kHz convs dominate the cost, hence stride 4 first and 8 channels. GAN
-    # off: its discriminator multiplies the step cost and pays off late (DAC trains 400 k steps).
-    "toy": VAEConfig(latent_dim=16, encoder_dim=8, decoder_dim=128, strides=(4, 5, 6, 10), dilations=(1, 3),
-                     stft_ffts=(1024, 512, 256, 128), gan=False, gain_shape=True),
+    # Toy: 10 Hz latents (a quarter of the paper's frames per scene, so the CPU-trained SCT sees 4x more scenes
+    # per hour), 32 dims per channel (one the level, gain_shape). The 48 kHz convs dominate the cost, hence
+    # stride 4 first and 8 channels. GAN off: its discriminator multiplies the step cost and pays off late.
+    "toy": VAEConfig(latent_dim=32, encoder_dim=8, decoder_dim=128, frame_rate=10, strides=(4, 8, 10, 15),
+                     dilations=(1, 3), stft_ffts=(1024, 512, 256, 128), gan=False, gain_shape=True),
     # Paper scale (B.1): DAC's widths and four blocks, strides re-chosen for 40 Hz, 128 dims per channel.
     "audiochat": VAEConfig(),
 }
@@ -250,15 +255,20 @@ def DecoderBlock(dim: int, stride: int, dilations: tuple[int, ...]) -> nn.Module
 GAIN_FLOOR = 1e-5   # gain_shape: RMS floor (-100 dBFS) of a frame's level, so silence normalises to silence
 
 
-def gain_envelope(log_gain: torch.Tensor) -> torch.Tensor:
-    """Per-frame log RMS [N, 1, F] -> smooth gain [N, 1, F * HOP]: each frame the loudest of itself and its
+def gain_envelope(log_gain: torch.Tensor, hop: int) -> torch.Tensor:
+    """Per-frame log RMS [N, 1, F] -> smooth gain [N, 1, F * hop]: each frame the loudest of itself and its
     neighbours (no onset is divided by a silent neighbour's level), interpolated linearly between frame centres."""
     peak = F.max_pool1d(log_gain, 3, stride=1, padding=1)
-    return F.interpolate(peak, scale_factor=HOP, mode="linear", align_corners=False).exp()
+    return F.interpolate(peak, scale_factor=hop, mode="linear", align_corners=False).exp()
+
+
+def frame_log_rms(x: torch.Tensor, hop: int, floor: float = GAIN_FLOOR) -> torch.Tensor:
+    """[N, 1, F * hop] -> [N, 1, F] natural log of each frame's RMS, floored at `floor`."""
+    return 0.5 * torch.log(x.reshape(x.shape[0], 1, -1, hop).pow(2).mean(-1) + floor ** 2)
 
 
 class StereoVAE(nn.Module):
-    """DAC-VAE-like autoencoder: each channel of [B, 2, S] is encoded alone into latent_dim dims per 40 Hz frame,
+    """DAC-VAE-like autoencoder: each channel of [B, 2, S] is encoded alone into latent_dim dims per frame (frame_rate),
     stacked as [left | right] (audio_dim = 2 * latent_dim); with gain_shape dim 0 of each is the frame's log RMS.
     encode() gives the posterior mean normalised per dim (buffers latent_shift/latent_scale, fitted after training
     by fit_latent_stats); decode() takes normalised latents."""
@@ -302,15 +312,16 @@ class StereoVAE(nn.Module):
         return torch.arange(self.audio_dim) % self.latent_dim >= int(self.config.gain_shape)
 
     def posterior(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, 2, S] -> (mean, std), each [B, F, audio_dim] with F = ceil(S / HOP); unnormalised."""
+        """[B, 2, S] -> (mean, std), each [B, F, audio_dim] with F = ceil(S / hop); unnormalised."""
         if audio.dim() != 3 or audio.shape[1] != 2 or audio.shape[2] == 0:
             raise ValueError(f"StereoVAE expects audio [batch, 2, samples>0], got shape {tuple(audio.shape)}")
         B, _, S = audio.shape
-        n = math.ceil(S / HOP)
-        x = F.pad(audio, (0, n * HOP - S)).reshape(B * 2, 1, n * HOP)       # each channel on its own
+        hop = self.config.hop
+        n = math.ceil(S / hop)
+        x = F.pad(audio, (0, n * hop - S)).reshape(B * 2, 1, n * hop)       # each channel on its own
         if self.config.gain_shape:
-            log_gain = 0.5 * torch.log(x.reshape(B * 2, 1, n, HOP).pow(2).mean(-1) + GAIN_FLOOR ** 2)
-            x = x / gain_envelope(log_gain)
+            log_gain = frame_log_rms(x, hop)
+            x = x / gain_envelope(log_gain, hop)
         mean, scale = self.encoder(x).chunk(2, dim=1)                        # [B*2, learned_dim, F] each
         std = F.softplus(scale) + 1e-4
         if self.config.gain_shape:                                           # the level dim: exact, no noise
@@ -321,15 +332,22 @@ class StereoVAE(nn.Module):
         return stack(mean), stack(std)
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        """Unnormalised latents [B, F, audio_dim] -> audio [B, 2, F * HOP], in one pass."""
+        """Unnormalised latents [B, F, audio_dim] -> audio [B, 2, F * hop], in one pass."""
         B, n, _ = z.shape
+        hop = self.config.hop
         x = z.reshape(B, n, 2, self.latent_dim).permute(0, 2, 3, 1).reshape(B * 2, self.latent_dim, n)
         if not self.config.gain_shape:
-            return self.decoder(x).reshape(B, 2, n * HOP)
-        # The decoder sees the shape dims only, so two channels differing by a gain decode to the same
-        # shape; the level is clamped at +12 dBFS so a wild generated latent cannot blow up.
-        y = self.decoder(x[:, 1:]) * gain_envelope(x[:, :1].clamp(max=math.log(4.0)))
-        return y.reshape(B, 2, n * HOP)
+            return self.decoder(x).reshape(B, 2, n * hop)
+        # The decoder sees the shape dims only, so two channels differing by a gain decode to the same shape;
+        # the level is clamped at +12 dBFS so a wild generated latent cannot blow up. Then each frame is scaled
+        # to exactly its level dim (the log gain stepped per frame, smoothed over 5 % of a frame: no clicks), so
+        # a briefly trained shape decoder cannot play a sound too quietly (a tone came out 15 dB low without).
+        level = x[:, :1].clamp(max=math.log(4.0))
+        y = self.decoder(x[:, 1:]) * gain_envelope(level, hop)
+        g = (level - frame_log_rms(y, hop, 1e-10)).repeat_interleave(hop, dim=-1)
+        w = hop // 20 * 2 + 1
+        y = y * F.avg_pool1d(F.pad(g, (w // 2, w // 2), mode="replicate"), w, stride=1).exp()
+        return y.reshape(B, 2, n * hop)
 
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: [B, 2, S] -> (reconstruction [B, 2, S] from a posterior sample, mean, std)."""
@@ -343,7 +361,7 @@ class StereoVAE(nn.Module):
         return (mean - self.latent_shift) / self.latent_scale
 
     def decode(self, z: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        """Normalised latents [B, F, audio_dim] -> audio [B, 2, num_samples or F * HOP], chunk_frames at a time
+        """Normalised latents [B, F, audio_dim] -> audio [B, 2, num_samples or F * hop], chunk_frames at a time
         with overlap_frames of context decoded on each side and dropped: bounded memory, no clicks at the edges."""
         if z.dim() != 3 or z.shape[-1] != self.audio_dim:
             raise ValueError(f"decode expects latents [batch, frames, {self.audio_dim}], got {tuple(z.shape)}")
@@ -353,7 +371,7 @@ class StereoVAE(nn.Module):
         for start in range(0, n, c):
             lo, hi = max(0, start - o), min(n, start + c + o)
             y = self.decode_raw(z[:, lo:hi])
-            pieces.append(y[..., (start - lo) * HOP: (min(start + c, n) - lo) * HOP])
+            pieces.append(y[..., (start - lo) * self.config.hop: (min(start + c, n) - lo) * self.config.hop])
         audio = torch.cat(pieces, dim=-1)
         return audio if num_samples is None else audio[..., :num_samples]
 
@@ -631,24 +649,28 @@ class TextTokenizer:
         return self.sp.decode(list(ids))
 
 
-def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int) -> TextTokenizer:
+def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int,
+                         pieces: tuple[str, ...] = ()) -> TextTokenizer:
     """Train a toy BPE sentencepiece model on texts, write it to model_file and load it. Like Gemma's: <pad> 0,
     <eos> 1, <bos> 2, <unk> 3, the special pieces and "\\n" as pieces of their own, no normalisation (whitespace
-    survives), digits split, unseen characters fall back to UTF-8 bytes."""
+    survives), digits split, unseen characters fall back to UTF-8 bytes. Unlike Gemma's, a piece may cross a script
+    boundary (`":"` and `"a` merge: plans take ~40 % fewer tokens), and `pieces` are whole pieces (train.py gives
+    the plan's numbers, so copying a number from a plan or a prompt is one token, not three)."""
     lines = [line for text in texts for line in text.split("\n") if line]   # sentencepiece reads lines
     if not lines:
         raise ValueError("train_text_tokenizer got no text; pass a non-empty list of strings")
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte pieces and 9 special pieces "
-                         f"need room; use at least 300")
+    if vocab_size < 300 + len(pieces):
+        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte pieces, 9 special pieces and "
+                         f"{len(pieces)} given pieces need room; use at least {300 + len(pieces)}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
+        split_by_unicode_script=False,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"])
+        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"] + list(pieces))
     write_atomic(model_file, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
     return TextTokenizer(model_file)
 

@@ -37,7 +37,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from copilot import DatasetConfig, caption_of, read_conversation, read_conversations, scene_to_json, write_dataset
+from copilot import (EVAL_SEEDS, TRAIN_SEEDS, DatasetConfig, OfflineCopilot, caption_of, read_conversation,
+                     read_conversations, scene_to_json, write_dataset)
 from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_uncond_span, span_loss_mask,
                        span_to_tokens, transfusion_loss)
 from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
@@ -101,7 +102,7 @@ class VAETrainConfig:
 class FLAMTrainConfig:
     steps: int = setting(20_000, "optimizer steps")
     batch_size: int = setting(16, "clips per step")
-    captions: int = setting(8, "captions per clip: its sounds, then absent ones; >= the caption pool: every caption on every clip")
+    captions: int = setting(8, "captions per clip: its sounds, then absent ones (>= the pool: every caption)")
     lr: float = setting(1e-3, "AdamW peak learning rate")
     warmup_steps: int = setting(200, "linear warm-up, then cosine decay to lr / 10")
     weight_decay: float = setting(0.01, "AdamW weight decay on matrices")
@@ -125,11 +126,13 @@ class SCTTrainConfig:
     gradient_checkpointing: bool = setting(False, "recompute each block in the backward pass")
     lm_chunk: int = setting(1024, "LM logits are made and reduced this many positions at a time")
     prefetch: int = setting(2, "steps of rows a background thread draws ahead")
+    gap_stories: int = setting(16, "held-out stories of the conditioning diagnostics at each eval (0: none)")
     understanding_grad: bool = setting(True, "the diffusion loss trains the U understanding layers too (paper 4.1)")
     peak_tflops: float = setting(989.0, "accelerator peak for the MFU (H100 SXM bf16: 989)")
 
 
-TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text")
+TASKS = ("story", "edit", "upload_edit", "understand", "t2a", "caption", "asr", "tts", "text", "plan", "edit_plan")
+WORLD_TASKS = ("plan", "edit_plan")   # text only, from copilot.OfflineCopilot on the fly (the toy world): plan_document
 
 
 @dataclass
@@ -143,22 +146,22 @@ class StageConfig:
 
 STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
 STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
-TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES)   # toy stages 2 and 3
+TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES, plan=2.0, edit_plan=2.0)   # toy stages 2, 3
 SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
 PRESETS = {
     # Toy: about 1 h on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
     "toy": dict(
-        data=DataConfig(max_clip_seconds=8.0),
-        vae=VAETrainConfig(steps=3000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
+        data=DataConfig(max_clip_seconds=8.0, context_turns=3),
+        vae=VAETrainConfig(steps=2000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
         vae_loop=LoopConfig(log_every=50, eval_every=500, save_every=200),
         flam=FLAMTrainConfig(steps=1500, batch_size=8, captions=16, lr=2e-3, warmup_steps=100, eval_clips=180),
         flam_loop=LoopConfig(log_every=100, eval_every=500, save_every=250),
         sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50), diffusion=DiffusionConfig(),
-        sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5)),
-        sct2=StageConfig(steps=200, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
+        sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, plan=1.0)),
+        sct2=StageConfig(steps=400, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
         sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True)),
     # Paper scale on 8 x 80 GB (Table 5; 64 x 8192 tokens per step, not in the paper): FSDP2, bench/memory.py.
     "audiochat": dict(
@@ -423,6 +426,9 @@ def gemma_dir(cfg: DataConfig) -> Path:
     return d
 
 
+PLAN_NUMBERS = tuple(f"{i / 10:g}" for i in range(-10, 81)) + tuple(map(str, range(-60, -9)))   # toy: pieces
+
+
 def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
     """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
     if (path := out / "tokenizer.model").exists():
@@ -433,7 +439,8 @@ def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
     for conv in read_conversations(data, "train", cfg.skip_bad):
         texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
                                                                       scene_to_json(caption_of(t.scene)))]
-    print(f"tokenizer: {train_text_tokenizer(texts, path, cfg.vocab_size).vocab_size} pieces from {len(texts)} texts")
+    tok = train_text_tokenizer(texts, path, cfg.vocab_size, PLAN_NUMBERS)
+    print(f"tokenizer: {tok.vocab_size} pieces from {len(texts)} texts")
 
 
 def skipped(error: Exception, skip_bad: bool, what: str, key: str = "") -> int:
@@ -708,10 +715,12 @@ class TaskData:
                           upload_edit=(pairs(story, one, valid), []), asr=(none, speech), tts=(none, speech))
 
     def size(self, task: str) -> int:
-        return sum(map(len, self.pools[task]))
+        return 1 << 30 if task in WORLD_TASKS else sum(map(len, self.pools[task]))
 
     def item(self, task: str, j: int) -> tuple:
-        """The j-th item of a task's pool: ("conv", conversation, turn k) or ("record", record, 0)."""
+        """The j-th item of a task's pool: ("conv", conversation, turn k), ("record", record, 0) or ("world", j, 0)."""
+        if task in WORLD_TASKS:
+            return ("world", j, 0)
         convs, records = self.pools[task]
         return ("conv", *convs[j].tolist()) if j < len(convs) else ("record", records[j - len(convs)], 0)
 
@@ -732,8 +741,8 @@ class TaskData:
             raise FileNotFoundError(f"{path}: no cached latents; run `python train.py --stage latents`")
         return [z.float() for z in torch.load(path, weights_only=True)["latents"]]
 
-    def document(self, task: str, rng: random.Random) -> list[Turn] | list[int]:
-        """A random document of `task`: chat turns, or token ids for the text LM task."""
+    def document(self, task: str, rng: random.Random) -> list[Turn] | list[int] | Example:
+        """A random document of `task`: chat turns, token ids for the text LM task, an Example for WORLD_TASKS."""
         return self.build(task, self.item(task, rng.randrange(self.size(task))), rng)
 
     def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
@@ -742,6 +751,11 @@ class TaskData:
         after the turns before it (Eq. 3); a window that starts after turn 0 opens as an upload edit of the audio
         before it (Eq. 2), so the scene being edited is always in context. text: token ids."""
         kind, ref, k = item
+        if kind == "world":                 # a fresh conversation of 1 (plan) or 2..context_turns turns (edit_plan)
+            n = 1 if task == "plan" else rng.randint(2, max(2, self.cfg.context_turns))
+            seed_text = rng.choice(EVAL_SEEDS if self.split == "eval" else TRAIN_SEEDS)
+            turns = OfflineCopilot().conversation(seed_text, rng, n)
+            return plan_document([(text, scene_to_json(scene)) for text, _, scene in turns], self.tok, self.audio_dim)
         if kind == "record":
             if task == "text":
                 return self.tok.encode(ref["text"])
@@ -769,6 +783,61 @@ class TaskData:
         for j in range(first + (first > 0), k + 1):
             doc += task_turns("story", instruction=turns[j].instruction, plan=plan[j], audio=z[j])
         return doc
+
+
+def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: int = 0) -> Example:
+    """(instruction, plan JSON) turns as a text-only document: each model turn ends in the <unused0> that opens its
+    audio (sample.py samples the audio there), and the document ends at the last one; no audio, so no diffusion
+    loss. The toy learns to write plans from these at a few microseconds a document (copilot renders nothing)."""
+    ex = encode_conversation([Turn(role, [text]) for pair in turns for role, text in zip(("user", "model"), pair)],
+                             tok, audio_dim=audio_dim)
+    ends = ex.labels == tok.end_of_turn_id                              # the model turns' <end_of_turn> targets
+    ids, labels = ex.ids.clone(), ex.labels.masked_fill(ends, tok.audio_start_id)
+    ids[1:][ends[:-1]] = tok.audio_start_id
+    n = int(ends.nonzero()[-1]) + 2                                     # through the last <unused0>
+    labels[n - 1] = -100
+    return Example(ids=ids[:n], labels=labels[:n], audio_mask=ex.audio_mask[:n], span_ids=ex.span_ids[:n],
+                   span_is_model=ex.span_is_model, latents=ex.latents)
+
+
+@torch.no_grad()
+def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
+                      times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
+    """What the model takes from its condition, on n held-out stories (turn 0), each against the next one's:
+    lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
+    same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
+    own, at diffusion time t with the same noise. A model that ignores its condition has gaps 0."""
+    convs = data.pools["story"][0][:n, 0].tolist()
+    if len(convs) < 2:
+        return {}
+    stories = [(c.turns[0].instruction, scene_to_json(c.turns[0].scene),
+                data.latents(f"stories/{data.split}/{c.id}")[0]) for c in map(data.conversation, convs)]
+    out = {"lm_true": 0.0, "lm_swap": 0.0} | {f"diff_{w}@{t}": 0.0 for t in times for w in ("true", "swap")}
+
+    def forward(ex: Example, t: float, noise: torch.Tensor):
+        t_tok = torch.where(ex.audio_mask, t, 0.0)
+        x, v = (torch.zeros(len(ex.ids), sct.config.audio_dim) for _ in range(2))
+        if len(ex.latents):
+            x[ex.audio_mask], v[ex.audio_mask] = add_noise(ex.latents, t_tok[ex.audio_mask], noise)
+        b = {k: val[None].to(device) for k, val in dict(ids=ex.ids, audio=x, mask=ex.audio_mask, t=t_tok,
+                                                          span=ex.span_ids, doc=torch.zeros_like(ex.ids)).items()}
+        h_text, h_audio = sct(b["ids"], b["audio"], b["mask"], b["t"], b["span"], b["doc"])
+        lm = ex.labels != -100
+        return (torch.nn.functional.cross_entropy(sct.lm_logits(h_text[0][lm.to(device)]).float(),
+                                                  ex.labels[lm].to(device)).item(),
+                (sct.velocity(h_audio[0][b["mask"][0]]).float() - v[ex.audio_mask].to(device)).pow(2).mean().item())
+
+    for i, (text, plan, z) in enumerate(stories):
+        other_text, other_plan, _ = stories[(i + 1) % len(stories)]
+        for w, doc in (("true", (text, plan)), ("swap", (other_text, plan))):
+            out[f"lm_{w}"] += forward(plan_document([doc], data.tok), 0.0, torch.zeros(0))[0] / len(stories)
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(key_seed(seed, "gap", i)))
+        for t in times:
+            for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan))):
+                ex = encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
+                out[f"diff_{w}@{t}"] += forward(ex, t, noise)[1] / len(stories)
+    return {"lm_plan": out["lm_true"], "lm_gap": out["lm_swap"] - out["lm_true"]} | {
+        f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}
 
 
 def key_seed(*parts) -> int:
@@ -809,7 +878,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             ex = Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
                          span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, data.audio_dim))
         else:
-            ex = encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
+            ex = doc if isinstance(doc, Example) else encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
         stats["dropped"] += len(ex.ids) > seq_len
         if used + len(ex.ids) > seq_len:
             misses += 1
@@ -941,8 +1010,9 @@ def train_sct(stage: str, cfg: dict, data: Path, out: Path, seed: int, d: Dist, 
                 for j in range(d.rank, tc.eval_rows, d.world)]
         sct.eval()
         r = run_rows(model, rows, d, tc, train=False)
+        gaps = conditioning_gaps(sct, eval_data, tc.gap_stories, seed, d.device)   # every rank: FSDP gathers
         sct.train()
-        return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]}
+        return {"loss": r["lm"] + dc.loss_weight * r["diff"], "lm": r["lm"], "diff": r["diff"]} | gaps
 
     train_loop(stage, ckpts, step, st.steps, loop, train_step, evaluate, stop_after, extra, d.main)
     model_sd = get_model_state_dict(sct, options=FULL)

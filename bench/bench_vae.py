@@ -73,7 +73,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     vae = load_model(StereoVAE, args.ckpt)
-    print(f"{args.ckpt}: step {ckpt.get('step')}, latent {vae.latent_dim} x 2 = {vae.audio_dim} dims at 40 Hz, "
+    print(f"{args.ckpt}: step {ckpt.get('step')}, latent {vae.latent_dim} x 2 = {vae.audio_dim} dims at "
+          f"{vae.config.frame_rate} Hz, "
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
 

@@ -39,7 +39,8 @@ def main() -> None:
                                        clips)
     t0 = time.time()
     q = metrics.detection_quality(unbiased if args.unbiased else model.score, clips)
-    print(f"{args.ckpt}, {'unbiased map' if args.unbiased else 'p'}, {len(clips)} eval clips of {args.data}: frame AUROC "
+    print(f"{args.ckpt}, {'unbiased map' if args.unbiased else 'p'}, {len(clips)} eval clips of {args.data}: "
+          f"frame AUROC "
           f"{q['auroc']:.3f}, F1 at 0.5 {q['f1']:.3f} (always present: {always['f1']:.3f}), right caption above an "
           f"absent one {100 * q['clip']:.1f} % ({time.time() - t0:.0f} s)")
 

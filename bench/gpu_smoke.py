@@ -136,7 +136,7 @@ def tiny_world(root: Path) -> tuple[Path, Path]:
     """A 4 + 1 conversation copilot dataset, a toy tokenizer, a random tiny VAE and the latents stage."""
     data, out = root / "data", root / "ck"
     write_dataset(data, 4, 1, DatasetConfig(t2a_frac=0.25))
-    train.main(["--stage", "tokenizer", "--data", str(data), "--out", str(out), "--data.vocab_size", "400"])
+    train.main(["--stage", "tokenizer", "--data", str(data), "--out", str(out), "--data.vocab_size", "600"])
     torch.manual_seed(0)
     train.save_checkpoint(out / "vae.pt", {"kind": "vae", "config": asdict(TINY_VAE), "step": 0,
                                            "model": StereoVAE(TINY_VAE).state_dict()})

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from tokenizer import load_checkpoint  # noqa: E402
 
 TINY_VAE = ("--vae_model.latent_dim 4 --vae_model.encoder_dim 2 --vae_model.decoder_dim 16 "
-            "--vae_model.strides 4,5,6,10 --vae_model.dilations 1 --vae_model.stft_ffts 256 "
+            "--vae_model.strides 4,5,6,10 --vae_model.frame_rate 40 --vae_model.dilations 1 --vae_model.stft_ffts 256 "
             "--vae_model.mel_windows 256 --vae_model.mel_bins 20 "
             "--vae_model.gan false --vae_model.gain_shape true --vae.batch_size 2 --vae.crop_seconds 0.05 "
             "--vae.warmup_steps 1 --vae.heldout_fraction 0.5 --vae.eval_seconds 0.1 --vae.stats_crops 8 "
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     base = work / "base"                              # tokenizer, a tiny VAE and the latents, made once
     if not (base / "latents").is_dir():
         run(vae(base), work / "base.log")
-        run(train("--stage", "tokenizer", "--out", base, "--data.vocab_size", 400), work / "base.log")
+        run(train("--stage", "tokenizer", "--out", base, "--data.vocab_size", 600), work / "base.log")
         run(train("--stage", "latents", "--out", base), work / "base.log")
 
     def copy_base(folder):

@@ -472,7 +472,7 @@ def test_control_rows_with_a_right_scorer(tmp_path):
     assert st["Topline"]["multiflam"] > 0.95 and st["Shuffled"]["multiflam"] == pytest.approx(0.5, abs=0.05), st
     assert st["Silence"]["multiflam"] == 0 and st["System"]["multiflam"] == st["Topline"]["multiflam"], st
     assert st["System"]["latency"] == pytest.approx(1.5) and st["Topline"]["latency"] is None, st
-    for kind in ("add", "remove", "change"):   # the edits happen in the topline and the fresh render, not when unchanged
+    for kind in ("add", "remove", "change"):   # the edits happen in the topline and the fresh render, not unchanged
         row = r["editing"][kind]
         assert row["Topline"]["editflam"] > 0.9 and row["Regenerated"]["editflam"] > 0.9, (kind, row)
         assert row["Unchanged"]["editflam"] == 0 and row["System"]["editflam"] == 0, (kind, row)
@@ -553,7 +553,8 @@ def test_cli_prints_the_control_rows_and_writes_json(tmp_path, monkeypatch, caps
 class NoiseSFX:
     """A steady sfx tool (white noise), so every measurement has one right answer."""
     def render(self, sound, voice, rng):
-        return torch.randn(round(sound.duration * SAMPLE_RATE), generator=torch.Generator().manual_seed(rng.getrandbits(32)))
+        gen = torch.Generator().manual_seed(rng.getrandbits(32))
+        return torch.randn(round(sound.duration * SAMPLE_RATE), generator=gen)
 
 
 def noise_scene(pan=0.5, loudness=-16.0, start=1.0, duration=1.5, bed=True) -> copilot.Scene:

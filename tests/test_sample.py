@@ -167,7 +167,8 @@ def test_audio_longer_than_8_s_is_refused_unless_trimmed(m, tmp_path):
     save_audio(tmp_path / "long.wav", torch.zeros(2, int(8.5 * SAMPLE_RATE)))
     with pytest.raises(sample.SampleError, match=r"8.50 s of audio.*at most 8 s.*--trim"):
         sample.read_audio(tmp_path / "long.wav")
-    assert m.encode(sample.read_audio(tmp_path / "long.wav", trim=True)).shape == (8 * 40, m.vae.audio_dim)
+    z = m.encode(sample.read_audio(tmp_path / "long.wav", trim=True))
+    assert z.shape == (8 * m.vae.config.frame_rate, m.vae.audio_dim)
 
 
 def exit_code(argv: list) -> int:
@@ -238,6 +239,13 @@ def test_bad_checkpoints_and_non_finite_audio(tiny, tmp_path, capsys, monkeypatc
     assert sample.main(argv) == 2
     assert "NaN or infinite samples; nothing is written" in capsys.readouterr().err
     assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "nan.json").exists()
+    loud = torch.tensor([[2.0], [-0.5]])                            # left +6 dBFS, right -6 dBFS, opposite signs
+    monkeypatch.setattr(StereoVAE, "decode", lambda self, *a: real_decode(self, *a) * 0 + loud)
+    argv[5] = str(tmp_path / "loud.wav")
+    assert sample.main(argv) == 0                                   # too loud: scaled to -0.1 dBFS, and said so
+    assert "the audio peaked at +6.0 dBFS; scaled down to -0.1 dBFS" in capsys.readouterr().err
+    loud, _ = sf.read(tmp_path / "loud.wav")
+    assert abs(loud).max() == pytest.approx(0.99, abs=1e-4) and loud[:, 0] == pytest.approx(-4 * loud[:, 1], abs=1e-4)
     monkeypatch.setattr(sample, "respond", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         sample.main(argv)
@@ -290,7 +298,7 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(m, tmp_path, mo
                             torch.zeros(2, round(scene.duration * SAMPLE_RATE)), dict(plan=0, diffusion=0, vae=0), [])
 
     monkeypatch.setattr(sample, "respond", fake_respond)
-    args = Namespace(out=str(tmp_path), seed=0, trim=False)
+    args = Namespace(out=str(tmp_path), seed=0, trim=False, plot=False)
     sample.run_chat(m, args, sample.Options(), lines=INSTRUCTIONS)
     assert seen[-1] == [INSTRUCTIONS[1], SCENES[0], INSTRUCTIONS[2]], f"retry context: {seen[-1]}"
     assert "dropping the oldest exchange" in capsys.readouterr().err
@@ -322,3 +330,22 @@ def test_the_shipped_toy_model_loads_and_plans():
     text, stop = sample.decode_text(m, [Turn("user", ["Make an audio scene with steady rain falling."])], 600)
     assert stop == m.tok.audio_start_id, f"the plan should end where its audio starts, got {text!r}"
     assert parse_scene(text).sounds
+
+
+def test_plot_draws_the_spectrograms_with_the_plan_and_names_matplotlib_when_missing(tmp_path, monkeypatch):
+    """--plot: a PNG of both channels' spectrograms with one labelled box per planned sound; without matplotlib a
+    clear error that says how to get it (it is an optional extra)."""
+    pytest.importorskip("matplotlib")
+    scene = parse_scene(SCENES[0])
+    audio = torch.randn(2, 2 * SAMPLE_RATE) * 0.1
+    sample.plot_scene(tmp_path / "a.png", audio, scene)
+    png = (tmp_path / "a.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    import matplotlib.pyplot as plt
+    drawn = []
+    monkeypatch.setattr(plt.Axes, "add_patch", lambda ax, patch: drawn.append(patch))
+    sample.plot_scene(tmp_path / "b.png", audio, scene)
+    assert len(drawn) == 2 * len(scene.sounds)                       # a box per sound in each channel's picture
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(sample.SampleError, match="--plot needs matplotlib.*pip install matplotlib"):
+        sample.plot_scene(tmp_path / "c.png", audio, scene)

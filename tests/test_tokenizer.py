@@ -10,7 +10,7 @@ import sentencepiece as spm
 import soundfile as sf
 import torch
 
-from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, CheckpointError, Discriminator, Example, StereoVAE,
+from tokenizer import (GAIN_FLOOR, SAMPLE_RATE, AudioError, CheckpointError, Discriminator, Example, StereoVAE,
                        TextTokenizer, Turn, VAE_PRESETS, VAEConfig, discriminator_loss, encode_conversation, kl_loss,
                        load_audio, load_model, mel_filterbank, mel_loss, resample, save_audio, stereo_stft_loss,
                        stft_distance, train_text_tokenizer, vae_loss, write_atomic)
@@ -19,6 +19,7 @@ from tokenizer import (GAIN_FLOOR, HOP, SAMPLE_RATE, AudioError, CheckpointError
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=32, strides=(4, 5, 6, 10), dilations=(1, 3),
                  stft_ffts=(256, 64), mel_windows=(64, 256), mel_bins=(10, 20), gan=False,
                  disc_dim=2, disc_periods=(2, 3), disc_ffts=(256,))
+HOP = TINY.hop                                     # samples per latent frame of TINY (40 Hz)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +168,9 @@ def test_config_rejects_wrong_hop():
 def test_presets_have_the_paper_shapes():
     paper = StereoVAE(VAE_PRESETS["audiochat"])
     assert (paper.latent_dim, paper.audio_dim) == (128, 256)
-    assert math.prod(VAE_PRESETS["toy"].strides) == HOP and not VAE_PRESETS["toy"].gan
+    toy = VAE_PRESETS["toy"]
+    assert math.prod(toy.strides) == toy.hop == SAMPLE_RATE // toy.frame_rate and not toy.gan
+    assert VAE_PRESETS["audiochat"].frame_rate == 40, "paper B.1: 40 Hz latents"
 
 
 @pytest.mark.parametrize("samples", [1, HOP, 2 * HOP + 1, 5000])
@@ -202,7 +205,7 @@ def test_decoder_receptive_field_fits_in_the_chunk_overlap(preset):
     bumped[0, 13] += 1.0
     with torch.no_grad():
         diff = (vae.decode_raw(bumped) - vae.decode_raw(z)).abs().amax(dim=(0, 1))
-    frames = diff.nonzero().squeeze(1) // HOP
+    frames = diff.nonzero().squeeze(1) // vae.config.hop
     reach = max(13 - frames.min().item(), frames.max().item() - 13)
     assert 0 < reach < 13 and reach <= vae.config.overlap_frames, f"{preset}: frame 13 changes frames {frames}"
 
@@ -403,6 +406,25 @@ def test_gain_shape_keeps_the_stereo_image_by_construction(pan):
         ild_in = 20 * torch.log10(gains[0] / gains[1])
         ild_out = 10 * torch.log10(level[0] / level[1])
         assert abs(ild_out - ild_in) < 1e-3, f"pan {pan}: ILD {ild_in:.3f} dB in, {ild_out:.3f} dB out"
+
+
+def test_gain_shape_decodes_every_frame_at_its_level_dim():
+    """The decoder's output is scaled to each frame's level dim: even an untrained shape decoder plays a tone,
+    noise and sparse clicks at the level they were encoded with (per frame, within 0.5 dB; the gain is smoothed
+    over 5 % of a frame at the edges), and 20 dB quieter input comes out 20 dB quieter."""
+    torch.manual_seed(0)
+    vae = StereoVAE(replace(TINY, gain_shape=True)).eval()
+    n, t = 8 * HOP, torch.arange(8 * HOP) / SAMPLE_RATE
+    clicks = (torch.rand(n) < 2e-3).float() * torch.randn(n)
+    for name, x in (("tone", torch.sin(2 * math.pi * 440 * t)), ("noise", torch.randn(n)), ("clicks", clicks)):
+        for gain in (0.3, 0.03):
+            audio = (gain * x / x.pow(2).mean().sqrt()).expand(1, 2, n)
+            with torch.no_grad():
+                out = vae.decode(vae.encode(audio), n)
+            frame_db = lambda a: 10 * torch.log10(a[0, 0].reshape(-1, HOP).pow(2).mean(-1) + 1e-20)
+            loud = frame_db(audio) > -60
+            err = (frame_db(out) - frame_db(audio))[loud].abs().max().item()
+            assert err < 0.5, f"{name} at gain {gain}: a frame decoded {err:.2f} dB off its level"
 
 
 def test_vae_learns_to_use_its_latent():

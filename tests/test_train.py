@@ -6,6 +6,7 @@ VAE, the latents stage run on them, and a tiny SCT given by flags.
 """
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -26,9 +27,9 @@ import train
 from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json, write_dataset
 from diffusion import DiffusionConfig, v_to_x0_eps
 from metrics import SmallFLAM
-from model import SCT
+from model import SCT, SCTConfig
 from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer,
-                       VAEConfig, encode_conversation, load_model, FRAME_RATE)
+                       Turn, VAEConfig, encode_conversation, load_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VAEConfig(latent_dim=4, encoder_dim=2, decoder_dim=16, strides=(4, 5, 6, 10), dilations=(1,),
@@ -50,7 +51,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     data, out = root / "data", root / "ck"
     write_dataset(data, 5, 2, DatasetConfig(t2a_frac=0.4))
-    train.main(["--stage", "tokenizer", "--data", str(data), "--out", str(out), "--data.vocab_size", "400",
+    train.main(["--stage", "tokenizer", "--data", str(data), "--out", str(out), "--data.vocab_size", "600",
                 "--threads", "1"])
     torch.manual_seed(0)
     train.save_checkpoint(out / "vae.pt", {"kind": "vae", "config": asdict(TINY), "model": StereoVAE(TINY).state_dict(),
@@ -84,7 +85,8 @@ def single_run(toy, tmp_path_factory):
 
 def test_every_field_has_a_flag_with_help_and_typed_values():
     args, cfg = train.parse_args(["--sct.seq_len", "512", "--sct1.mixture", "story=1,text=2.5",
-                                  "--vae_model.strides", "4,5,6,10", "--sct_model.sliding_window", "none",
+                                  "--vae_model.strides", "4,5,6,10", "--vae_model.frame_rate", "40",
+                                  "--sct_model.sliding_window", "none",
                                   "--sct.fsdp", "true", "--sct.betas", "0.9,0.99", "--diffusion.cfg_weight", "2"])
     assert cfg["sct"].seq_len == 512 and cfg["sct"].fsdp is True and cfg["sct"].betas == (0.9, 0.99)
     assert cfg["sct1"].mixture == {"story": 1.0, "text": 2.5} and cfg["vae_model"].strides == (4, 5, 6, 10)
@@ -287,7 +289,7 @@ def test_latents_are_the_normalised_vae_encoding_and_resumable(toy, capsys):
         expected = [vae.encode(train.load_audio(t.audio)[None])[0] for t in conv.turns]
     assert len(cached) == len(conv.turns) and cached[0].dtype == torch.float16
     for got, want in zip(cached, expected):
-        assert got.shape == want.shape == (conv.turns[0].scene.num_frames(FRAME_RATE), vae.audio_dim)
+        assert got.shape == want.shape == (conv.turns[0].scene.num_frames(vae.config.frame_rate), vae.audio_dim)
         torch.testing.assert_close(got.float(), want, atol=2e-3 * want.abs().max().item(), rtol=1e-3)
     train.main(["--stage", "latents", "--data", str(data), "--out", str(out), "--threads", "1"])
     assert "7 items, 0 to encode" in capsys.readouterr().out
@@ -309,7 +311,7 @@ def test_documents_follow_the_paper_layout(toy):
 
     (user, model), conv = doc("story", 0)
     assert user.parts == [conv.turns[0].instruction] and model.parts[0] == scene_to_json(conv.turns[0].scene)
-    assert model.parts[1].shape == (conv.turns[0].scene.num_frames(FRAME_RATE), 8)
+    assert model.parts[1].shape == (conv.turns[0].scene.num_frames(TINY.frame_rate), 8)
     (user, model), conv = doc("upload_edit", 2)
     assert torch.is_tensor(user.parts[0]) and user.parts[1] == conv.turns[2].instruction
     assert model.parts[:2] == [scene_to_json(caption_of(conv.turns[1].scene)), scene_to_json(conv.turns[2].scene)]
@@ -662,3 +664,102 @@ def test_clear_errors(toy, single_run, tmp_path):
         train.main(argv + ["--stop-after", "2"])
     with pytest.raises(ValueError, match="other settings.*seq_len"):
         train.main(argv + ["--sct.seq_len", "900"])
+
+
+# -----------------------------------------------------------------------------
+# Text-only plan documents and the conditioning diagnostics
+
+def test_plan_documents_end_each_model_turn_at_the_audio_start(toy):
+    """A plan document is the story layout without audio: each plan is followed by the <unused0> that opens its audio
+    (the LM learns to stop there, as sample.py expects), the document ends at the last one, and no token is audio."""
+    tok = TextTokenizer(toy[1] / "tokenizer.model")
+    ex = train.plan_document([("rain please", '{"a":1}'), ("add a dog", '{"b":2}')], tok, audio_dim=8)
+    ids, labels = ex.ids.tolist(), ex.labels.tolist()
+    assert ids[-1] == tok.audio_start_id and ids.count(tok.audio_start_id) == 2 and not ex.audio_mask.any()
+    assert ex.latents.shape == (0, 8) and labels[-1] == -100
+    targets = [t for t in labels if t != -100]
+    assert tok.decode([t for t in targets if t != tok.audio_start_id]) == '{"a":1}{"b":2}'
+    assert targets.count(tok.audio_start_id) == 2 and tok.end_of_turn_id not in targets
+    want = encode_conversation([Turn("user", ["rain please"]), Turn("model", ['{"a":1}'])], tok)
+    assert ids[:len(want.ids) - 3] == want.ids[:-3].tolist()        # the same layout up to the end of the first plan
+
+
+class Local(torch.nn.Module):
+    """An SCT stand-in that sees each position alone (token embedding, the noisy latent): it ignores every condition."""
+
+    def __init__(self, vocab_size: int, audio_dim: int):
+        super().__init__()
+        self.config = SCTConfig(vocab_size=vocab_size, audio_dim=audio_dim)
+        self.embed, self.head, self.vel = (torch.nn.Embedding(vocab_size, 16), torch.nn.Linear(16, vocab_size),
+                                           torch.nn.Linear(audio_dim, audio_dim))
+
+    def forward(self, ids, audio, audio_mask, t, span_ids, doc_ids):
+        return self.embed(ids), audio
+
+    def lm_logits(self, h):
+        return self.head(h)
+
+    def velocity(self, h):
+        return self.vel(h)
+
+
+class Oracle(Local):
+    """Local's text, and the exact velocity of the clean audio of the plan it finds in the document (memory: plan
+    token ids -> clean latents): loss 0 given the true plan, a wrong answer given another's."""
+
+    def __init__(self, vocab_size: int, audio_dim: int, memory: dict[str, torch.Tensor]):
+        super().__init__(vocab_size, audio_dim)
+        self.memory = memory
+
+    def forward(self, ids, audio, audio_mask, t, span_ids, doc_ids):
+        text, m = "," + ",".join(map(str, ids[0].tolist())) + ",", audio_mask[0]
+        if not m.any():                                                # a plan document: text only
+            return self.embed(ids), audio
+        z, x0 = next(z for plan, z in self.memory.items() if plan in text), torch.zeros(int(m.sum()), audio.shape[-1])
+        x0[:len(z)] = z[:len(x0)]                                      # another plan's audio may be longer
+        alpha, sigma = torch.cos(t[0, m, None] * math.pi / 2), torch.sin(t[0, m, None] * math.pi / 2)
+        h = audio.clone()
+        h[0, m] = (alpha * audio[0, m] - x0) / sigma                  # x0 = alpha x_t - sigma v, solved for v
+        return self.embed(ids), h
+
+    def velocity(self, h):
+        return h
+
+
+def test_conditioning_gaps_are_zero_for_a_model_that_ignores_its_condition_and_positive_for_one_that_uses_it(toy):
+    """The diagnostics' sign: a model that sees neither instruction nor plan has gaps of exactly 0; one that knows
+    each plan's audio has a positive diffusion gap (and still an LM gap of 0); a tiny SCT fitted to write each
+    story's plan from its instruction has a positive LM gap."""
+    td, cpu = task_data(toy), torch.device("cpu")
+    torch.manual_seed(0)
+    zero = train.conditioning_gaps(Local(td.tok.vocab_size, td.audio_dim), td, 8, 0, cpu)
+    assert set(zero) == {"lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.6", "diff_gap@0.9"}
+    assert zero["lm_plan"] > 1 and all(abs(v) < 1e-6 for k, v in zero.items() if "gap" in k), zero
+    convs = [td.conversation(c) for c in td.pools["story"][0][:8, 0].tolist()]
+    memory = {"," + ",".join(map(str, td.tok.encode(scene_to_json(c.turns[0].scene)))) + ",":
+              td.latents(f"stories/train/{c.id}")[0] for c in convs}
+    oracle = train.conditioning_gaps(Oracle(td.tok.vocab_size, td.audio_dim, memory), td, 8, 0, cpu)
+    assert abs(oracle["lm_gap"]) < 1e-6 and all(oracle[f"diff_gap@{t}"] > 0.1 for t in (0.3, 0.6, 0.9)), oracle
+    sct = SCT(SCTConfig(vocab_size=td.tok.vocab_size, audio_dim=td.audio_dim, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_generation_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=32, query_pre_attn_scalar=32, attn_implementation="sdpa", attn_logit_softcapping=None))
+    docs = [train.plan_document([(c.turns[0].instruction, scene_to_json(c.turns[0].scene))], td.tok) for c in convs]
+    opt = torch.optim.Adam(sct.parameters(), 3e-3)
+    for step in range(200):
+        ex = docs[step % len(docs)]
+        opt.zero_grad()
+        h_text, _ = sct(ex.ids[None])
+        torch.nn.functional.cross_entropy(sct.lm_logits(h_text[0]), ex.labels, ignore_index=-100).backward()
+        opt.step()
+    gaps = train.conditioning_gaps(sct.eval(), td, 8, 0, cpu)
+    assert gaps["lm_gap"] > 0.3, gaps
+
+
+def test_every_eval_keeps_the_conditioning_gaps_for_the_curves(single_run, capsys):
+    """Each held-out eval of an SCT stage logs the gaps, keeps them in the stage's checkpoint, and bench/curves.py
+    reads them back in step order."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from curves import read_evals
+    rows = read_evals(single_run)
+    assert rows and [r["at"] for r in rows] == sorted(r["at"] for r in rows) and rows[-1]["stage"] == "sct1"
+    assert all(math.isfinite(r[k]) for r in rows for k in ("lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.9"))

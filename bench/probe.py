@@ -1,0 +1,373 @@
+"""The conditioning probe: does the model do what it is asked? Plans that follow the prompt, audio that follows
+the plan, edits that make the asked change and no other, descriptions that name what is heard.
+
+    python bench/probe.py --ckpt-dir checkpoints/toy [--data data/toy] [--steps 50] [--json out/probe.json]
+
+Prints one table and writes the numbers as JSON. Runs in under 10 minutes on 2 CPU cores for the toy model.
+Sections (issue 12's targets in brackets):
+  plans       free-wording story prompts written for this probe (PROMPTS: they name sounds of the toy world,
+              some with a side, level or start time) and, with --data, the eval split's turn-0 instructions:
+              plans valid as written [>= 90 %], named sounds present [>= 85 %], stated sides [>= 85 %], levels and
+              start times honoured
+  audio       single-event scenes (a quiet bed and one event of each class at pan -1 / 0 / 1 and several onsets)
+              rendered by the model from a plan: onset within 0.25 s [>= 80 %], ILD sign right [>= 90 %], level
+              error (metrics.plan_adherence, on the waveform); the swap test: the same seed with the event moved
+              from left at 1 s to right at 3 s must move the measured onset and ILD with it [every class]; the
+              copilot render of the same plans through the VAE is the reference row
+  edits       base scenes rendered by copilot and edit requests in free wording, per kind (add, remove, change,
+              volume, pan, open): the new plan makes the asked change and no other [>= 70 % each]; the audio:
+              how many dB the kept sounds moved between the input and the output
+  describe    copilot renders described by the model: their sounds named in the caption [>= 70 %], sides and
+              start times right for the sounds named
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sample  # noqa: E402
+from copilot import (BEDS, EVENTS, SOUND_CLASSES, TRAIN_SEEDS, OfflineCopilot, Renderer, Scene, SceneError,  # noqa
+                     Sound, ambience_ids, caption_to_class, mix_scene, pan_gains, parse_scene, read_conversations,
+                     scene_to_json, validate_scene)
+from metrics import ILD_CLIP, plan_adherence  # noqa: E402
+from tokenizer import DESCRIBE, SAMPLE_RATE, task_turns  # noqa: E402
+
+# Story prompts written for this probe, in free wording (not copilot's templates). Each names toy-world sounds:
+# (class, side, level, start s); side "left" means panning <= -0.3, "right" >= 0.3, "centre" |panning| <= 0.15.
+PROMPTS = [
+    ("A thunderstorm at night: heavy rain, thunder, and a dog barking on the left.",
+     [("rain",), ("thunder",), ("dog", "left")]),
+    ("Rain on the windows while a phone rings somewhere to the right.", [("rain",), ("phone", "right")]),
+    ("I want a cozy evening by the fireplace with a cat meowing.", [("fire",), ("cat",)]),
+    ("Church bells over the sound of the sea.", [("bells",), ("waves",)]),
+    ("A windy hill where birds sing on the right after two seconds.", [("wind",), ("birds", "right", None, 2.0)]),
+    ("Somebody knocks at the door at the 1 second mark, while a fan hums.", [("knocking", None, None, 1.0), ("fan",)]),
+    ("Just waves, and a loud siren passing on the left.", [("waves",), ("siren", "left", "loud")]),
+    ("Gentle piano with quiet rain behind it.", [("piano",), ("rain", None, "quiet")]),
+    ("Footsteps walking across the room, with the hum of a fan in the background.", [("footsteps",), ("fan",)]),
+    ("A campfire crackling, and birds chirping on the left.", [("fire",), ("birds", "left")]),
+    ("Make a scene with wind and a bell that rings at 3 seconds.", [("wind",), ("bells", None, None, 3.0)]),
+    ("The ocean, with a dog far to the right.", [("waves",), ("dog", "right")]),
+    ("Thunder rumbling, rain pouring, and a cat on the right.", [("thunder",), ("rain",), ("cat", "right")]),
+    ("A quiet office with a fan running and a telephone that rings straight away.",
+     [("fan",), ("phone", None, None, 0.0)]),
+    ("Someone is knocking on the left while the fire crackles.", [("knocking", "left"), ("fire",)]),
+    ("Rainy street with an ambulance siren on the right.", [("rain",), ("siren", "right")]),
+    ("Birdsong by the sea.", [("birds",), ("waves",)]),
+    ("A stormy night with strong wind and distant thunder.", [("wind",), ("thunder", None, "quiet")]),
+    ("Soft piano music and a dog barking loudly.", [("piano", None, "quiet"), ("dog", None, "loud")]),
+    ("Give me steps coming from the left and a cat meowing on the right, over the sound of rain.",
+     [("footsteps", "left"), ("cat", "right"), ("rain",)]),
+    ("Church bells ringing right away, fire in the background.", [("bells", None, None, 0.0), ("fire",)]),
+    ("A phone rings on the left, then someone knocks on the right, in a quiet room with a fan.",
+     [("phone", "left"), ("knocking", "right"), ("fan",)]),
+    ("Wind, birds, and a faint siren.", [("wind",), ("birds",), ("siren", None, "quiet")]),
+    ("A dog barks after one second and a cat answers after three seconds, with rain outside.",
+     [("dog", None, None, 1.0), ("cat", None, None, 3.0), ("rain",)]),
+    ("Ocean waves with a piano playing on the right side.", [("waves",), ("piano", "right")]),
+    ("Heavy rain and a loud thunderclap.", [("rain",), ("thunder", None, "loud")]),
+    ("A fireplace, footsteps, and a knock at the door.", [("fire",), ("footsteps",), ("knocking",)]),
+    ("Windy weather with a church bell far to the left.", [("wind",), ("bells", "left")]),
+    ("Birds in the middle and rain all around.", [("birds", "centre"), ("rain",)]),
+    ("A siren starts two seconds in, centred, while waves crash.", [("siren", "centre", None, 2.0), ("waves",)]),
+    ("Cat on the left, dog on the right, rain in the background.", [("cat", "left"), ("dog", "right"), ("rain",)]),
+    ("The hum of a fan and a quiet piano.", [("fan",), ("piano", None, "quiet")]),
+    ("A thunderclap at the start over steady wind.", [("thunder", None, None, 0.0), ("wind",)]),
+    ("Crackling fire and a telephone to the right.", [("fire",), ("phone", "right")]),
+    ("Footsteps at 2 seconds on the right over the ocean.", [("footsteps", "right", None, 2.0), ("waves",)]),
+    ("Make it rain, and add church bells on the right.", [("rain",), ("bells", "right")]),
+]
+SIDE_OK = {"left": lambda p: p <= -0.3, "right": lambda p: p >= 0.3, "centre": lambda p: abs(p) <= 0.15}
+LEVEL_OK = {"loud": lambda s: s.loudness >= SOUND_CLASSES[caption_to_class(s.text)].top - 4,
+            "quiet": lambda s: s.loudness <= -22}
+# Edit requests written for this probe ({x}: a sound's name, {y}: a sound asked for, {side}: left/right).
+EDITS = {"remove": ("Please remove the {x}.", "I'd rather not hear the {x}.", "Drop the {x} from the scene."),
+         "add": ("Could you also put {y} in?", "Add {y} on the {side}.", "Let's have {y} too."),
+         "change": ("Swap out the {x} and use {y}.", "Put {y} where the {x} is.", "Replace the {x}: {y} instead."),
+         "volume": ("The {x} is too quiet, turn it up.", "Make the {x} softer.", "Bring the {x} up a lot.",
+                    "Turn the {x} down a bit."),
+         "pan": ("Move the {x} over to the {side}.", "I want the {x} on the {side}.", "Pan the {x} to the {side}."),
+         "open": ("Make the scene fuller, add a couple of sounds.", "Everything except the background should be "
+                  "quieter.", "Delay the events by a second.", "Let the sounds be shorter.")}
+OPEN_OP = {0: "busier", 1: "calmer", 2: "later", 3: "shorter"}
+VOLUME_UP = (True, False, True, False)
+
+
+def rate(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+def write_plan(m, turns: list, opts) -> Scene | None:
+    """The model's greedy text after `turns`, parsed as a scene as written (None: not a scene)."""
+    try:
+        return parse_scene(sample.decode_text(m, turns, opts.max_new_tokens)[0])
+    except SceneError:
+        return None
+
+
+def probe_plans(m, items: list, opts) -> dict:
+    c = dict.fromkeys(("plans", "valid", "named", "present", "sides", "side_ok", "levels", "level_ok", "starts",
+                       "start_ok"), 0)
+    for text, names in items:
+        scene = write_plan(m, task_turns("story", instruction=text), opts)
+        c["plans"] += 1
+        c["valid"] += scene is not None and not validate_scene(scene)
+        found = {}
+        for s in scene.sounds if scene else []:
+            found.setdefault(caption_to_class(s.text), s)
+        for cls, side, level, start in (tuple(n) + (None,) * (4 - len(n)) for n in names):
+            s = found.get(cls)
+            c["named"], c["present"] = c["named"] + 1, c["present"] + (s is not None)
+            for key, want, ok in (("sides", side, lambda: SIDE_OK[side](s.panning)),
+                                  ("levels", level, lambda: LEVEL_OK[level](s)),
+                                  ("starts", start, lambda: abs(s.start_time - start) <= 0.25)):
+                if want is not None:
+                    c[key] += 1
+                    c[key[:-1] + "_ok"] += s is not None and ok()
+    return {"n": c["plans"], "valid": rate(c["valid"], c["plans"]), "present": rate(c["present"], c["named"]),
+            "side": rate(c["side_ok"], c["sides"]), "level": rate(c["level_ok"], c["levels"]),
+            "start": rate(c["start_ok"], c["starts"]), "counts": c}
+
+
+def event_scene(cls: str, bed: str, pan: float, start: float) -> tuple[str, Scene]:
+    """A quiet bed and one event: the prompt and the plan."""
+    b, e = SOUND_CLASSES[bed], SOUND_CLASSES[cls]
+    sounds = [Sound(0, "sfx", b.caption, -30, 0, 0, 5), Sound(1, "sfx", e.caption, e.top - 2, pan, start, 1.5)]
+    side = {-1.0: "hard left", 0.0: "in the middle", 1.0: "hard right"}[pan]
+    text = f"{e.caption.capitalize()} {side} after {start:g} seconds, over {b.caption}."
+    return text, Scene(f"{b.caption.capitalize()}, with {e.caption}.", sounds)
+
+
+def measure(audio: torch.Tensor, scene: Scene, pan: float, start: float) -> dict:
+    """metrics.plan_adherence of the event -> its measured onset (s) and ILD (dB, + = left), level error (LU), and
+    whether the onset is within 0.25 s and the ILD on the planned side (> 3 dB left, < -3 dB right, |.| < 3 centred)."""
+    m = plan_adherence(audio, scene)[0]
+    if not m["heard"]:
+        return dict(heard=False, onset=math.nan, ild=0.0, level_err=math.nan, onset_ok=False, side_ok=False)
+    g_left, g_right = pan_gains(pan)
+    ild = m["ild"] + max(-ILD_CLIP, min(ILD_CLIP, 20 * math.log10(max(g_left, 1e-9) / max(g_right, 1e-9))))
+    side = ild > 3 if pan < 0 else ild < -3 if pan > 0 else abs(ild) < 3
+    return dict(heard=True, onset=start + m["onset"], ild=ild, level_err=m["level"], onset_ok=abs(m["onset"]) <= 0.25,
+                side_ok=side)
+
+
+def probe_audio(m, opts, seed: int) -> dict:
+    rows = {"model": [], "copilot via VAE": []}
+    swaps = {}
+    for k, cls in enumerate(EVENTS):
+        bed = BEDS[k % len(BEDS)]
+        got = []
+        for pan, start in ((-1.0, 1.0), (1.0, 3.0), (0.0, 2.0)):
+            text, scene = event_scene(cls, bed, pan, start)
+            plan = sample.accept_plan(scene_to_json(scene), None)
+            reply = sample.respond(m, [], "story", {"instruction": text}, None, opts,
+                                   torch.Generator().manual_seed(seed), plan=plan)
+            mix = mix_scene(scene, Renderer(seed=f"probe|{cls}|{pan}|{start}")).audio
+            with torch.no_grad():
+                ref = m.vae.decode(m.vae.encode(mix[None].to(m.device)), mix.shape[-1])[0].cpu()
+            for row, audio in (("model", reply.audio), ("copilot via VAE", ref)):
+                rows[row].append(dict(cls=cls, pan=pan, start=start, **measure(audio, scene, pan, start)))
+            got.append(rows["model"][-1])
+        a, b = got[0], got[1]                       # the same seed, left at 1 s -> right at 3 s
+        swaps[cls] = bool(b["onset"] - a["onset"] > 1.0 and a["ild"] > b["ild"] + 6)   # NaN (unheard): False
+    out = {}
+    for row, r in rows.items():
+        finite = [x for x in r if x["heard"]]
+        out[row] = {"n": len(r), "onset": rate(sum(x["onset_ok"] for x in r), len(r)),
+                    "ild_sign": rate(sum(x["side_ok"] for x in r), len(r)),
+                    "level_err": sum(abs(x["level_err"]) for x in finite) / max(1, len(finite))}
+    out["swap"] = {"followed": sum(swaps.values()), "classes": len(swaps), "per_class": swaps}
+    out["rows"] = rows
+    return out
+
+
+def same(a: Sound, b: Sound) -> bool:
+    return a.text == b.text and a.mix_params() == b.mix_params()
+
+
+def edit_right(kind: str, old: Scene, new: Scene | None, target: Sound | None, want: dict) -> bool:
+    """The asked change and no other (ids kept, every other sound's caption and mix unchanged)."""
+    if new is None or validate_scene(new, old):
+        return False
+    o, n = old.by_id(), new.by_id()
+    kept = [i for i in o if i in n]
+    untouched = lambda ids: all(same(o[i], n[i]) for i in ids)
+    added = [n[i] for i in n if i not in o]
+    classes = lambda sounds: [caption_to_class(s.text) for s in sounds]
+    others = [i for i in o if target is None or i != target.id]
+    if kind == "remove":
+        return target.id not in n and len(n) == len(o) - 1 and untouched(others)
+    if kind == "add":
+        ok_side = want.get("side") is None or (added and SIDE_OK[want["side"]](added[0].panning))
+        return len(kept) == len(o) and untouched(kept) and classes(added) == [want["cls"]] and ok_side
+    if kind == "change":
+        return target.id not in n and untouched(others) and len(kept) == len(others) and classes(added) == [want["cls"]]
+    if kind in ("volume", "pan"):
+        if added or len(kept) != len(o) or not untouched(others) or n[target.id].text != target.text:
+            return False
+        s = n[target.id]
+        if kind == "volume":
+            return (s.loudness - target.loudness) * (1 if want["up"] else -1) >= 2
+        return SIDE_OK[want["side"]](s.panning) and s.panning != target.panning
+    op, amb = want["op"], set(ambience_ids(old)[:1])
+    fg = [i for i in o if i not in amb]
+    if op == "busier":
+        return len(added) >= 1 and len(kept) == len(o) and untouched(kept)
+    if added or len(kept) != len(o) or not untouched(amb):
+        return False
+    attr, sign = {"calmer": ("loudness", -1), "later": ("start_time", 1), "shorter": ("duration", -1)}[op]
+    moved = [(getattr(n[i], attr) - getattr(o[i], attr)) * sign for i in fg]
+    return all(d >= 0 for d in moved) and any(d > 0 for d in moved)
+
+
+def probe_edits(m, opts, seed: int, n_bases: int, audio_every: int) -> dict:
+    right, total, kept_db, ref_db = {}, {}, [], []
+    for b in range(n_bases):
+        rng = random.Random(f"probe-edit|{b}")
+        text, _, old = OfflineCopilot().conversation(rng.choice(TRAIN_SEEDS), rng, 1, kinds=["add"])[0]   # two events
+        audio = mix_scene(old, Renderer(seed=f"probe-edit|{b}")).audio
+        with torch.no_grad():
+            z = m.vae.encode(audio[None].to(m.device))[0]
+        history = task_turns("story", instruction=text, plan=scene_to_json(old), audio=z)
+        fg = [s for s in old.sounds if s.id not in ambience_ids(old)[:1]]
+        present = {caption_to_class(s.text) for s in old.sounds}
+        for kind, wordings in EDITS.items():
+            j = (b + len(kind)) % len(wordings)
+            target = rng.choice(fg)
+            x = rng.choice(SOUND_CLASSES[caption_to_class(target.text)].names.split("|"))
+            new_cls = rng.choice([c for c in EVENTS if c not in present])
+            y = rng.choice(SOUND_CLASSES[new_cls].nouns.split("|"))
+            side = "left" if target.panning > 0 else "right"
+            want = {"cls": new_cls, "side": side if "{side}" in wordings[j] else None, "up": VOLUME_UP[j % 4],
+                    "op": OPEN_OP[j % 4]}
+            instruction = wordings[j].format(x=x, y=y, side=side)
+            new = write_plan(m, history + task_turns("story", instruction=instruction), opts)
+            ok = edit_right(kind, old, new, None if kind in ("add", "open") else target, want)
+            right[kind], total[kind] = right.get(kind, 0) + ok, total.get(kind, 0) + 1
+            if ok and b % audio_every == 0:                # the audio: how far the kept sounds moved
+                reply = sample.respond(m, history, "story", {"instruction": instruction}, old, opts,
+                                       torch.Generator().manual_seed(seed), plan=sample.accept_plan(
+                                           scene_to_json(new), old))
+                ref = mix_scene(new, Renderer(seed=f"probe-edit|{b}")).audio
+                for out, acc in ((reply.audio, kept_db), (ref, ref_db)):
+                    acc += kept_change(audio, out, old, new)
+    per_kind = {k: rate(right[k], total[k]) for k in EDITS}
+    return {"per_kind": per_kind, "n": total, "kept_db": median(kept_db), "kept_db_copilot": median(ref_db)}
+
+
+def median(xs: list) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+def kept_change(before: torch.Tensor, after: torch.Tensor, old: Scene, new: Scene) -> list[float]:
+    """|dB change| of each channel's power over each kept event's interval, away from every edited sound."""
+    edited = [s for s in old.sounds + new.sounds if s.id not in new.by_id() or s.id not in old.by_id() or
+              not same(old.by_id()[s.id], new.by_id()[s.id])]
+    out = []
+    for s in new.sounds:
+        if s.id in ambience_ids(new)[:1] or any(e.id == s.id for e in edited):
+            continue
+        if any(e.start_time < s.end and s.start_time < e.end for e in edited):
+            continue
+        a, b = (int(t * SAMPLE_RATE) for t in (s.start_time, s.end))
+        n = min(before.shape[-1], after.shape[-1], b)
+        if n - a < SAMPLE_RATE // 10:
+            continue
+        p0, p1 = before[:, a:n].pow(2).mean(-1), after[:, a:n].pow(2).mean(-1)
+        out += (10 * torch.log10((p1 + 1e-12) / (p0 + 1e-12))).abs().tolist()
+    return out
+
+
+def probe_describe(m, opts, n: int) -> dict:
+    c = dict.fromkeys(("sounds", "named", "sides", "side_ok", "starts", "start_ok"), 0)
+    for k in range(n):
+        rng = random.Random(f"probe-describe|{k}")
+        _, _, scene = OfflineCopilot().conversation(rng.choice(TRAIN_SEEDS), rng, 1)[0]
+        audio = mix_scene(scene, Renderer(seed=f"probe-describe|{k}")).audio
+        with torch.no_grad():
+            z = m.vae.encode(audio[None].to(m.device))[0]
+        caption = write_plan(m, task_turns("understand", clip=z, request=DESCRIBE), opts)
+        said = {}
+        for s in caption.sounds if caption else []:
+            said.setdefault(caption_to_class(s.text), s)
+        for s in scene.sounds:
+            c["sounds"] += 1
+            got = said.get(caption_to_class(s.text))
+            c["named"] += got is not None
+            if got is not None and s.id not in ambience_ids(scene)[:1]:
+                truth = "left" if s.panning <= -0.3 else "right" if s.panning >= 0.3 else "centre"
+                c["sides"], c["starts"] = c["sides"] + 1, c["starts"] + 1
+                c["side_ok"] += SIDE_OK[truth](got.panning)
+                c["start_ok"] += abs(got.start_time - s.start_time) <= 0.5
+    return {"n": n, "recall": rate(c["named"], c["sounds"]), "side": rate(c["side_ok"], c["sides"]),
+            "start": rate(c["start_ok"], c["starts"]), "counts": c}
+
+
+def fmt_db(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:5.1f} %"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt-dir", default="checkpoints/toy", help="tokenizer.model, vae.pt and sct.pt")
+    p.add_argument("--data", type=Path, default=None, help="a copilot dataset: its eval split's turn-0 prompts too")
+    p.add_argument("--steps", type=int, default=sample.Options.steps, help="DPM-Solver++ steps (sample.py's default)")
+    p.add_argument("--cfg", type=float, default=sample.Options.cfg, help="CFG weight (sample.py's default)")
+    p.add_argument("--seed", type=int, default=0, help="diffusion noise seed")
+    p.add_argument("--edit-bases", type=int, default=6, help="base scenes for the edit section (6 kinds each)")
+    p.add_argument("--describe", type=int, default=20, help="copilot renders to describe")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    m = sample.load_models(a.ckpt_dir)
+    opts = replace(sample.Options(), steps=a.steps, cfg=a.cfg)
+    t0, res = time.time(), {"ckpt_dir": str(a.ckpt_dir), "steps": a.steps, "cfg": a.cfg}
+    with torch.no_grad():
+        res["plans"] = probe_plans(m, PROMPTS, opts)
+        if a.data is not None:
+            items = [(c.turns[0].instruction, [(caption_to_class(s.text),) for s in c.turns[0].scene.sounds])
+                     for c in read_conversations(a.data, "eval")]
+            res["plans_eval"] = probe_plans(m, items, opts)
+        res["audio"] = probe_audio(m, opts, a.seed)
+        res["edits"] = probe_edits(m, opts, a.seed, a.edit_bases, 2)
+        res["describe"] = probe_describe(m, opts, a.describe)
+    res["seconds"] = time.time() - t0
+    P, A, E, D = res["plans"], res["audio"], res["edits"], res["describe"]
+    lines = [f"probe of {a.ckpt_dir} ({a.steps} steps, CFG {a.cfg:g}; {res['seconds']:.0f} s)",
+             f"plans, {P['n']} free prompts: valid {pct(P['valid'])} | named present {pct(P['present'])} | "
+             f"sides {pct(P['side'])} | levels {pct(P['level'])} | starts {pct(P['start'])}"]
+    if "plans_eval" in res:
+        Q = res["plans_eval"]
+        lines.append(f"plans, {Q['n']} eval turn-0 prompts: valid {pct(Q['valid'])} | named present "
+                     f"{pct(Q['present'])}")
+    for row in ("model", "copilot via VAE"):
+        r = A[row]
+        lines.append(f"audio ({row}), {r['n']} single-event scenes: onset within 0.25 s {pct(r['onset'])} | ILD sign "
+                     f"{pct(r['ild_sign'])} | mean |level error| {r['level_err']:.1f} dB")
+    lines.append(f"swap test: followed in {A['swap']['followed']} of {A['swap']['classes']} classes")
+    lines.append("edits right: " + " | ".join(f"{k} {pct(v)}" for k, v in E["per_kind"].items()) +
+                 f"; kept sounds moved {fmt_db(E['kept_db'])} dB "
+                 f"(copilot: {fmt_db(E['kept_db_copilot'])})")
+    lines.append(f"describe, {D['n']} renders: sounds named {pct(D['recall'])} | sides {pct(D['side'])} | "
+                 f"starts {pct(D['start'])}")
+    print("\n".join(lines))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()
