@@ -435,6 +435,11 @@ def tcpwer(ref: list[Segment], hyp: list[Segment], collar: float = 1.0) -> WordE
 ILD_CLIP = 30.0    # dB: the pan law's ILD is infinite at |p| = 1, so planned and measured ILDs are clipped here
 
 
+def ild_db(left: float, right: float) -> float:
+    """Interaural level difference of two amplitudes in dB (+ = left louder), clipped at +-ILD_CLIP."""
+    return max(-ILD_CLIP, min(ILD_CLIP, 20 * math.log10(max(left, 1e-9) / max(right, 1e-9))))
+
+
 def plan_adherence(audio: torch.Tensor, scene) -> list[dict]:
     """Per event sound (all but the ambiences) of `scene` (a copilot Scene or its JSON) in audio [2, S] at 48 kHz:
     {"id", "heard", "onset" s, "ild" dB, "level" LU}, errors measured minus planned (None when not heard); [] unless
@@ -445,7 +450,6 @@ def plan_adherence(audio: torch.Tensor, scene) -> list[dict]:
     against the pan law, both clipped at +-30 dB (beyond 6 dB the bed's fluctuations swamp the quiet channel, but a
     centred bed adds alike to LL, LR and RR, so there g_L / g_R = (C_LL - C_LR) / (C_LR - C_RR)); level: BS.1770 of
     the blocks overlapping the planned interval, the bed's K-weighted power subtracted, against the plan's loudness."""
-    ild_db = lambda left, right: max(-ILD_CLIP, min(ILD_CLIP, 20 * math.log10(max(left, 1e-9) / max(right, 1e-9))))
     scene = copilot.parse_scene(scene) if isinstance(scene, dict) else scene
     beds = set(copilot.ambience_ids(scene))
     events = sorted((s for s in scene.sounds if s.id not in beds), key=lambda s: s.start_time)

@@ -36,7 +36,7 @@ import sample  # noqa: E402
 from copilot import (BEDS, EVENTS, SOUND_CLASSES, TRAIN_SEEDS, OfflineCopilot, Renderer, Scene, SceneError,  # noqa
                      Sound, ambience_ids, caption_to_class, mix_scene, pan_gains, parse_scene, read_conversations,
                      scene_to_json, validate_scene)
-from metrics import ILD_CLIP, plan_adherence  # noqa: E402
+from metrics import ild_db, plan_adherence  # noqa: E402
 from tokenizer import DESCRIBE, SAMPLE_RATE, task_turns  # noqa: E402
 
 # Story prompts written for this probe, in free wording (not copilot's templates). Each names toy-world sounds:
@@ -151,8 +151,7 @@ def measure(audio: torch.Tensor, scene: Scene, pan: float, start: float) -> dict
     m = plan_adherence(audio, scene)[0]
     if not m["heard"]:
         return dict(heard=False, onset=math.nan, ild=0.0, level_err=math.nan, onset_ok=False, side_ok=False)
-    g_left, g_right = pan_gains(pan)
-    ild = m["ild"] + max(-ILD_CLIP, min(ILD_CLIP, 20 * math.log10(max(g_left, 1e-9) / max(g_right, 1e-9))))
+    ild = m["ild"] + ild_db(*pan_gains(pan))                      # the error plus the pan law's ILD
     side = ild > 3 if pan < 0 else ild < -3 if pan > 0 else abs(ild) < 3
     return dict(heard=True, onset=start + m["onset"], ild=ild, level_err=m["level"], onset_ok=abs(m["onset"]) <= 0.25,
                 side_ok=side)

@@ -25,7 +25,7 @@ import torch
 import sample
 import train
 from copilot import DatasetConfig, caption_of, read_conversations, scene_to_json, write_dataset
-from diffusion import DiffusionConfig, v_to_x0_eps
+from diffusion import DiffusionConfig, alpha_sigma, v_to_x0_eps
 from metrics import SmallFLAM
 from model import SCT, SCTConfig
 from tokenizer import (DESCRIBE, REQUESTS, SAMPLE_RATE, AudioError, CheckpointError, StereoVAE, TextTokenizer,
@@ -717,7 +717,7 @@ class Oracle(Local):
             return self.embed(ids), audio
         z, x0 = next(z for plan, z in self.memory.items() if plan in text), torch.zeros(int(m.sum()), audio.shape[-1])
         x0[:len(z)] = z[:len(x0)]                                      # another plan's audio may be longer
-        alpha, sigma = torch.cos(t[0, m, None] * math.pi / 2), torch.sin(t[0, m, None] * math.pi / 2)
+        alpha, sigma = alpha_sigma(t[0, m, None])
         h = audio.clone()
         h[0, m] = (alpha * audio[0, m] - x0) / sigma                  # x0 = alpha x_t - sigma v, solved for v
         return self.embed(ids), h
