@@ -114,44 +114,45 @@ def scene_to_json(scene: Scene) -> str:
     """Canonical compact JSON (paper key order, sounds under "text", 8 not 8.0); what the model reads and writes."""
     sounds = [{k: int(v) if isinstance(v, float) and v.is_integer() else v
                for k, v in ((k, getattr(s, k)) for k in _SOUND_KEYS) if v is not None} for s in scene.sounds]
-    obj = {"description": scene.description, "added": scene.added, "changed": scene.changed,
-           "removed": scene.removed, "text": sounds}
+    obj = {k: getattr(scene, k) for k in _SCENE_KEYS[:4]} | {"text": sounds}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _first_json(text: str, opens: str):
+    """The first JSON value in `text` that opens with a character of `opens`; prose around it is ignored."""
+    return json.JSONDecoder().raw_decode(text, min((i for i in map(text.find, opens) if i >= 0), default=len(text)))[0]
+
+
+def _need(ok, message: str) -> None:
+    if not ok:
+        raise SceneError(message)
+
+
 def parse_scene(text: str | dict) -> Scene:
-    """A Scene from the first JSON object in `text` (prose around it is ignored) or a decoded object; checks types."""
-    obj = text
-    if isinstance(text, str):
-        if "{" not in text:
-            raise SceneError(f"no JSON object found in {text[:80]!r}")
-        try:
-            obj = json.JSONDecoder().raw_decode(text, text.index("{"))[0]
-        except json.JSONDecodeError as e:
-            raise SceneError(f"invalid JSON at character {e.pos}: {e.msg}") from e
-    if not isinstance(obj, dict):
-        raise SceneError(f"a scene must be a JSON object, got {type(obj).__name__}")
+    """A Scene from the first JSON object in `text` or from a decoded object; checks keys and types."""
+    try:
+        obj = _first_json(text, "{") if isinstance(text, str) else text
+    except json.JSONDecodeError as e:
+        _need("{" in text, f"no JSON object found in {text[:80]!r}")
+        raise SceneError(f"invalid JSON at character {e.pos}: {e.msg}") from e
+    _need(isinstance(obj, dict), f"a scene must be a JSON object, got {type(obj).__name__}")
     missing, unknown = set(_SCENE_KEYS) - set(obj), set(obj) - set(_SCENE_KEYS) - {"type"}
-    if missing or unknown:
-        raise SceneError(f"scene keys: missing {sorted(missing)}, unknown {sorted(unknown)}; "
-                         f"expected {', '.join(_SCENE_KEYS)}")
-    if not isinstance(obj["description"], str) or not isinstance(obj["text"], list):
-        raise SceneError("scene: description must be a string and \"text\" the list of sounds")
+    _need(not missing and not unknown, f"scene keys: missing {sorted(missing)}, unknown {sorted(unknown)}; "
+                                       f"expected {', '.join(_SCENE_KEYS)}")
+    _need(isinstance(obj["description"], str) and isinstance(obj["text"], list),
+          "scene: description must be a string and \"text\" the list of sounds")
     for k in ("added", "changed", "removed"):
-        if not isinstance(obj[k], list) or not all(type(i) is int for i in obj[k]):
-            raise SceneError(f"scene: {k} must be a list of integer ids, got {obj[k]!r}")
+        _need(isinstance(obj[k], list) and all(type(i) is int for i in obj[k]),
+              f"scene: {k} must be a list of integer ids, got {obj[k]!r}")
     for n, d in enumerate(obj["text"]):
-        if not isinstance(d, dict):
-            raise SceneError(f"sound #{n}: must be an object")
+        _need(isinstance(d, dict), f"sound #{n}: must be an object")
         where = f"sound #{n} (id {d.get('id')!r})"
         missing, unknown = {"id", "tool", "text", *_NUMBERS} - set(d), set(d) - set(_SOUND_KEYS)
-        if missing or unknown:
-            raise SceneError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        _need(not missing and not unknown, f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
         for k, v in d.items():
-            if k == "id" and type(v) is not int or k in _NUMBERS and not (type(v) in (int, float) and math.isfinite(v)):
-                raise SceneError(f"{where}: {k} must be {'an integer' if k == 'id' else 'a finite number'}, got {v!r}")
-            if k not in _NUMBERS + ("id",) and not isinstance(v, str):
-                raise SceneError(f"{where}: {k} must be a string, got {v!r}")
+            want, ok = (("an integer", type(v) is int) if k == "id" else ("a string", isinstance(v, str))
+                        if k not in _NUMBERS else ("a finite number", type(v) in (int, float) and math.isfinite(v)))
+            _need(ok, f"{where}: {k} must be {want}, got {v!r}")
     return Scene(obj["description"], [Sound(**d) for d in obj["text"]], obj["added"], obj["changed"], obj["removed"])
 
 
@@ -194,8 +195,7 @@ def validate_scene(scene: Scene, previous: Scene | None = None) -> list[str]:
              "speaker/gender/emotion belong to tts sounds only")) if bad]
     for k in ("added", "changed", "removed"):
         listed = getattr(scene, k)
-        twice = sorted({i for i in listed if listed.count(i) > 1})
-        errors += [f"sound {i}: listed more than once in {k}" for i in twice]
+        errors += [f"sound {i}: listed more than once in {k}" for i in sorted(set(listed)) if listed.count(i) > 1]
         if previous is None and listed:
             errors.append(f"scene: {k} must be empty in a first scene (nothing to edit yet), got {listed}")
     if previous is None:
@@ -221,14 +221,12 @@ def classify_edit(previous: Scene, scene: Scene) -> str:
     """Which of the six edit kinds the difference between two valid scenes is (anything else: "open")."""
     old, new = previous.by_id(), scene.by_id()
     added, removed = new.keys() - old.keys(), old.keys() - new.keys()
-    changed = [i for i in new.keys() & old.keys() if new[i] != old[i]]
-    if not changed and bool(added) != bool(removed):
-        return "add" if added else "remove"
-    if not changed and len(added) == len(removed) == 1:
-        return "change"
+    changed = [(new[i].mix_params(), old[i].mix_params()) for i in new.keys() & old.keys() if new[i] != old[i]]
+    if not changed and (added or removed):            # sounds came or went: "change" is one swapped for another
+        return "add" if not removed else "remove" if not added else "change" if len(added) == len(removed) == 1 \
+            else "open"
     if len(changed) == 1 and not added and not removed:
-        a, b = new[changed[0]].mix_params(), old[changed[0]].mix_params()
-        moved = [kind for kind, x, y in zip(("volume", "pan", "start", "length"), a, b) if x != y]
+        moved = [kind for kind, x, y in zip(("volume", "pan", "start", "length"), *changed[0]) if x != y]
         if moved in (["volume"], ["pan"]):
             return moved[0]
     return "open"
