@@ -27,7 +27,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator, NamedTuple, Protocol
+from typing import Iterator, NamedTuple
 
 import soundfile as sf
 import torch
@@ -398,11 +398,6 @@ def synth_layer(layer: Layer, n: int, pitch: float, rate: float, tilt: float, se
     return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
-class Tool(Protocol):
-    """A sound tool: mono [S] float at 48 kHz for a sound; `voice` is voice_for a tts sound. Models plug in this way."""
-    def render(self, sound: Sound, voice: tuple[float, int] | None, rng: random.Random) -> torch.Tensor: ...
-
-
 class ProceduralSFX:
     """The built-in SFX tool: the caption picks a class; `rng` varies pitch, event rate and timbre (spectral tilt)."""
 
@@ -439,10 +434,11 @@ class EspeakTTS:
 # Rendering with a cache (paper A.2), loudness (ITU-R BS.1770-4) and the mixer
 
 class Renderer:
-    """Renders sounds with pluggable tools ({"sfx": Tool, "tts": Tool}), caching by tool parameters: a loudness,
-    panning or start-time edit renders nothing again (A.2). One Renderer per conversation (its caches grow)."""
+    """Renders sounds with pluggable tools, caching by tool parameters: a loudness, panning or start-time edit renders
+    nothing again (A.2). One Renderer per conversation (its caches grow). A tool (a model plugs in this way) has
+    render(sound, voice, rng) -> mono [S] float at 48 kHz, where voice = voice_for(speaker, gender) of a tts sound."""
 
-    def __init__(self, tools: dict[str, Tool] | None = None, seed: int | str = 0):
+    def __init__(self, tools: dict | None = None, seed: int | str = 0):
         self.tools = tools if tools is not None else {"sfx": ProceduralSFX()}   # the toy world has no speech
         self.seed, self.renders = seed, 0   # the seed and the tool parameters fix every render; renders: tool calls
         self.cache, self.levelled = {}, {}  # tool params -> [S] render; mix_scene's levelled sounds ([F * HOP], LUFS)
@@ -597,13 +593,12 @@ EVAL_SEEDS = ("Snow fell quietly on the mountain village.", "The fishermen pulle
               "Lightning lit up the old house on the hill.", "The telephone would not stop.", "Music upstairs.")
 # The user's words. SIDES: side -> (the panning range the designer honours, phrases); LEVELS: level -> (adjectives
 # for a noun phrase, all starting with a consonant: "an old fan" -> "a loud old fan"; adverbs for a clause).
-SIDES = {"left": ((-0.8, -0.5), ("on the left", "to the left", "from the left", "on the left side",
-                                 "in the left channel")),
-         "hard left": ((-1.0, -1.0), ("hard left", "far left", "all the way to the left", "fully left")),
-         "right": ((0.5, 0.8), ("on the right", "to the right", "from the right", "on the right side",
-                                "in the right channel")),
-         "hard right": ((1.0, 1.0), ("hard right", "far right", "all the way to the right", "fully right")),
-         "centre": ((0.0, 0.0), ("in the middle", "in the centre", "in the center", "centered"))}
+SIDES = {side: (pans, words.split("|")) for side, pans, words in (
+    ("left", (-0.8, -0.5), "on the left|to the left|from the left|on the left side|in the left channel"),
+    ("hard left", (-1.0, -1.0), "hard left|far left|all the way to the left|fully left"),
+    ("right", (0.5, 0.8), "on the right|to the right|from the right|on the right side|in the right channel"),
+    ("hard right", (1.0, 1.0), "hard right|far right|all the way to the right|fully right"),
+    ("centre", (0.0, 0.0), "in the middle|in the centre|in the center|centered"))}
 LEVELS = {"loud": (("loud", "very loud", "noisy"), ("loudly", "loud and close")),
           "quiet": (("quiet", "soft", "faint", "gentle", "distant"), ("softly", "quietly", "in the distance"))}
 NUMBERS = ("zero", "one", "two", "three")
@@ -672,10 +667,9 @@ class Simulation:
 
 def _spec(cls: str, rng: random.Random, length: float, p_side=0.4, p_level=0.25, p_time=0.3) -> Spec:
     """An event as a user asks for it, each attribute stated with its probability."""
-    side = rng.choice(list(SIDES)) if rng.random() < p_side else None
-    level = rng.choice(list(LEVELS)) if rng.random() < p_level else None
-    start = min(rng.choice((0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)), length - 1) if rng.random() < p_time else None
-    return Spec(cls, side, level, start)
+    return Spec(cls, rng.choice(list(SIDES)) if rng.random() < p_side else None,
+                rng.choice(list(LEVELS)) if rng.random() < p_level else None,
+                min(rng.choice((0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)), length - 1) if rng.random() < p_time else None)
 
 
 def _say(spec: Spec, rng: random.Random, clause: bool = False, bed: bool = False) -> str:
@@ -697,9 +691,9 @@ def _say(spec: Spec, rng: random.Random, clause: bool = False, bed: bool = False
     return " ".join(words + stated + ([rng.choice(BACKGROUND)] if bed and rng.random() < 0.4 else []))
 
 
-def _design(spec: Spec, sid: int, length: float, rng: random.Random, bed: bool = False) -> Sound:
+def _design(sim: Simulation, spec: Spec, length: float, bed: bool = False) -> Sound:
     """The designer's sound for what the user stated (a stated level or side gets its own range); the rest is free."""
-    c, top = SOUND_CLASSES[spec.cls], int(SOUND_CLASSES[spec.cls].top)
+    rng, sid, c, top = sim.rng, next(sim.ids), SOUND_CLASSES[spec.cls], int(SOUND_CLASSES[spec.cls].top)
     if bed:                                            # a bed lasts the whole scene, centred
         loudness = rng.randint(*{"loud": (-22, -20), "quiet": (-30, -28)}.get(spec.level, (-27, -23)))
         return Sound(sid, "sfx", c.caption, loudness, 0.0, 0.0, length)
@@ -728,8 +722,7 @@ def _story(sim: Simulation, n_events: int | None = None) -> tuple[str, Scene, li
     events = []
     for _ in range(n_events or rng.choice((1, 1, 2, 2, 3))):
         events.append(_spec(sim.pick(EVENTS, {e.cls for e in events}), rng, length))
-    sounds = [_design(bed, next(sim.ids), length, rng, bed=True)]
-    sounds += [_design(e, next(sim.ids), length, rng) for e in events]
+    sounds = [_design(sim, bed, length, bed=True)] + [_design(sim, e, length) for e in events]
     if mode < 0.45:                                    # 45 %: a request listing the sounds, the bed first or last
         items = [_say(bed, rng, bed=True)] + [_say(e, rng) for e in events]
         items = _join(items[1:] + items[:1] if rng.random() < 0.5 else items)
@@ -758,7 +751,7 @@ def _edit(sim: Simulation, scene: Scene, kind: str) -> tuple[str, list[Sound]] |
     swap = lambda old, new: [new if s is old else s for s in sounds]
     if kind == "add" and len(sounds) < 6:                               # room for busier, then add
         spec = _spec(sim.pick(EVENTS, used), rng, scene.duration, 0.5, 0.25, 0.4)
-        new = _design(spec, next(sim.ids), scene.duration, rng)
+        new = _design(sim, spec, scene.duration)
         return rng.choice(EDIT_WORDS["add"]).format(y=_say(spec, rng)), sounds + [new]
     if kind == "remove" and foreground:
         gone = rng.choice(foreground)
@@ -811,8 +804,7 @@ class OfflineCopilot:
             kind, edit = next(((k, e) for k in options if (e := _edit(sim, previous, k))), (options, None))
             if edit is None:
                 raise RuntimeError(f"no feasible {options} edit for scene {scene_to_json(previous)}")
-            scene = _scene(edit[1], previous)
-            errors = validate_scene(scene, previous)
+            errors = validate_scene(scene := _scene(edit[1], previous), previous)
             assert not errors and kind in ("open", classify_edit(previous, scene)), (kind, errors, edit[0])
             turns.append((edit[0], kind, scene))
         return turns
