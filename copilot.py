@@ -944,21 +944,19 @@ def parse_answer(text: str, n_turns: int | None = None, kinds: list[str] | None 
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)          # prefer the fenced block, if any
     text = fenced.group(1) if fenced else text
     try:
-        messages = json.JSONDecoder().raw_decode(text, min((i for i in (text.find("["), text.find("{")) if i >= 0),
-                                                            default=len(text)))[0]
+        messages = _first_json(text, "[{")
     except json.JSONDecodeError as e:
         raise SceneError(f"the answer holds no valid JSON (character {e.pos}: {e.msg}); return one JSON list") from e
     count = len(messages) if isinstance(messages, list) else 0
-    if count not in ([2 * n_turns] if n_turns else range(2, 2 * MAX_TURNS + 1, 2)):
-        raise SceneError(f"expected a JSON list of {2 * n_turns if n_turns else f'2 to {2 * MAX_TURNS}'} messages "
-                         f"(user and system alternating), got {type(messages).__name__} of length {count}")
+    _need(count in ([2 * n_turns] if n_turns else range(2, 2 * MAX_TURNS + 1, 2)),
+          f"expected a JSON list of {2 * n_turns if n_turns else f'2 to {2 * MAX_TURNS}'} messages "
+          f"(user and system alternating), got {type(messages).__name__} of length {count}")
     turns, errors, previous = [], [], None
     for t, (user, system) in enumerate(zip(messages[::2], messages[1::2]), 1):
         try:                                           # the user's text: a string or [{"type": "text", "text": ...}]
             said = user["content"] if user["role"] == "user" and system["role"] in ("system", "assistant") else None
             said = " ".join(c["text"] for c in said) if isinstance(said, list) else said
-            if not isinstance(said, str) or not said.strip():
-                raise SceneError("expected a user message with text, then a system message")
+            _need(isinstance(said, str) and said.strip(), "expected a user message with text, then a system message")
             scene = parse_scene(system["content"][0] if isinstance(system["content"], list) else system["content"])
         except (LookupError, TypeError) as e:
             raise SceneError(f"turn {t}: malformed message ({e!r}); expected a user message, then a system one") from e
@@ -984,9 +982,8 @@ class LLMCopilot:
     def __init__(self, base_url: str, model: str, attempts: int = 3, keep_invalid: bool = False, speech: float = 0.5,
                  timeout: float = 300.0):
         self.base_url, self.model, self.attempts, self.keep_invalid = base_url, model, attempts, keep_invalid
-        self.speech = speech           # share of conversations given the SFX + TTS prompt (A.2; 0 without a TTS tool)
-        self.timeout = timeout         # s per HTTP request
-        self.failures = 0              # invalid answers seen (each one was retried, kept flagged, or dropped)
+        self.speech, self.timeout = speech, timeout  # share given the SFX + TTS prompt (A.2); s per HTTP request
+        self.failures = 0                            # invalid answers seen (each one retried, kept flagged, or dropped)
 
     def conversation(self, seed_text: str, rng: random.Random, n_turns: int = 3,
                      kinds: list[str] | None = None) -> list[tuple[str, str, Scene]]:
@@ -1057,9 +1054,6 @@ class DatasetConfig:
     timeout: float = _flag(300.0, "openai backend: seconds per HTTP request")
 
 
-TURN_WEIGHTS = (1, 2, 4, 2, 1)     # relative frequency of 1..5 turns in a training conversation (3 on average)
-
-
 def conversation_path(root: Path, split: str, i: int, shard_size: int) -> Path:
     return Path(root) / split / f"{i // shard_size:05d}" / f"{split}-{i:07d}.json"
 
@@ -1083,8 +1077,8 @@ def make_conversation(job: tuple[DatasetConfig, Path, str, int]) -> dict:
             turns = copilot.conversation(seed_text, rng, 3, kinds)
         elif cfg.backend == "offline" and rng.random() < cfg.t2a_frac:
             turns = offline.t2a(rng)
-        else:
-            n_turns = rng.choices(range(1, cfg.max_turns + 1), TURN_WEIGHTS[:cfg.max_turns])[0]
+        else:                                          # 1..max_turns turns, weighted 1, 2, 4, 2, 1 (3 on average)
+            n_turns = rng.choices(range(1, cfg.max_turns + 1), (1, 2, 4, 2, 1)[:cfg.max_turns])[0]
             turns = copilot.conversation(seed_text, rng, n_turns)
     except CopilotError as e:
         return {"id": path.stem, "failed": str(e), "invalid_answers": copilot.failures}
