@@ -1019,9 +1019,9 @@ class ConversationTurn(NamedTuple):
     kind: str                                        # "story", "t2a", or an edit kind (EDIT_KINDS)
     scene: Scene                                     # the designer's plan (edits carry the previous scene forward)
     audio: Path                                      # the rendered mix, 48 kHz stereo FLAC
-    activity: dict[int, list[tuple[float, float]]]   # sound id -> active intervals, s (energy-based, 40 Hz grid)
-    limited_db: float                                # deepest gain reduction of the mix limiter, dB (0: no clipping)
-    level_error: float                               # dB, largest |reached - asked| loudness of its sounds
+    activity: dict[int, list[tuple[float, float]]]   # activity, limited_db, level_error: as in the Mix
+    limited_db: float
+    level_error: float
     violations: list[str]                            # validate_scene against the previous turn ([]: valid, A.3)
 
 
