@@ -24,7 +24,7 @@ import os
 import random
 import time
 import typing
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -501,7 +502,7 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
         if audio.shape[1] > num_samples:
             start = int(torch.randint(audio.shape[1] - num_samples + 1, (1,), generator=generator))
             audio = audio[:, start: start + num_samples]
-        crops.append(torch.nn.functional.pad(audio, (0, num_samples - audio.shape[1])))
+        crops.append(F.pad(audio, (0, num_samples - audio.shape[1])))
     batch, gain = torch.stack(crops), 10 ** ((torch.rand(batch_size, 1, 1, generator=generator) * 2 - 1) * gain_db / 20)
     swap = torch.rand(batch_size, generator=generator) < 0.5
     batch[swap] = batch[swap].flip(1)
@@ -679,6 +680,13 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
 # -----------------------------------------------------------------------------
 # SCT data: documents per task, Diffusion Forcing noise, CFG dropout, packing
 
+def turn_pairs(select: torch.Tensor, lo: int, hi) -> torch.Tensor:
+    """[M, 2] (conversation, turn k) for lo <= k < hi of the selected conversations, vectorised (6 M in seconds)."""
+    counts = ((hi - lo) * select).clamp(min=0)
+    conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo], 1)
+
+
 class TaskData:
     """Every document source of one split per task: pools[task] = ([M, 2] (conversation in the index, turn k)
     pairs, manifest or corpus records), drawn from as one list (item). With skip_bad, what the latents stage did
@@ -690,29 +698,21 @@ class TaskData:
             cfg, stories, latents, split, tok, audio_dim
         if not (path := latents / f"index-{split}.json").is_file():
             raise FileNotFoundError(f"{path}: no conversation index; run `python train.py --stage latents` first")
-        self.index = json.loads(path.read_text())
-        cached = (lambda key: (latents / f"{key}.pt").is_file()) if cfg.skip_bad else (lambda key: True)
-        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in self.index["file"]], dtype=torch.long)
-        turns = torch.tensor(self.index["turns"], dtype=torch.long) * keep
-        single = torch.tensor(self.index["single"]).bool()
-        valid = torch.tensor(self.index["valid"], dtype=torch.long) * keep if validated_only else turns
-        zero, one, story = torch.zeros_like(turns), torch.ones_like(turns), ~single
-        first = torch.minimum(valid, one)                          # turn 0, if it is valid
-
-        def pairs(select: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-            """[M, 2] (conversation, turn k) for lo <= k < hi of the selected conversations, vectorised (6 M)."""
-            counts = (hi - lo).clamp(min=0) * select
-            conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
-            return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo[conv]], 1)
+        index = self.index = json.loads(path.read_text())
+        cached = lambda key: not cfg.skip_bad or (latents / f"{key}.pt").is_file()          # noqa: E731
+        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in index["file"]], dtype=torch.long)
+        turns, single = torch.tensor(index["turns"], dtype=torch.long) * keep, torch.tensor(index["single"]).bool()
+        valid = torch.tensor(index["valid"], dtype=torch.long) * keep if validated_only else turns
+        first, story = valid.clamp(max=1), ~single                  # first: turn 0, if it is valid
         speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)
                            if cached(r["key"])] for manifests in (cfg.speech_manifests, cfg.sound_manifests))
         corpus = [row for c in cfg.text_corpora
                   for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every, cfg.skip_bad)]
-        none = pairs(one, zero, zero)
-        self.pools = dict(text=(pairs(turns > 0, zero, one), corpus), t2a=(pairs(single, zero, first), sounds),
-                          caption=(pairs(single, zero, first), sounds), story=(pairs(story, zero, first), []),
-                          understand=(pairs(story, zero, valid), []), edit=(pairs(story, one, valid), []),
-                          upload_edit=(pairs(story, one, valid), []), asr=(none, speech), tts=(none, speech))
+        none = torch.zeros(0, 2, dtype=torch.long)
+        self.pools = dict(text=(turn_pairs(turns > 0, 0, 1), corpus), t2a=(turn_pairs(single, 0, first), sounds),
+                          caption=(turn_pairs(single, 0, first), sounds), story=(turn_pairs(story, 0, first), []),
+                          understand=(turn_pairs(story, 0, valid), []), edit=(turn_pairs(story, 1, valid), []),
+                          upload_edit=(turn_pairs(story, 1, valid), []), asr=(none, speech), tts=(none, speech))
 
     def size(self, task: str) -> int:
         return 1 << 30 if task in WORLD_TASKS else sum(map(len, self.pools[task]))
@@ -737,9 +737,7 @@ class TaskData:
         return tasks, [weights[t] for t in tasks]
 
     def latents(self, key: str) -> list[torch.Tensor]:
-        if not (path := self.latents_dir / f"{key}.pt").is_file():
-            raise FileNotFoundError(f"{path}: no cached latents; run `python train.py --stage latents`")
-        return [z.float() for z in torch.load(path, weights_only=True)["latents"]]
+        return [z.float() for z in load_checkpoint(self.latents_dir / f"{key}.pt")["latents"]]
 
     def document(self, task: str, rng: random.Random) -> list[Turn] | list[int] | Example:
         """A random document of `task`: chat turns, token ids for the text LM task, an Example for WORLD_TASKS."""
@@ -773,8 +771,8 @@ class TaskData:
         if task == "story":
             return task_turns("story", instruction=turns[0].instruction, plan=plan[0], audio=z[0])
         if task == "caption":
-            request = rng.choice(REQUESTS["caption"])
-            return task_turns("caption", clip=z[0], request=request, answer=turns[0].scene.sounds[0].text)
+            return task_turns("caption", clip=z[0], request=rng.choice(REQUESTS["caption"]),
+                              answer=turns[0].scene.sounds[0].text)
         if task == "understand":
             return task_turns("understand", clip=z[k], request=rng.choice(REQUESTS["understand"]), caption=caption[k])
         first = k if task == "upload_edit" else max(0, k - self.cfg.context_turns + 1)
@@ -800,6 +798,19 @@ def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: i
                    span_is_model=ex.span_is_model, latents=ex.latents)
 
 
+def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(LM loss, v-loss) of one document with every audio frame at diffusion time t, noised with `noise`."""
+    t_tok = torch.where(ex.audio_mask, t, 0.0)
+    x, v = (torch.zeros(len(ex.ids), sct.config.audio_dim) for _ in range(2))
+    if len(ex.latents):
+        x[ex.audio_mask], v[ex.audio_mask] = add_noise(ex.latents, t_tok[ex.audio_mask], noise)
+    h_text, h_audio = sct(*(a[None].to(device) for a in (ex.ids, x, ex.audio_mask, t_tok, ex.span_ids,
+                                                          torch.zeros_like(ex.ids))))
+    lm, au = (ex.labels != -100).to(device), ex.audio_mask.to(device)
+    return (F.cross_entropy(sct.lm_logits(h_text[0][lm]).float(), ex.labels.to(device)[lm]).item(),
+            (sct.velocity(h_audio[0][au]).float() - v.to(device)[au]).pow(2).mean().item())
+
+
 @torch.no_grad()
 def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
                       times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
@@ -807,35 +818,21 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
     lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
     same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
     own, at diffusion time t with the same noise. A model that ignores its condition has gaps 0."""
-    convs = data.pools["story"][0][:n, 0].tolist()
-    if len(convs) < 2:
+    if len(convs := data.pools["story"][0][:n, 0].tolist()) < 2:
         return {}
     stories = [(c.turns[0].instruction, scene_to_json(c.turns[0].scene),
                 data.latents(f"stories/{data.split}/{c.id}")[0]) for c in map(data.conversation, convs)]
-    out = {"lm_true": 0.0, "lm_swap": 0.0} | {f"diff_{w}@{t}": 0.0 for t in times for w in ("true", "swap")}
-
-    def forward(ex: Example, t: float, noise: torch.Tensor):
-        t_tok = torch.where(ex.audio_mask, t, 0.0)
-        x, v = (torch.zeros(len(ex.ids), sct.config.audio_dim) for _ in range(2))
-        if len(ex.latents):
-            x[ex.audio_mask], v[ex.audio_mask] = add_noise(ex.latents, t_tok[ex.audio_mask], noise)
-        b = {k: val[None].to(device) for k, val in dict(ids=ex.ids, audio=x, mask=ex.audio_mask, t=t_tok,
-                                                          span=ex.span_ids, doc=torch.zeros_like(ex.ids)).items()}
-        h_text, h_audio = sct(b["ids"], b["audio"], b["mask"], b["t"], b["span"], b["doc"])
-        lm = ex.labels != -100
-        return (torch.nn.functional.cross_entropy(sct.lm_logits(h_text[0][lm.to(device)]).float(),
-                                                  ex.labels[lm].to(device)).item(),
-                (sct.velocity(h_audio[0][b["mask"][0]]).float() - v[ex.audio_mask].to(device)).pow(2).mean().item())
-
+    out = defaultdict(float)
     for i, (text, plan, z) in enumerate(stories):
         other_text, other_plan, _ = stories[(i + 1) % len(stories)]
         for w, doc in (("true", (text, plan)), ("swap", (other_text, plan))):
-            out[f"lm_{w}"] += forward(plan_document([doc], data.tok), 0.0, torch.zeros(0))[0] / len(stories)
+            lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
+            out[f"lm_{w}"] += lm / len(stories)
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(key_seed(seed, "gap", i)))
         for t in times:
             for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan))):
                 ex = encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
-                out[f"diff_{w}@{t}"] += forward(ex, t, noise)[1] / len(stories)
+                out[f"diff_{w}@{t}"] += story_losses(sct, ex, t, noise, device)[1] / len(stories)
     return {"lm_plan": out["lm_true"], "lm_gap": out["lm_swap"] - out["lm_true"]} | {
         f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}
 
