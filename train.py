@@ -193,12 +193,11 @@ def parse_value(text: str, hint):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The run flags and the config sections: the preset's (and the model presets of tokenizer, model and metrics),
-    each field overridden by its flag --SECTION.FIELD."""
+    """The run flags and the config sections (the preset's, and the model presets of tokenizer, model and metrics),
+    each field overridden by its flag --SECTION.FIELD; --help shows the chosen preset's values as defaults."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    name = pre.parse_known_args(argv)[0].preset                      # --help shows this preset's values
-    p = PRESETS[name]
+    p = PRESETS[name := pre.parse_known_args(argv)[0].preset]
     sections = {"data": p["data"], "vae_model": VAE_PRESETS[name], "vae": p["vae"], "vae_loop": p["vae_loop"],
                 "flam": p["flam"], "flam_loop": p["flam_loop"], "flam_model": FLAM_PRESETS[name],
                 "sct_model": SCT_PRESETS[name], **{k: p[k] for k in ("sct", "sct_loop", "diffusion", *SCT_FINAL)}}
@@ -208,13 +207,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     run("--preset", choices=sorted(PRESETS), default="toy", help="model and schedule scale")
     run("--stage", choices=("all",) + PRESET_STAGES["toy"], default="all",
         help="the stage to run; `all` runs the preset's stages in order, skipping finished ones")
-    run("--data", type=Path, default=None, help="copilot dataset folder (default data/<preset>)")
-    run("--out", type=Path, default=None, help="checkpoint folder (default checkpoints/<preset>)")
+    run("--data", type=Path, help="copilot dataset folder (default data/<preset>)")
+    run("--out", type=Path, help="checkpoint folder (default checkpoints/<preset>)")
     run("--seed", type=int, default=0, help="seed of weights, data order, CFG dropout and noise")
-    run("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
-    run("--threads", type=int, default=None, help="torch CPU threads per process (default: half its share of cores)")
-    run("--stop-after", type=int, default=None, metavar="K", help="stop hard after step K (tests resuming)")
-    for section, cfg in sections.items():             # --help shows each field's preset value as its default
+    run("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
+    run("--threads", type=int, help="torch CPU threads per process (default: half its share of cores)")
+    run("--stop-after", type=int, metavar="K", help="stop hard after step K (tests resuming)")
+    for section, cfg in sections.items():
         group, hints = parser.add_argument_group(f"{section} ({type(cfg).__name__})"), typing.get_type_hints(type(cfg))
         for f in fields(cfg):
             convert = lambda text, hint=hints[f.name]: parse_value(text, hint)             # noqa: E731
@@ -427,20 +426,18 @@ def gemma_dir(cfg: DataConfig) -> Path:
     return d
 
 
-PLAN_NUMBERS = tuple(f"{i / 10:g}" for i in range(-10, 81)) + tuple(map(str, range(-60, -9)))   # toy: pieces
-
-
 def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
     """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
-    if (path := out / "tokenizer.model").exists():
-        return print(f"tokenizer: {path} exists; skipping")
+    if finished(path := out / "tokenizer.model"):
+        return
     if preset != "toy":
         return write_atomic(path, lambda tmp: Path(tmp).write_bytes((gemma_dir(cfg) / "tokenizer.model").read_bytes()))
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
     for conv in read_conversations(data, "train", cfg.skip_bad):
         texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
                                                                       scene_to_json(caption_of(t.scene)))]
-    tok = train_text_tokenizer(texts, path, cfg.vocab_size, PLAN_NUMBERS)
+    numbers = tuple(f"{i / 10:g}" for i in range(-10, 81)) + tuple(map(str, range(-60, -9)))   # plans' numbers
+    tok = train_text_tokenizer(texts, path, cfg.vocab_size, numbers)                           # kept whole
     print(f"tokenizer: {tok.vocab_size} pieces from {len(texts)} texts")
 
 
@@ -531,11 +528,10 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
     ckpts = Checkpoints(Path(out) / "vae", loop.keep_last, {"vae_model": asdict(cfg), "vae": asdict(tc), "seed": seed},
                         {"model": vae, "optimizer": (vae, opt)} | ({"disc": disc, "disc_optimizer": (disc, opt_d)}
                                                                   if disc else {}))
-    crops = lambda n, gain_db, *key: crop_batch(train, n, int(tc.crop_seconds * SAMPLE_RATE),  # noqa: E731
-                                                torch.Generator().manual_seed(key_seed(seed, *key)), gain_db)
+    crop = int(tc.crop_seconds * SAMPLE_RATE)
 
     def step(s: int) -> dict:
-        audio = crops(tc.batch_size, tc.gain_db, "vae", s).to(device)
+        audio = crop_batch(train, tc.batch_size, crop, keyed(seed, "vae", s), tc.gain_db).to(device)
         loss, parts, recon = vae_loss(vae, audio, disc)
         optimize(opt, lr := lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1), loss, vae.parameters(), tc.grad_clip)
         if disc:                                                   # LSGAN discriminator step on the same pair
@@ -553,11 +549,12 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
                 "mel": mean(lambda r, x: mel_loss(r, x, cfg.mel_windows, cfg.mel_bins))} if pairs else {}
 
     train_loop("vae", ckpts, ckpts.resume("vae"), tc.steps, loop, step, evaluate, stop_after)
-    vae.eval().fit_latent_stats(crops(8, 0.0, "stats", i).to(device) for i in range(math.ceil(tc.stats_crops / 8)))
+    vae.eval().fit_latent_stats(crop_batch(train, 8, crop, keyed(seed, "stats", i), 0.0).to(device)
+                                for i in range(math.ceil(tc.stats_crops / 8)))
     print(f"vae: latent normalisation fitted, |shift| mean {vae.latent_shift.abs().mean():.3f}, "
           f"scale mean {vae.latent_scale.mean():.3f}")
-    save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": {k: v.cpu() for k, v in
-                            vae.state_dict().items()}, "train_config": asdict(tc), "step": tc.steps})
+    save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": get_model_state_dict(vae, options=FULL),
+                            "train_config": asdict(tc), "step": tc.steps})
     return final
 
 
@@ -570,8 +567,7 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
     held, pool = held[: tc.eval_clips], sorted({c for clip in clips for c in clip.events})
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips; on {device}")
     torch.manual_seed(seed)
-    model, quality, settings = SmallFLAM(mc).to(device), {}, {"flam_model": asdict(mc), "flam": asdict(tc),
-                                                              "seed": seed}
+    model, quality, settings = SmallFLAM(mc).to(device), {}, dict(flam_model=asdict(mc), flam=asdict(tc), seed=seed)
     opt = adamw(model, tc.lr, tc.weight_decay)
     ckpts = Checkpoints(out / "flam", loop.keep_last, settings, {"model": model, "optimizer": (model, opt)})
 
@@ -590,9 +586,8 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
         return quality
 
     train_loop("flam", ckpts, ckpts.resume("flam"), tc.steps, loop, step, evaluate, stop_after)
-    save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": {k: v.cpu() for k, v in
-                            model.state_dict().items()}, "detection": quality, "step": tc.steps,
-                            "train_config": settings})
+    save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": get_model_state_dict(model, options=FULL),
+                            "detection": quality, "step": tc.steps, "train_config": settings})
     return final
 
 
@@ -828,7 +823,7 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
         for w, doc in (("true", (text, plan)), ("swap", (other_text, plan))):
             lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
             out[f"lm_{w}"] += lm / len(stories)
-        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(key_seed(seed, "gap", i)))
+        noise = torch.randn(z.shape, generator=keyed(seed, "gap", i))
         for t in times:
             for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan))):
                 ex = encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
@@ -837,9 +832,10 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
         f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}
 
 
-def key_seed(*parts) -> int:
-    """A 63-bit seed from any values (stateless randomness keyed by seed, step, row, document)."""
-    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+def keyed(*parts) -> torch.Generator:
+    """A generator seeded by any values, 63 bits of their hash: stateless randomness keyed by seed, step, row, ..."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(),
+                                                                        digest_size=8).digest(), "little") >> 1)
 
 
 def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_dropout: float,
@@ -857,6 +853,13 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
                 v=v_full, loss_mask=span_to_tokens(span_loss_mask(t, ex.span_is_model), ex.span_ids))
 
 
+def text_example(ids: torch.Tensor, labels: torch.Tensor, audio_dim: int) -> Example:
+    """A document without audio: a window of a text, or a row's padding."""
+    z = torch.zeros(len(ids), dtype=torch.long)
+    return Example(ids=ids, labels=labels, audio_mask=z.bool(), span_ids=z, span_is_model=z[:0].bool(),
+                   latents=torch.zeros(0, audio_dim))
+
+
 def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn with
@@ -871,23 +874,18 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             start = rng.randrange(max(1, len(doc) - seq_len + 3))
             t = torch.tensor([data.tok.bos_id] + doc[start: start + seq_len - 2] + [data.tok.eos_id] * (
                 start + seq_len - 2 >= len(doc)))
-            z = torch.zeros(len(t), dtype=torch.long)
-            ex = Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
-                         span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, data.audio_dim))
+            ex = text_example(t, torch.cat([t[1:], torch.tensor([-100])]), data.audio_dim)
         else:
             ex = doc if isinstance(doc, Example) else encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
         stats["dropped"] += len(ex.ids) > seq_len
         if used + len(ex.ids) > seq_len:
             misses += 1
             continue
-        docs.append(noise_document(ex, torch.Generator().manual_seed(key_seed(*key, len(docs))), dc, cfg_dropout,
-                                   data.tok))
+        docs.append(noise_document(ex, keyed(*key, len(docs)), dc, cfg_dropout, data.tok))
         used += len(docs[-1]["ids"])                               # CFG dropout may have shortened it
-    pad, D = seq_len - used, data.audio_dim
-    tail = dict(ids=torch.full((pad,), data.tok.pad_id), labels=torch.full((pad,), -100),
-                audio_mask=torch.zeros(pad, dtype=torch.bool), span_ids=torch.zeros(pad, dtype=torch.long),
-                t=torch.zeros(pad), audio=torch.zeros(pad, D), v=torch.zeros(pad, D),
-                loss_mask=torch.zeros(pad, dtype=torch.bool))
+    pad = torch.full((seq_len - used,), data.tok.pad_id)                # padding: a document without loss
+    tail = noise_document(text_example(pad, torch.full_like(pad, -100), data.audio_dim), torch.Generator(), dc, 0.0,
+                          data.tok)
     row = {name: torch.cat([doc[name] for doc in docs] + [tail[name]]) for name in tail}
     row["doc_ids"] = torch.cat([torch.full((len(doc["ids"]),), i) for i, doc in enumerate(docs + [tail])])
     return row, stats | {"docs": len(docs), "tokens": used}
@@ -916,9 +914,7 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
     mc = replace(cfg["sct_model"], vocab_size=trained_with["tokenizer_vocab_size"],
                  audio_dim=trained_with["vae_audio_dim"])
     if previous := {"sct2": "sct1", "sct3": "sct2"}.get(stage):
-        if not (path := out / SCT_FINAL[previous]).is_file():
-            raise FileNotFoundError(f"{path}: stage {stage} starts from stage {previous}; run --stage {previous} first")
-        if (ckpt := load_checkpoint(path, "sct")).get("trained_with") != trained_with:
+        if (ckpt := load_checkpoint(path := out / SCT_FINAL[previous], "sct")).get("trained_with") != trained_with:
             raise ValueError(f"{path} was trained with another tokenizer or VAE ({ckpt.get('trained_with')}, now "
                              f"{trained_with}); retrain {previous} or restore its tokenizer.model and vae.pt")
         return load_model(SCT, path, ckpt=ckpt).train()
