@@ -262,12 +262,11 @@ class Checkpoints:
         barrier()
 
     def prune(self) -> None:
-        """Keep the newest keep_last checkpoints with their .json and remove every other step-* file, so what a save
-        or prune killed midway (kill -9) left behind, a .tmp or a .json without its .pt, is gone once it resumes."""
+        """Remove every step-* file but the newest keep_last checkpoints and their .json, so that what a kill -9 in a
+        save or prune left (a .tmp, a .json without its .pt) is gone once the stage resumes."""
         keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
-        for p in self.folder.glob("step-*"):
-            if p.stem not in keep:
-                p.unlink(missing_ok=True)                  # missing_ok: every rank prunes on resume
+        for p in (p for p in self.folder.glob("step-*") if p.stem not in keep):
+            p.unlink(missing_ok=True)                              # missing_ok: every rank prunes on resume
 
     def read(self) -> dict | None:
         """The newest checkpoint (after prune), memory-mapped so that ranks share the page cache, or None."""
@@ -415,6 +414,12 @@ def grad_sync(model: torch.nn.Module, on: bool):
 # -----------------------------------------------------------------------------
 # Stages: tokenizer, the VAE on random crops of every audio file under a folder, the small FLAM (metrics.py)
 
+def finished(path: Path) -> bool:
+    if path.exists():
+        print(f"{path.stem}: {path} exists; skipping")
+    return path.exists()
+
+
 def gemma_dir(cfg: DataConfig) -> Path:
     """The Hugging Face Gemma 2 directory, checked: a clear error when it is missing or incomplete."""
     d = Path(cfg.gemma_dir) if cfg.gemma_dir else None
@@ -504,12 +509,6 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
     swap = torch.rand(batch_size, generator=generator) < 0.5
     batch[swap] = batch[swap].flip(1)
     return batch * gain
-
-
-def finished(path: Path) -> bool:
-    if path.exists():
-        print(f"{path.stem}: {path} exists; skipping")
-    return path.exists()
 
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
@@ -1037,8 +1036,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_tokenizer(dc, args.data, args.out, args.preset)
             elif stage in ("vae", "flam") and d.main:
                 (train_vae if stage == "vae" else train_flam)(cfg[f"{stage}_model"], cfg[stage], cfg[f"{stage}_loop"],
-                                                              args.data, args.out, args.seed, args.stop_after, d.device,
-                                                              dc.skip_bad)
+                    args.data, args.out, args.seed, args.stop_after, d.device, dc.skip_bad)
             elif stage == "latents":
                 run_latents(dc, args.data, args.out, d)
             elif stage in SCT_FINAL:
