@@ -193,8 +193,7 @@ def parse_value(text: str, hint):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The run flags and the config sections (the preset's, and the model presets of tokenizer, model and metrics),
-    each field overridden by its flag --SECTION.FIELD; --help shows the chosen preset's values as defaults."""
+    """The run flags and the chosen preset's config sections, each field overridden by its flag --SECTION.FIELD."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     p = PRESETS[name := pre.parse_known_args(argv)[0].preset]
@@ -327,9 +326,9 @@ def optimize(opt: torch.optim.Optimizer, lr: float, loss: torch.Tensor | None, p
 
 def train_loop(name: str, ckpts: Checkpoints, start: int, steps: int, loop: LoopConfig, step_fn, evaluate,
                stop_after: int | None, extra=None, main: bool = True) -> None:
-    """Every stage's loop: step_fn(step) -> numbers, averaged (+ ms per step, extra(means)) into ckpts.log's history
-    every log_every steps, evaluate() -> numbers into its evals every eval_every steps and at the end, both printed;
-    a checkpoint every save_every steps but the last (the stage writes its final file)."""
+    """Every stage's loop: step_fn(step)'s numbers averaged (+ ms per step, extra(means)) into ckpts.log's history
+    every log_every steps, evaluate()'s into its evals every eval_every steps and at the end, both printed; a
+    checkpoint every save_every steps but the last (the stage writes its final file)."""
     sums, n, t0 = {}, 0, time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not main, dynamic_ncols=True):
         sums, n, done, logged = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1, []
@@ -628,17 +627,15 @@ def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = F
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
-    """Index the conversations, index-<split>.json (rank 0, once; delete it to redo it): columns file (under
-    data/<split>), turns, valid (turns before the first violation) and single (a one-sound t2a conversation). Then
-    encode every item's audio once with the frozen VAE (normalised posterior mean, float16): a file per story or
-    manifest clip (cut at max_clip_seconds) in out/latents, sharded over ranks, finished ones kept. With skip_bad an
-    item whose audio load_audio refuses gets no file and is counted; TaskData then leaves it out."""
+    """The conversation index, index-<split>.json (rank 0, once; delete it to redo it): per conversation its file,
+    turns, valid turns (before the first violation) and single (a one-sound t2a one). Then every item's audio
+    encoded once by the frozen VAE (normalised posterior mean, float16), a file per story or manifest clip (cut at
+    max_clip_seconds), sharded over ranks; with skip_bad an item load_audio refuses is counted and left out."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
         raise ValueError(f"{folder} was encoded with another vae.pt; delete {folder} to encode again")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval") if d.main else ():
+    for split in ("train", "eval") if d.main else ():                # write_atomic makes the folder
         if not (path := folder / f"index-{split}.json").exists():
             c = read_conversations(data, split, cfg.skip_bad) if (data / split).is_dir() else []
             index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c],
@@ -683,8 +680,7 @@ def turn_pairs(select: torch.Tensor, lo: int, hi) -> torch.Tensor:
 
 class TaskData:
     """Every document source of one split per task: pools[task] = ([M, 2] (conversation in the index, turn k)
-    pairs, manifest or corpus records), drawn from as one list (item). With skip_bad, what the latents stage did
-    not encode is left out."""
+    pairs, manifest or corpus records), one list to draw from (item); with skip_bad, only what has latents."""
 
     def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
                  audio_dim: int, validated_only: bool = False):
@@ -738,10 +734,9 @@ class TaskData:
         return self.build(task, self.item(task, rng.randrange(self.size(task))), rng)
 
     def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
-        """The document of `task` for one pool item, laid out by tokenizer.task_turns (request wordings drawn from
-        rng). The edit task is a conversation window of at most context_turns turns ending at turn k: each a story
-        after the turns before it (Eq. 3); a window that starts after turn 0 opens as an upload edit of the audio
-        before it (Eq. 2), so the scene being edited is always in context. text: token ids."""
+        """The document of `task` for one pool item, laid out by tokenizer.task_turns. An edit is a window of at most
+        context_turns turns ending at turn k, each a story after the turns before it (Eq. 3); a window that starts
+        after turn 0 opens as an upload edit of the audio before it (Eq. 2), so the edited scene is in context."""
         kind, ref, k = item
         if kind == "world":                 # a fresh conversation of 1 (plan) or 2..context_turns turns (edit_plan)
             n = 1 if task == "plan" else rng.randint(2, max(2, self.cfg.context_turns))
@@ -778,9 +773,8 @@ class TaskData:
 
 
 def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: int = 0) -> Example:
-    """(instruction, plan JSON) turns as a text-only document: each model turn ends in the <unused0> that opens its
-    audio (sample.py samples the audio there), and the document ends at the last one; no audio, so no diffusion
-    loss. The toy learns to write plans from these at a few microseconds a document (copilot renders nothing)."""
+    """(instruction, plan JSON) turns as a text-only document, each model turn ending in the <unused0> that opens
+    its audio (where sample.py samples it): the toy learns to plan from these, microseconds a document."""
     ex = encode_conversation([Turn(role, [text]) for pair in turns for role, text in zip(("user", "model"), pair)],
                              tok, audio_dim=audio_dim)
     ends = ex.labels == tok.end_of_turn_id                              # the model turns' <end_of_turn> targets
@@ -861,10 +855,9 @@ def text_example(ids: torch.Tensor, labels: torch.Tensor, audio_dim: int) -> Exa
 
 def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn with
-    random.Random("seed|step|row") until one no longer fits (three times), each with its own doc id (positions
-    restart, no attention across documents) and its CFG dropout, times and noise keyed by (seed, step, row,
-    document); padding ends it. A document longer than a row is dropped and counted, a longer text windowed."""
+    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn until one no
+    longer fits (three times), each its own doc id (positions restart, no attention across documents), CFG dropout,
+    times and noise keyed by (*key, document). A document longer than a row is dropped and counted, a text windowed."""
     rng, docs, used, misses, stats = random.Random("|".join(map(str, key))), [], 0, 0, {"dropped": 0, "docs": 0}
     while misses < 3:
         task = rng.choices(*mixture)[0]
@@ -891,8 +884,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
 
 
 class TransfusionForcing(torch.nn.Module):
-    """The SCT and the Transfusion Forcing loss (Eq. 12) in one forward, so DDP/FSDP wrap a single module; the LM
-    logits are made lm_chunk positions at a time (diffusion.chunked_cross_entropy)."""
+    """The SCT and the Transfusion Forcing loss (Eq. 12) in one forward, so that DDP/FSDP wrap a single module."""
 
     def __init__(self, sct: SCT, loss_weight: float, lm_chunk: int):
         super().__init__()
@@ -928,9 +920,8 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
 
 
 def run_rows(model: torch.nn.Module, rows: list, d: Dist, tc: SCTTrainConfig, train: bool) -> dict:
-    """Forward (and backward) over this rank's rows in micro-batches of micro_rows, every token's loss weighted as
-    in one process with the global batch: the global token counts are all-reduced first and divided by the world
-    size, as DDP/FSDP average gradients over ranks -> global mean lm and diff losses, tokens, dropped documents."""
+    """Forward (and backward) of this rank's rows, micro_rows at a time, each token weighted as in one process: the
+    losses divide by the global token counts / world size, as DDP/FSDP average gradients over the ranks."""
     counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
                            for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
     n_text, n_audio, tokens, dropped = all_sum(counts.to(d.device)).tolist()
