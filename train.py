@@ -282,7 +282,6 @@ class Checkpoints:
         return ckpt
 
     def resume(self, name: str, ckpt: dict | None = None, main: bool = True) -> int:
-        """Load the newest checkpoint (or ckpt) into the objects, the log and the torch RNG -> its step (0: none)."""
         if (ckpt := ckpt or self.read()) is None:
             return 0
         for k, o in self.objects.items():
@@ -368,7 +367,6 @@ class Dist:
 
 
 def setup_distributed(device: str | None) -> Dist:
-    """torchrun env -> process group (nccl on GPU, gloo on CPU) -> Dist; one process without RANK."""
     dev = torch.device(device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -718,7 +716,6 @@ class TaskData:
         return read_conversation(self.stories / self.split / self.index["file"][i])
 
     def mixture(self, weights: dict[str, float], strict: bool) -> tuple[list[str], list[float]]:
-        """The tasks with positive weight and data (strict: at least one, or an error) and their weights."""
         if unknown := sorted(set(weights) - set(TASKS)):
             raise ValueError(f"unknown tasks {unknown} in a stage mixture; known: {', '.join(TASKS)}")
         tasks = [t for t, w in weights.items() if w > 0 and self.size(t)]
@@ -740,8 +737,8 @@ class TaskData:
         kind, ref, k = item
         if kind == "world":                 # a fresh conversation of 1 (plan) or 2..context_turns turns (edit_plan)
             n = 1 if task == "plan" else rng.randint(2, max(2, self.cfg.context_turns))
-            seed_text = rng.choice(EVAL_SEEDS if self.split == "eval" else TRAIN_SEEDS)
-            turns = OfflineCopilot().conversation(seed_text, rng, n)
+            seeds = EVAL_SEEDS if self.split == "eval" else TRAIN_SEEDS
+            turns = OfflineCopilot().conversation(rng.choice(seeds), rng, n)
             return plan_document([(text, scene_to_json(scene)) for text, _, scene in turns], self.tok, self.audio_dim)
         if kind == "record":
             if task == "text":
@@ -846,13 +843,6 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
                 v=v_full, loss_mask=span_to_tokens(span_loss_mask(t, ex.span_is_model), ex.span_ids))
 
 
-def text_example(ids: torch.Tensor, labels: torch.Tensor, audio_dim: int) -> Example:
-    """A document without audio: a window of a text, or a row's padding."""
-    z = torch.zeros(len(ids), dtype=torch.long)
-    return Example(ids=ids, labels=labels, audio_mask=z.bool(), span_ids=z, span_is_model=z[:0].bool(),
-                   latents=torch.zeros(0, audio_dim))
-
-
 def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn until one no
@@ -866,7 +856,9 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             start = rng.randrange(max(1, len(doc) - seq_len + 3))
             t = torch.tensor([data.tok.bos_id] + doc[start: start + seq_len - 2] + [data.tok.eos_id] * (
                 start + seq_len - 2 >= len(doc)))
-            ex = text_example(t, torch.cat([t[1:], torch.tensor([-100])]), data.audio_dim)
+            z = torch.zeros(len(t), dtype=torch.long)
+            ex = Example(ids=t, labels=torch.cat([t[1:], torch.tensor([-100])]), audio_mask=z.bool(), span_ids=z,
+                         span_is_model=torch.zeros(0, dtype=torch.bool), latents=torch.zeros(0, data.audio_dim))
         else:
             ex = doc if isinstance(doc, Example) else encode_conversation(doc, data.tok, audio_dim=data.audio_dim)
         stats["dropped"] += len(ex.ids) > seq_len
@@ -875,9 +867,11 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
             continue
         docs.append(noise_document(ex, keyed(*key, len(docs)), dc, cfg_dropout, data.tok))
         used += len(docs[-1]["ids"])                               # CFG dropout may have shortened it
-    pad = torch.full((seq_len - used,), data.tok.pad_id)                # padding: a document without loss
-    tail = noise_document(text_example(pad, torch.full_like(pad, -100), data.audio_dim), torch.Generator(), dc, 0.0,
-                          data.tok)
+    pad, D = seq_len - used, data.audio_dim
+    tail = dict(ids=torch.full((pad,), data.tok.pad_id), labels=torch.full((pad,), -100),
+                audio_mask=torch.zeros(pad, dtype=torch.bool), span_ids=torch.zeros(pad, dtype=torch.long),
+                t=torch.zeros(pad), audio=torch.zeros(pad, D), v=torch.zeros(pad, D),
+                loss_mask=torch.zeros(pad, dtype=torch.bool))
     row = {name: torch.cat([doc[name] for doc in docs] + [tail[name]]) for name in tail}
     row["doc_ids"] = torch.cat([torch.full((len(doc["ids"]),), i) for i, doc in enumerate(docs + [tail])])
     return row, stats | {"docs": len(docs), "tokens": used}
