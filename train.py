@@ -24,7 +24,7 @@ import os
 import random
 import time
 import typing
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -192,12 +193,10 @@ def parse_value(text: str, hint):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The run flags and the config sections: the preset's (and the model presets of tokenizer, model and metrics),
-    each field overridden by its flag --SECTION.FIELD."""
+    """The run flags and the chosen preset's config sections, each field overridden by its flag --SECTION.FIELD."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-    name = pre.parse_known_args(argv)[0].preset                      # --help shows this preset's values
-    p = PRESETS[name]
+    p = PRESETS[name := pre.parse_known_args(argv)[0].preset]
     sections = {"data": p["data"], "vae_model": VAE_PRESETS[name], "vae": p["vae"], "vae_loop": p["vae_loop"],
                 "flam": p["flam"], "flam_loop": p["flam_loop"], "flam_model": FLAM_PRESETS[name],
                 "sct_model": SCT_PRESETS[name], **{k: p[k] for k in ("sct", "sct_loop", "diffusion", *SCT_FINAL)}}
@@ -207,13 +206,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     run("--preset", choices=sorted(PRESETS), default="toy", help="model and schedule scale")
     run("--stage", choices=("all",) + PRESET_STAGES["toy"], default="all",
         help="the stage to run; `all` runs the preset's stages in order, skipping finished ones")
-    run("--data", type=Path, default=None, help="copilot dataset folder (default data/<preset>)")
-    run("--out", type=Path, default=None, help="checkpoint folder (default checkpoints/<preset>)")
+    run("--data", type=Path, help="copilot dataset folder (default data/<preset>)")
+    run("--out", type=Path, help="checkpoint folder (default checkpoints/<preset>)")
     run("--seed", type=int, default=0, help="seed of weights, data order, CFG dropout and noise")
-    run("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
-    run("--threads", type=int, default=None, help="torch CPU threads per process (default: half its share of cores)")
-    run("--stop-after", type=int, default=None, metavar="K", help="stop hard after step K (tests resuming)")
-    for section, cfg in sections.items():             # --help shows each field's preset value as its default
+    run("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
+    run("--threads", type=int, help="torch CPU threads per process (default: half its share of cores)")
+    run("--stop-after", type=int, metavar="K", help="stop hard after step K (tests resuming)")
+    for section, cfg in sections.items():
         group, hints = parser.add_argument_group(f"{section} ({type(cfg).__name__})"), typing.get_type_hints(type(cfg))
         for f in fields(cfg):
             convert = lambda text, hint=hints[f.name]: parse_value(text, hint)             # noqa: E731
@@ -262,12 +261,11 @@ class Checkpoints:
         barrier()
 
     def prune(self) -> None:
-        """Keep the newest keep_last checkpoints with their .json and remove every other step-* file, so what a save
-        or prune killed midway (kill -9) left behind, a .tmp or a .json without its .pt, is gone once it resumes."""
+        """Remove every step-* file but the newest keep_last checkpoints and their .json, so that what a kill -9 in a
+        save or prune left (a .tmp, a .json without its .pt) is gone once the stage resumes."""
         keep = {p.stem for p in sorted(self.folder.glob("step-*.pt"))[-self.keep_last:]}
-        for p in self.folder.glob("step-*"):
-            if p.stem not in keep:
-                p.unlink(missing_ok=True)                  # missing_ok: every rank prunes on resume
+        for p in (p for p in self.folder.glob("step-*") if p.stem not in keep):
+            p.unlink(missing_ok=True)                              # missing_ok: every rank prunes on resume
 
     def read(self) -> dict | None:
         """The newest checkpoint (after prune), memory-mapped so that ranks share the page cache, or None."""
@@ -284,7 +282,6 @@ class Checkpoints:
         return ckpt
 
     def resume(self, name: str, ckpt: dict | None = None, main: bool = True) -> int:
-        """Load the newest checkpoint (or ckpt) into the objects, the log and the torch RNG -> its step (0: none)."""
         if (ckpt := ckpt or self.read()) is None:
             return 0
         for k, o in self.objects.items():
@@ -328,9 +325,9 @@ def optimize(opt: torch.optim.Optimizer, lr: float, loss: torch.Tensor | None, p
 
 def train_loop(name: str, ckpts: Checkpoints, start: int, steps: int, loop: LoopConfig, step_fn, evaluate,
                stop_after: int | None, extra=None, main: bool = True) -> None:
-    """Every stage's loop: step_fn(step) -> numbers, averaged (+ ms per step, extra(means)) into ckpts.log's history
-    every log_every steps, evaluate() -> numbers into its evals every eval_every steps and at the end, both printed;
-    a checkpoint every save_every steps but the last (the stage writes its final file)."""
+    """Every stage's loop: step_fn(step)'s numbers averaged (+ ms per step, extra(means)) into ckpts.log's history
+    every log_every steps, evaluate()'s into its evals every eval_every steps and at the end, both printed; a
+    checkpoint every save_every steps but the last (the stage writes its final file)."""
     sums, n, t0 = {}, 0, time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not main, dynamic_ncols=True):
         sums, n, done, logged = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1, []
@@ -370,7 +367,6 @@ class Dist:
 
 
 def setup_distributed(device: str | None) -> Dist:
-    """torchrun env -> process group (nccl on GPU, gloo on CPU) -> Dist; one process without RANK."""
     dev = torch.device(device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -415,6 +411,12 @@ def grad_sync(model: torch.nn.Module, on: bool):
 # -----------------------------------------------------------------------------
 # Stages: tokenizer, the VAE on random crops of every audio file under a folder, the small FLAM (metrics.py)
 
+def finished(path: Path) -> bool:
+    if path.exists():
+        print(f"{path.stem}: {path} exists; skipping")
+    return path.exists()
+
+
 def gemma_dir(cfg: DataConfig) -> Path:
     """The Hugging Face Gemma 2 directory, checked: a clear error when it is missing or incomplete."""
     d = Path(cfg.gemma_dir) if cfg.gemma_dir else None
@@ -426,20 +428,18 @@ def gemma_dir(cfg: DataConfig) -> Path:
     return d
 
 
-PLAN_NUMBERS = tuple(f"{i / 10:g}" for i in range(-10, 81)) + tuple(map(str, range(-60, -9)))   # toy: pieces
-
-
 def run_tokenizer(cfg: DataConfig, data: Path, out: Path, preset: str) -> None:
     """toy: train a sentencepiece model on the training split's text; audiochat: copy Gemma's tokenizer.model."""
-    if (path := out / "tokenizer.model").exists():
-        return print(f"tokenizer: {path} exists; skipping")
+    if finished(path := out / "tokenizer.model"):
+        return
     if preset != "toy":
         return write_atomic(path, lambda tmp: Path(tmp).write_bytes((gemma_dir(cfg) / "tokenizer.model").read_bytes()))
     texts = [w for ws in REQUESTS.values() for w in ws] + ["user\n", "model\n"]
     for conv in read_conversations(data, "train", cfg.skip_bad):
         texts += [conv.seed_text] + [x for t in conv.turns for x in (t.instruction, scene_to_json(t.scene),
                                                                       scene_to_json(caption_of(t.scene)))]
-    tok = train_text_tokenizer(texts, path, cfg.vocab_size, PLAN_NUMBERS)
+    numbers = tuple(f"{i / 10:g}" for i in range(-10, 81)) + tuple(map(str, range(-60, -9)))   # plans' numbers
+    tok = train_text_tokenizer(texts, path, cfg.vocab_size, numbers)                           # kept whole
     print(f"tokenizer: {tok.vocab_size} pieces from {len(texts)} texts")
 
 
@@ -501,17 +501,11 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
         if audio.shape[1] > num_samples:
             start = int(torch.randint(audio.shape[1] - num_samples + 1, (1,), generator=generator))
             audio = audio[:, start: start + num_samples]
-        crops.append(torch.nn.functional.pad(audio, (0, num_samples - audio.shape[1])))
+        crops.append(F.pad(audio, (0, num_samples - audio.shape[1])))
     batch, gain = torch.stack(crops), 10 ** ((torch.rand(batch_size, 1, 1, generator=generator) * 2 - 1) * gain_db / 20)
     swap = torch.rand(batch_size, generator=generator) < 0.5
     batch[swap] = batch[swap].flip(1)
     return batch * gain
-
-
-def finished(path: Path) -> bool:
-    if path.exists():
-        print(f"{path.stem}: {path} exists; skipping")
-    return path.exists()
 
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
@@ -530,11 +524,10 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
     ckpts = Checkpoints(Path(out) / "vae", loop.keep_last, {"vae_model": asdict(cfg), "vae": asdict(tc), "seed": seed},
                         {"model": vae, "optimizer": (vae, opt)} | ({"disc": disc, "disc_optimizer": (disc, opt_d)}
                                                                   if disc else {}))
-    crops = lambda n, gain_db, *key: crop_batch(train, n, int(tc.crop_seconds * SAMPLE_RATE),  # noqa: E731
-                                                torch.Generator().manual_seed(key_seed(seed, *key)), gain_db)
+    crop = int(tc.crop_seconds * SAMPLE_RATE)
 
     def step(s: int) -> dict:
-        audio = crops(tc.batch_size, tc.gain_db, "vae", s).to(device)
+        audio = crop_batch(train, tc.batch_size, crop, keyed(seed, "vae", s), tc.gain_db).to(device)
         loss, parts, recon = vae_loss(vae, audio, disc)
         optimize(opt, lr := lr_at(s, tc.lr, tc.steps, tc.warmup_steps, 0.1), loss, vae.parameters(), tc.grad_clip)
         if disc:                                                   # LSGAN discriminator step on the same pair
@@ -552,11 +545,12 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
                 "mel": mean(lambda r, x: mel_loss(r, x, cfg.mel_windows, cfg.mel_bins))} if pairs else {}
 
     train_loop("vae", ckpts, ckpts.resume("vae"), tc.steps, loop, step, evaluate, stop_after)
-    vae.eval().fit_latent_stats(crops(8, 0.0, "stats", i).to(device) for i in range(math.ceil(tc.stats_crops / 8)))
+    vae.eval().fit_latent_stats(crop_batch(train, 8, crop, keyed(seed, "stats", i), 0.0).to(device)
+                                for i in range(math.ceil(tc.stats_crops / 8)))
     print(f"vae: latent normalisation fitted, |shift| mean {vae.latent_shift.abs().mean():.3f}, "
           f"scale mean {vae.latent_scale.mean():.3f}")
-    save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": {k: v.cpu() for k, v in
-                            vae.state_dict().items()}, "train_config": asdict(tc), "step": tc.steps})
+    save_checkpoint(final, {"kind": "vae", "config": asdict(cfg), "model": get_model_state_dict(vae, options=FULL),
+                            "train_config": asdict(tc), "step": tc.steps})
     return final
 
 
@@ -569,8 +563,7 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
     held, pool = held[: tc.eval_clips], sorted({c for clip in clips for c in clip.events})
     print(f"flam: {len(clips)} training clips, {len(pool)} captions, {len(held)} held-out clips; on {device}")
     torch.manual_seed(seed)
-    model, quality, settings = SmallFLAM(mc).to(device), {}, {"flam_model": asdict(mc), "flam": asdict(tc),
-                                                              "seed": seed}
+    model, quality, settings = SmallFLAM(mc).to(device), {}, dict(flam_model=asdict(mc), flam=asdict(tc), seed=seed)
     opt = adamw(model, tc.lr, tc.weight_decay)
     ckpts = Checkpoints(out / "flam", loop.keep_last, settings, {"model": model, "optimizer": (model, opt)})
 
@@ -589,9 +582,8 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
         return quality
 
     train_loop("flam", ckpts, ckpts.resume("flam"), tc.steps, loop, step, evaluate, stop_after)
-    save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": {k: v.cpu() for k, v in
-                            model.state_dict().items()}, "detection": quality, "step": tc.steps,
-                            "train_config": settings})
+    save_checkpoint(final, {"kind": "flam", "config": asdict(mc), "model": get_model_state_dict(model, options=FULL),
+                            "detection": quality, "step": tc.steps, "train_config": settings})
     return final
 
 
@@ -633,17 +625,15 @@ def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = F
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
-    """Index the conversations, index-<split>.json (rank 0, once; delete it to redo it): columns file (under
-    data/<split>), turns, valid (turns before the first violation) and single (a one-sound t2a conversation). Then
-    encode every item's audio once with the frozen VAE (normalised posterior mean, float16): a file per story or
-    manifest clip (cut at max_clip_seconds) in out/latents, sharded over ranks, finished ones kept. With skip_bad an
-    item whose audio load_audio refuses gets no file and is counted; TaskData then leaves it out."""
+    """The conversation index, index-<split>.json (rank 0, once; delete it to redo it): per conversation its file,
+    turns, valid turns (before the first violation) and single (a one-sound t2a one). Then every item's audio
+    encoded once by the frozen VAE (normalised posterior mean, float16), a file per story or manifest clip (cut at
+    max_clip_seconds), sharded over ranks; with skip_bad an item load_audio refuses is counted and left out."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
         raise ValueError(f"{folder} was encoded with another vae.pt; delete {folder} to encode again")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval") if d.main else ():
+    for split in ("train", "eval") if d.main else ():                # write_atomic makes the folder
         if not (path := folder / f"index-{split}.json").exists():
             c = read_conversations(data, split, cfg.skip_bad) if (data / split).is_dir() else []
             index = dict(file=[f"{x.turns[0].audio.parent.name}/{x.id}.json" for x in c],
@@ -679,10 +669,16 @@ def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
 # -----------------------------------------------------------------------------
 # SCT data: documents per task, Diffusion Forcing noise, CFG dropout, packing
 
+def turn_pairs(select: torch.Tensor, lo: int, hi) -> torch.Tensor:
+    """[M, 2] (conversation, turn k) for lo <= k < hi of the selected conversations, vectorised (6 M in seconds)."""
+    counts = ((hi - lo) * select).clamp(min=0)
+    conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo], 1)
+
+
 class TaskData:
     """Every document source of one split per task: pools[task] = ([M, 2] (conversation in the index, turn k)
-    pairs, manifest or corpus records), drawn from as one list (item). With skip_bad, what the latents stage did
-    not encode is left out."""
+    pairs, manifest or corpus records), one list to draw from (item); with skip_bad, only what has latents."""
 
     def __init__(self, cfg: DataConfig, stories: Path, latents: Path, split: str, tok: TextTokenizer,
                  audio_dim: int, validated_only: bool = False):
@@ -690,29 +686,21 @@ class TaskData:
             cfg, stories, latents, split, tok, audio_dim
         if not (path := latents / f"index-{split}.json").is_file():
             raise FileNotFoundError(f"{path}: no conversation index; run `python train.py --stage latents` first")
-        self.index = json.loads(path.read_text())
-        cached = (lambda key: (latents / f"{key}.pt").is_file()) if cfg.skip_bad else (lambda key: True)
-        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in self.index["file"]], dtype=torch.long)
-        turns = torch.tensor(self.index["turns"], dtype=torch.long) * keep
-        single = torch.tensor(self.index["single"]).bool()
-        valid = torch.tensor(self.index["valid"], dtype=torch.long) * keep if validated_only else turns
-        zero, one, story = torch.zeros_like(turns), torch.ones_like(turns), ~single
-        first = torch.minimum(valid, one)                          # turn 0, if it is valid
-
-        def pairs(select: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-            """[M, 2] (conversation, turn k) for lo <= k < hi of the selected conversations, vectorised (6 M)."""
-            counts = (hi - lo).clamp(min=0) * select
-            conv = torch.repeat_interleave(torch.arange(len(counts)), counts)
-            return torch.stack([conv, torch.arange(len(conv)) - (counts.cumsum(0) - counts)[conv] + lo[conv]], 1)
+        index = self.index = json.loads(path.read_text())
+        cached = lambda key: not cfg.skip_bad or (latents / f"{key}.pt").is_file()          # noqa: E731
+        keep = torch.tensor([cached(f"stories/{split}/{Path(f).stem}") for f in index["file"]], dtype=torch.long)
+        turns, single = torch.tensor(index["turns"], dtype=torch.long) * keep, torch.tensor(index["single"]).bool()
+        valid = torch.tensor(index["valid"], dtype=torch.long) * keep if validated_only else turns
+        first, story = valid.clamp(max=1), ~single                  # first: turn 0, if it is valid
         speech, sounds = ([r for m in manifests for r in read_manifest(m, split, cfg.heldout_every, cfg.skip_bad)
                            if cached(r["key"])] for manifests in (cfg.speech_manifests, cfg.sound_manifests))
         corpus = [row for c in cfg.text_corpora
                   for _, row in read_jsonl(c, ("text",), split, cfg.heldout_every, cfg.skip_bad)]
-        none = pairs(one, zero, zero)
-        self.pools = dict(text=(pairs(turns > 0, zero, one), corpus), t2a=(pairs(single, zero, first), sounds),
-                          caption=(pairs(single, zero, first), sounds), story=(pairs(story, zero, first), []),
-                          understand=(pairs(story, zero, valid), []), edit=(pairs(story, one, valid), []),
-                          upload_edit=(pairs(story, one, valid), []), asr=(none, speech), tts=(none, speech))
+        none = torch.zeros(0, 2, dtype=torch.long)
+        self.pools = dict(text=(turn_pairs(turns > 0, 0, 1), corpus), t2a=(turn_pairs(single, 0, first), sounds),
+                          caption=(turn_pairs(single, 0, first), sounds), story=(turn_pairs(story, 0, first), []),
+                          understand=(turn_pairs(story, 0, valid), []), edit=(turn_pairs(story, 1, valid), []),
+                          upload_edit=(turn_pairs(story, 1, valid), []), asr=(none, speech), tts=(none, speech))
 
     def size(self, task: str) -> int:
         return 1 << 30 if task in WORLD_TASKS else sum(map(len, self.pools[task]))
@@ -728,7 +716,6 @@ class TaskData:
         return read_conversation(self.stories / self.split / self.index["file"][i])
 
     def mixture(self, weights: dict[str, float], strict: bool) -> tuple[list[str], list[float]]:
-        """The tasks with positive weight and data (strict: at least one, or an error) and their weights."""
         if unknown := sorted(set(weights) - set(TASKS)):
             raise ValueError(f"unknown tasks {unknown} in a stage mixture; known: {', '.join(TASKS)}")
         tasks = [t for t, w in weights.items() if w > 0 and self.size(t)]
@@ -737,24 +724,21 @@ class TaskData:
         return tasks, [weights[t] for t in tasks]
 
     def latents(self, key: str) -> list[torch.Tensor]:
-        if not (path := self.latents_dir / f"{key}.pt").is_file():
-            raise FileNotFoundError(f"{path}: no cached latents; run `python train.py --stage latents`")
-        return [z.float() for z in torch.load(path, weights_only=True)["latents"]]
+        return [z.float() for z in load_checkpoint(self.latents_dir / f"{key}.pt")["latents"]]
 
     def document(self, task: str, rng: random.Random) -> list[Turn] | list[int] | Example:
         """A random document of `task`: chat turns, token ids for the text LM task, an Example for WORLD_TASKS."""
         return self.build(task, self.item(task, rng.randrange(self.size(task))), rng)
 
     def build(self, task: str, item: tuple, rng: random.Random) -> list[Turn] | list[int]:
-        """The document of `task` for one pool item, laid out by tokenizer.task_turns (request wordings drawn from
-        rng). The edit task is a conversation window of at most context_turns turns ending at turn k: each a story
-        after the turns before it (Eq. 3); a window that starts after turn 0 opens as an upload edit of the audio
-        before it (Eq. 2), so the scene being edited is always in context. text: token ids."""
+        """The document of `task` for one pool item, laid out by tokenizer.task_turns. An edit is a window of at most
+        context_turns turns ending at turn k, each a story after the turns before it (Eq. 3); a window that starts
+        after turn 0 opens as an upload edit of the audio before it (Eq. 2), so the edited scene is in context."""
         kind, ref, k = item
         if kind == "world":                 # a fresh conversation of 1 (plan) or 2..context_turns turns (edit_plan)
             n = 1 if task == "plan" else rng.randint(2, max(2, self.cfg.context_turns))
-            seed_text = rng.choice(EVAL_SEEDS if self.split == "eval" else TRAIN_SEEDS)
-            turns = OfflineCopilot().conversation(seed_text, rng, n)
+            seeds = EVAL_SEEDS if self.split == "eval" else TRAIN_SEEDS
+            turns = OfflineCopilot().conversation(rng.choice(seeds), rng, n)
             return plan_document([(text, scene_to_json(scene)) for text, _, scene in turns], self.tok, self.audio_dim)
         if kind == "record":
             if task == "text":
@@ -773,8 +757,8 @@ class TaskData:
         if task == "story":
             return task_turns("story", instruction=turns[0].instruction, plan=plan[0], audio=z[0])
         if task == "caption":
-            request = rng.choice(REQUESTS["caption"])
-            return task_turns("caption", clip=z[0], request=request, answer=turns[0].scene.sounds[0].text)
+            return task_turns("caption", clip=z[0], request=rng.choice(REQUESTS["caption"]),
+                              answer=turns[0].scene.sounds[0].text)
         if task == "understand":
             return task_turns("understand", clip=z[k], request=rng.choice(REQUESTS["understand"]), caption=caption[k])
         first = k if task == "upload_edit" else max(0, k - self.cfg.context_turns + 1)
@@ -786,9 +770,8 @@ class TaskData:
 
 
 def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: int = 0) -> Example:
-    """(instruction, plan JSON) turns as a text-only document: each model turn ends in the <unused0> that opens its
-    audio (sample.py samples the audio there), and the document ends at the last one; no audio, so no diffusion
-    loss. The toy learns to write plans from these at a few microseconds a document (copilot renders nothing)."""
+    """(instruction, plan JSON) turns as a text-only document, each model turn ending in the <unused0> that opens
+    its audio (where sample.py samples it): the toy learns to plan from these, microseconds a document."""
     ex = encode_conversation([Turn(role, [text]) for pair in turns for role, text in zip(("user", "model"), pair)],
                              tok, audio_dim=audio_dim)
     ends = ex.labels == tok.end_of_turn_id                              # the model turns' <end_of_turn> targets
@@ -800,6 +783,19 @@ def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: i
                    span_is_model=ex.span_is_model, latents=ex.latents)
 
 
+def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(LM loss, v-loss) of one document with every audio frame at diffusion time t, noised with `noise`."""
+    t_tok = torch.where(ex.audio_mask, t, 0.0)
+    x, v = (torch.zeros(len(ex.ids), sct.config.audio_dim) for _ in range(2))
+    if len(ex.latents):
+        x[ex.audio_mask], v[ex.audio_mask] = add_noise(ex.latents, t_tok[ex.audio_mask], noise)
+    h_text, h_audio = sct(*(a[None].to(device) for a in (ex.ids, x, ex.audio_mask, t_tok, ex.span_ids,
+                                                          torch.zeros_like(ex.ids))))
+    lm, au = (ex.labels != -100).to(device), ex.audio_mask.to(device)
+    return (F.cross_entropy(sct.lm_logits(h_text[0][lm]).float(), ex.labels.to(device)[lm]).item(),
+            (sct.velocity(h_audio[0][au]).float() - v.to(device)[au]).pow(2).mean().item())
+
+
 @torch.no_grad()
 def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
                       times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
@@ -807,42 +803,29 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
     lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
     same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
     own, at diffusion time t with the same noise. A model that ignores its condition has gaps 0."""
-    convs = data.pools["story"][0][:n, 0].tolist()
-    if len(convs) < 2:
+    if len(convs := data.pools["story"][0][:n, 0].tolist()) < 2:
         return {}
     stories = [(c.turns[0].instruction, scene_to_json(c.turns[0].scene),
                 data.latents(f"stories/{data.split}/{c.id}")[0]) for c in map(data.conversation, convs)]
-    out = {"lm_true": 0.0, "lm_swap": 0.0} | {f"diff_{w}@{t}": 0.0 for t in times for w in ("true", "swap")}
-
-    def forward(ex: Example, t: float, noise: torch.Tensor):
-        t_tok = torch.where(ex.audio_mask, t, 0.0)
-        x, v = (torch.zeros(len(ex.ids), sct.config.audio_dim) for _ in range(2))
-        if len(ex.latents):
-            x[ex.audio_mask], v[ex.audio_mask] = add_noise(ex.latents, t_tok[ex.audio_mask], noise)
-        b = {k: val[None].to(device) for k, val in dict(ids=ex.ids, audio=x, mask=ex.audio_mask, t=t_tok,
-                                                          span=ex.span_ids, doc=torch.zeros_like(ex.ids)).items()}
-        h_text, h_audio = sct(b["ids"], b["audio"], b["mask"], b["t"], b["span"], b["doc"])
-        lm = ex.labels != -100
-        return (torch.nn.functional.cross_entropy(sct.lm_logits(h_text[0][lm.to(device)]).float(),
-                                                  ex.labels[lm].to(device)).item(),
-                (sct.velocity(h_audio[0][b["mask"][0]]).float() - v[ex.audio_mask].to(device)).pow(2).mean().item())
-
+    out = defaultdict(float)
     for i, (text, plan, z) in enumerate(stories):
         other_text, other_plan, _ = stories[(i + 1) % len(stories)]
         for w, doc in (("true", (text, plan)), ("swap", (other_text, plan))):
-            out[f"lm_{w}"] += forward(plan_document([doc], data.tok), 0.0, torch.zeros(0))[0] / len(stories)
-        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(key_seed(seed, "gap", i)))
+            lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
+            out[f"lm_{w}"] += lm / len(stories)
+        noise = torch.randn(z.shape, generator=keyed(seed, "gap", i))
         for t in times:
             for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan))):
                 ex = encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
-                out[f"diff_{w}@{t}"] += forward(ex, t, noise)[1] / len(stories)
+                out[f"diff_{w}@{t}"] += story_losses(sct, ex, t, noise, device)[1] / len(stories)
     return {"lm_plan": out["lm_true"], "lm_gap": out["lm_swap"] - out["lm_true"]} | {
         f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}
 
 
-def key_seed(*parts) -> int:
-    """A 63-bit seed from any values (stateless randomness keyed by seed, step, row, document)."""
-    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+def keyed(*parts) -> torch.Generator:
+    """A generator seeded by any values, 63 bits of their hash: stateless randomness keyed by seed, step, row, ..."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(),
+                                                                        digest_size=8).digest(), "little") >> 1)
 
 
 def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_dropout: float,
@@ -862,10 +845,9 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
 
 def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: int, dc: DiffusionConfig,
              cfg_dropout: float, *key) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn with
-    random.Random("seed|step|row") until one no longer fits (three times), each with its own doc id (positions
-    restart, no attention across documents) and its CFG dropout, times and noise keyed by (seed, step, row,
-    document); padding ends it. A document longer than a row is dropped and counted, a longer text windowed."""
+    """One packed row of seq_len tokens, a pure function of `key` (seed, step, row): documents drawn until one no
+    longer fits (three times), each its own doc id (positions restart, no attention across documents), CFG dropout,
+    times and noise keyed by (*key, document). A document longer than a row is dropped and counted, a text windowed."""
     rng, docs, used, misses, stats = random.Random("|".join(map(str, key))), [], 0, 0, {"dropped": 0, "docs": 0}
     while misses < 3:
         task = rng.choices(*mixture)[0]
@@ -883,8 +865,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
         if used + len(ex.ids) > seq_len:
             misses += 1
             continue
-        docs.append(noise_document(ex, torch.Generator().manual_seed(key_seed(*key, len(docs))), dc, cfg_dropout,
-                                   data.tok))
+        docs.append(noise_document(ex, keyed(*key, len(docs)), dc, cfg_dropout, data.tok))
         used += len(docs[-1]["ids"])                               # CFG dropout may have shortened it
     pad, D = seq_len - used, data.audio_dim
     tail = dict(ids=torch.full((pad,), data.tok.pad_id), labels=torch.full((pad,), -100),
@@ -897,8 +878,7 @@ def draw_row(data: TaskData, mixture: tuple[list[str], list[float]], seq_len: in
 
 
 class TransfusionForcing(torch.nn.Module):
-    """The SCT and the Transfusion Forcing loss (Eq. 12) in one forward, so DDP/FSDP wrap a single module; the LM
-    logits are made lm_chunk positions at a time (diffusion.chunked_cross_entropy)."""
+    """The SCT and the Transfusion Forcing loss (Eq. 12) in one forward, so that DDP/FSDP wrap a single module."""
 
     def __init__(self, sct: SCT, loss_weight: float, lm_chunk: int):
         super().__init__()
@@ -919,9 +899,7 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
     mc = replace(cfg["sct_model"], vocab_size=trained_with["tokenizer_vocab_size"],
                  audio_dim=trained_with["vae_audio_dim"])
     if previous := {"sct2": "sct1", "sct3": "sct2"}.get(stage):
-        if not (path := out / SCT_FINAL[previous]).is_file():
-            raise FileNotFoundError(f"{path}: stage {stage} starts from stage {previous}; run --stage {previous} first")
-        if (ckpt := load_checkpoint(path, "sct")).get("trained_with") != trained_with:
+        if (ckpt := load_checkpoint(path := out / SCT_FINAL[previous], "sct")).get("trained_with") != trained_with:
             raise ValueError(f"{path} was trained with another tokenizer or VAE ({ckpt.get('trained_with')}, now "
                              f"{trained_with}); retrain {previous} or restore its tokenizer.model and vae.pt")
         return load_model(SCT, path, ckpt=ckpt).train()
@@ -936,9 +914,8 @@ def build_sct(stage: str, cfg: dict, out: Path, trained_with: dict) -> SCT:
 
 
 def run_rows(model: torch.nn.Module, rows: list, d: Dist, tc: SCTTrainConfig, train: bool) -> dict:
-    """Forward (and backward) over this rank's rows in micro-batches of micro_rows, every token's loss weighted as
-    in one process with the global batch: the global token counts are all-reduced first and divided by the world
-    size, as DDP/FSDP average gradients over ranks -> global mean lm and diff losses, tokens, dropped documents."""
+    """Forward (and backward) of this rank's rows, micro_rows at a time, each token weighted as in one process: the
+    losses divide by the global token counts / world size, as DDP/FSDP average gradients over the ranks."""
     counts = torch.tensor([[(r["labels"] != -100).sum(), r["loss_mask"].sum(), s["tokens"], s["dropped"]]
                            for r, s in rows] or [[0] * 4], dtype=torch.float64).sum(0)
     n_text, n_audio, tokens, dropped = all_sum(counts.to(d.device)).tolist()
@@ -1044,8 +1021,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_tokenizer(dc, args.data, args.out, args.preset)
             elif stage in ("vae", "flam") and d.main:
                 (train_vae if stage == "vae" else train_flam)(cfg[f"{stage}_model"], cfg[stage], cfg[f"{stage}_loop"],
-                                                              args.data, args.out, args.seed, args.stop_after, d.device,
-                                                              dc.skip_bad)
+                    args.data, args.out, args.seed, args.stop_after, d.device, dc.skip_bad)
             elif stage == "latents":
                 run_latents(dc, args.data, args.out, d)
             elif stage in SCT_FINAL:
