@@ -715,7 +715,7 @@ def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_pro
         emit(tok.encode("\n"))
     if generation_prompt:
         emit([tok.start_of_turn_id] + tok.encode("model\n"))
-    labels = torch.where(torch.tensor(is_target[1:] + [False]), torch.tensor(ids[1:] + [-100]), -100)   # i predicts i + 1
+    labels = torch.where(torch.tensor(is_target[1:] + [False]), torch.tensor(ids[1:] + [-100]), -100)  # pre-shifted
     span_t = torch.tensor(span_ids, dtype=torch.long)
     return Example(ids=torch.tensor(ids, dtype=torch.long), labels=labels, audio_mask=span_t > 0, span_ids=span_t,
                    span_is_model=torch.tensor(span_is_model, dtype=torch.bool),
