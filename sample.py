@@ -77,7 +77,7 @@ def load_models(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
                           f"`python train.py --preset toy`, or pass the folder holding {', '.join(names)}")
     tok, vae = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device)
     sct = load_model(SCT, d / "sct.pt", device, ckpt := load_checkpoint(d / "sct.pt", "sct")).to(dtype)
-    have = {"tokenizer_vocab_size": tok.vocab_size, "vae_audio_dim": vae.audio_dim} | {
+    have = {"tokenizer_vocab_size": tok.vocab_size, "vae_audio_dim": vae.audio_dim} | {   # named as in trained_with
         f"{n.split('.')[0]}_sha256": hashlib.sha256((d / n).read_bytes()).hexdigest() for n in names[:2]}
     if bad := [f"{k}: sct.pt was trained with {v}, {d} has {have[k]}"
                for k, v in {"vae_audio_dim": sct.config.audio_dim, **ckpt.get("trained_with", {})}.items()
