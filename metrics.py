@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import copilot
-from tokenizer import SAMPLE_RATE, load_audio, load_model, mel_filterbank
+from tokenizer import SAMPLE_RATE, load_audio, load_model, mel_filterbank, write_atomic
 
 # (audio [2, S] at 48 kHz, captions) -> probabilities [n_captions, n_frames], frames tiling the clip evenly
 FrameScorer = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -124,8 +124,7 @@ class OpenFLAMScorer:
         except ImportError as e:
             raise ImportError("OpenFLAMScorer needs the `openflam` package: `pip install openflam` (its pinned torch "
                               "and transformers call for a separate virtual environment), or use SmallFLAM") from e
-        ckpt = Path(ckpt_dir) / "open_flam_oct17.pth"
-        if not ckpt.is_file():
+        if not (ckpt := Path(ckpt_dir) / "open_flam_oct17.pth").is_file():
             raise FileNotFoundError(f"{ckpt}: OpenFLAM weights not found; download open_flam_oct17.pth from "
                                     f"https://huggingface.co/kechenadobe/OpenFLAM into {ckpt_dir}")
         self.device, self.model = device, openflam.OpenFLAM(model_name="v1-base", default_ckpt_path=str(ckpt_dir))
@@ -394,12 +393,10 @@ def _word_streams(segments: list[Segment], collar: float | None) -> dict[str, li
     streams = defaultdict(list)
     for spk, start, end, text in sorted(segments, key=lambda s: s[1]):
         words = text.split()
-        char_s = (end - start) / max(sum(map(len, words)), 1)
-        offset = 0
+        char_s, offset = (end - start) / max(sum(map(len, words)), 1), 0
         for w in words:
             a, b = start + char_s * offset, start + char_s * (offset + len(w))
-            offset += len(w)
-            centre = (a + b) / 2
+            offset, centre = offset + len(w), (a + b) / 2
             streams[spk].append((w, (a, b) if collar is None else (centre - collar, centre + collar)))
     return streams
 
@@ -410,9 +407,7 @@ def _tc_levenshtein(ref: list, hyp: list) -> int:
     for r_word, (r0, r1) in ref:
         diag, row[0] = row[0], row[0] + 1
         for j, (h_word, (h0, h1)) in enumerate(hyp, 1):
-            best = min(row[j] + 1, row[j - 1] + 1)
-            if r0 < h1 and r1 > h0:
-                best = min(best, diag + (r_word != h_word))
+            best = min(row[j] + 1, row[j - 1] + 1, diag + (r_word != h_word) if r0 < h1 and r1 > h0 else math.inf)
             diag, row[j] = row[j], best
     return row[-1]
 
@@ -532,9 +527,8 @@ def regenerate(scene: dict, seed: str) -> torch.Tensor:
 
 def read_system(system_dir: Path, conversations, allow_missing: bool = False) -> tuple[dict, list[str]]:
     """A bench/eval_split.py folder -> ({conversation id: {k: (turn k's audio [2, S], seconds), "caption": scene or
-    None}}, problems). Each file is checked: present, readable, 48 kHz audio, a JSON record with "seconds" and a plan
-    (scene) that is null or a scene. A bad file is an error naming every one, unless allow_missing: its turn is left
-    out."""
+    None}}, problems), each file checked (48 kHz audio; JSON with "seconds" and a "plan" or "scene", null or a scene).
+    A bad file is an error naming every one, unless allow_missing: its turn is left out."""
     def read(path: Path):
         if not path.is_file():
             raise FileNotFoundError(path)
@@ -660,8 +654,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = evaluate(copilot.read_conversations(args.data, "eval"), flam if args.openflam else flam.score,
                        flam.clip_embedding, args.system, args.collar, args.allow_missing)
     print(format_tables(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    if args.json:                                # atomic, as every file this project writes
+        write_atomic(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     return results
 
 

@@ -225,10 +225,8 @@ class KVCache:
 
     def __init__(self, config: SCTConfig, num_layers: int, batch: int, capacity: int, dtype, device):
         shape = (num_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.span_ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.doc_ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+        self.span_ids, self.doc_ids = (torch.zeros(batch, capacity, dtype=torch.long, device=device) for _ in range(2))
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left padding per row
         self.length = 0
 
@@ -386,10 +384,9 @@ class SCT(nn.Module):
             if x is not None and tuple(x.shape) != shape:
                 raise ValueError(f"SCT.forward: {name} has shape {tuple(x.shape)}, expected {shape} "
                                  f"(ids are {tuple(ids.shape)}, audio_dim {self.config.audio_dim})")
-        frames = span_ids > 0
-        if audio is None and bool(frames.any()):
+        if audio is None and bool((span_ids > 0).any()):
             raise ValueError("SCT.forward: span_ids mark audio frames but no audio was given")
-        if audio is not None and not torch.equal(audio_mask, frames):
+        if audio is not None and not torch.equal(audio_mask, span_ids > 0):
             raise ValueError("SCT.forward: audio_mask must be True exactly where span_ids > 0 (audio frames)")
 
     # ---- training forward ---------------------------------------------------
@@ -427,8 +424,7 @@ class SCT(nn.Module):
 
     def lm_logits(self, h_text: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., vocab): tied embeddings, then the final soft-cap (before any loss)."""
-        logits = F.linear(h_text, self.model.embed_tokens.weight)
-        cap = self.config.final_logit_softcapping
+        logits, cap = F.linear(h_text, self.model.embed_tokens.weight), self.config.final_logit_softcapping
         return logits if cap is None else softcap(logits, cap)
 
     def velocity(self, h_audio: torch.Tensor) -> torch.Tensor:
@@ -472,8 +468,7 @@ class SCT(nn.Module):
 
     def _prefill(self, ids, latents, span_ids, num_layers: int, extra: int) -> tuple[KVCache, torch.Tensor]:
         ids, audio, audio_mask, span, doc = self._left_pad(ids, latents, span_ids)
-        B, T = ids.shape
-        E = self.model.embed_tokens.weight
+        (B, T), E = ids.shape, self.model.embed_tokens.weight
         cache = KVCache(self.config, num_layers, B, T + extra, E.dtype, E.device)
         cache.pad = (doc < 0).sum(1)
         x = self.embed(ids, audio, audio_mask, torch.zeros(B, T, device=E.device))  # context audio is clean (t = 0)
@@ -483,12 +478,9 @@ class SCT(nn.Module):
 
     @torch.no_grad()
     def generate(self, ids, latents, span_ids, max_new_tokens: int, stop_ids=()) -> list[torch.Tensor]:
-        """Greedy decoding over the U understanding layers; each row stops after its first stop id.
-
-        ids, span_ids: lists of (T_i,) long; latents: list of (N_i, audio_dim), the row's clean audio frames
-        (None when no row holds audio).
-        Returns the new tokens of each row (stop id included when reached).
-        """
+        """Greedy decoding over the U understanding layers; each row stops after its first stop id. ids, span_ids:
+        lists of (T_i,) long; latents: list of (N_i, audio_dim), the row's clean audio frames (None when no row holds
+        audio) -> the new tokens of each row (its stop id included when reached)."""
         U = self.config.num_hidden_layers
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
@@ -607,8 +599,7 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
     else:
         raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json; "
                                 f"download the whole checkpoint (e.g. `huggingface-cli download google/gemma-2-2b`)")
-    absent = [f.name for f in files if not f.is_file()]
-    if absent:
+    if absent := [f.name for f in files if not f.is_file()]:
         raise FileNotFoundError(f"{index} names shards that are not in {hf_dir}: {absent}; finish the download")
     return files
 

@@ -50,7 +50,7 @@ class ContextFull(SampleError):
     """The conversation no longer fits in the sequence length the model was trained with."""
 
 
-def say(msg: str) -> None:
+def say(msg: str) -> None:                      # notes and errors on stderr, kept clear of the progress bar
     tqdm.write(msg, file=sys.stderr)
 
 
@@ -65,24 +65,20 @@ class Models:
     max_len: int        # longest sequence (context + plan + audio frames) the SCT was trained with
     device: torch.device
 
-    def encode(self, audio: torch.Tensor) -> torch.Tensor:
-        """[2, S] at 48 kHz -> normalised latents [F, audio_dim]."""
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:    # [2, S] at 48 kHz -> normalised latents [F, audio_dim]
         return self.vae.encode(audio[None].to(self.device))[0]
 
 
 def load_models(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Models:
-    """tokenizer.model, vae.pt and sct.pt from ckpt_dir (tokenizer.load_model refuses a file that does not match
-    this code, naming it), refusing a set whose files were not trained together (sct.pt's "trained_with")."""
+    """tokenizer.model, vae.pt and sct.pt of one training run (sct.pt's "trained_with" names the other two)."""
     d, names = Path(ckpt_dir), ("tokenizer.model", "vae.pt", "sct.pt")
     if missing := [n for n in names if not (d / n).is_file()]:
         raise SampleError(f"--ckpt-dir {d} lacks {', '.join(missing)}; train the toy model with "
                           f"`python train.py --preset toy`, or pass the folder holding {', '.join(names)}")
-    tok, vae, ckpt = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device), \
-        load_checkpoint(d / "sct.pt", "sct")
-    sct = load_model(SCT, d / "sct.pt", device, ckpt).to(dtype)
-    sha = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in names[:2]}
-    have = {"tokenizer_vocab_size": tok.vocab_size, "tokenizer_sha256": sha["tokenizer.model"],
-            "vae_sha256": sha["vae.pt"], "vae_audio_dim": vae.audio_dim}
+    tok, vae = TextTokenizer(d / "tokenizer.model"), load_model(StereoVAE, d / "vae.pt", device)
+    sct = load_model(SCT, d / "sct.pt", device, ckpt := load_checkpoint(d / "sct.pt", "sct")).to(dtype)
+    have = {"tokenizer_vocab_size": tok.vocab_size, "vae_audio_dim": vae.audio_dim} | {   # named as in trained_with
+        f"{n.split('.')[0]}_sha256": hashlib.sha256((d / n).read_bytes()).hexdigest() for n in names[:2]}
     if bad := [f"{k}: sct.pt was trained with {v}, {d} has {have[k]}"
                for k, v in {"vae_audio_dim": sct.config.audio_dim, **ckpt.get("trained_with", {})}.items()
                if have.get(k, v) != v]:
@@ -103,6 +99,9 @@ def read_audio(path: str | Path, trim: bool = False) -> torch.Tensor:
     return audio[:, : int(MAX_END * SAMPLE_RATE)]
 
 
+# -----------------------------------------------------------------------------
+# One model turn: its text (a caption, a plan) decoded greedily and checked, then the plan's audio span
+
 @dataclass
 class Checked:
     scene: Scene        # what goes into the context and gets rendered
@@ -122,23 +121,19 @@ def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checke
                         f"(copilot.MAX_SOUNDS, as in training): split it or leave some out")
     if not (violations := validate_scene(scene, previous)):
         return Checked(scene, True, [])
-    sounds, fixes = [], []
-    for s in scene.sounds:
+    sounds = []
+    for s in scene.sounds:                          # every number into its range, and the end at most MAX_END
         start = min(max(s.start_time, 0.0), MAX_START)
-        sounds.append(new := replace(s, loudness=min(max(s.loudness, -30.0), -10.0), start_time=start,
-                                     panning=min(max(s.panning, -1.0), 1.0), duration=min(max(s.duration, 0.1),
-                                                                                           MAX_END - start)))
-        fixes += [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}"
-                  for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
+        sounds.append(replace(s, loudness=min(max(s.loudness, -30.0), -10.0), panning=min(max(s.panning, -1.0), 1.0),
+                              start_time=start, duration=min(max(s.duration, 0.1), MAX_END - start)))
+    fixes = [f"sound {s.id}: {k} {getattr(s, k)} -> {getattr(new, k)}" for s, new in zip(scene.sounds, sounds)
+             for k in ("loudness", "panning", "start_time", "duration") if getattr(s, k) != getattr(new, k)]
     edit = scene_diff(previous, Scene(scene.description, sounds))
     fixes += [f"{k} {getattr(scene, k)} -> {v}" for k, v in edit.items() if getattr(scene, k) != v]
     fixed = Scene(scene.description, sounds, **edit)
     return Checked(fixed, False, [f"{what} invalid: {v}" for v in violations] + [f"{what} repaired: {r}" for r in fixes]
                    + [f"{what} left as written: {v}" for v in validate_scene(fixed, previous)])
 
-
-# -----------------------------------------------------------------------------
-# One model turn: greedy text, then the audio span
 
 @dataclass
 class Options:
@@ -157,8 +152,7 @@ class Reply:
     notes: list[str]
 
     @property
-    def parts(self) -> dict:
-        """The model turn's parts as task_turns names them: canonical caption and plan text, and the audio."""
+    def parts(self) -> dict:        # the model turn's parts as task_turns names them: canonical text, the audio
         text = {k: scene_to_json(c.scene) for k, c in (("caption", self.caption), ("plan", self.plan)) if c}
         return {**text, "audio": self.latents}
 
@@ -182,9 +176,8 @@ def decode_text(m: Models, turns: list[Turn], max_new_tokens: int) -> tuple[str,
 def _span_prefix(m: Models, turns: list[Turn]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lay out turns whose last part is an audio span; cut where its frames begin -> (ids, latents, span ids)."""
     ex = encode_conversation(turns, m.tok)
-    last = ex.span_ids == ex.span_ids.max()
-    start = int(last.nonzero()[0])
-    return ex.ids[:start], ex.latents[: len(ex.latents) - int(last.sum())], ex.span_ids[:start]
+    start = int((ex.span_ids == ex.span_ids.max()).nonzero()[0])
+    return ex.ids[:start], ex.latents[: int((ex.span_ids[:start] > 0).sum())], ex.span_ids[:start]
 
 
 def sample_latents(m: Models, turns: list[Turn], opts: Options, generator: torch.Generator) -> torch.Tensor:
@@ -193,8 +186,7 @@ def sample_latents(m: Models, turns: list[Turn], opts: Options, generator: torch
     F, D = turns[-1].parts[-1].shape
     cond, uncond = _span_prefix(m, turns), _span_prefix(m, [Turn("model", [turns[-1].parts[-1]])])
     if len(cond[0]) + F + 1 > m.max_len:
-        raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} the model was "
-                          f"trained on")
+        raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} trained on")
     cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)
     v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # noqa: E731 (rows: conditional, unconditional)
     return sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
@@ -205,20 +197,19 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
             generator: torch.Generator, plan: Checked | None = None) -> Reply:
     """The model turn after `history` and the user turn of `task`: "story" (plan, audio), "upload_edit" (caption
     of the user's clip, plan, audio) or "understand" (caption). A given `plan` (--plan) skips text decoding."""
-    t0, caption, notes, audio_start = time.perf_counter(), None, [], m.tok.audio_start_id
+    t0, caption, notes = time.perf_counter(), None, []
     if plan is None:
         text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
-        if stop is None or (stop == audio_start) == (task == "understand"):   # a turn that did not end as trained
+        if stop is None or (stop == m.tok.audio_start_id) == (task == "understand"):   # not ended as trained
             notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}" if stop is None else
                          "the model started an audio span after the caption; a description has no audio, so it was "
                          "dropped" if task == "understand" else "the model ended its turn without starting the "
                          "audio; the audio is made from its plan anyway")
-        if task == "upload_edit":
-            caption_text, newline, text = text.partition("\n")
+        if task == "upload_edit":                   # the caption of the user's clip, a newline, then the plan
+            first, newline, text = text.partition("\n")
             if not newline:
-                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n"
-                                f"{caption_text}")
-            caption = accept_plan(caption_text, None, "caption")
+                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n{first}")
+            caption = accept_plan(first, None, "caption")
         if task == "understand":
             caption = accept_plan(text, None, "caption")
         else:
@@ -246,8 +237,7 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
 
 def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options,
                        seed: int) -> tuple[Reply, list[Turn]]:
-    """respond() after as much of `history` as fits the model -> (reply, the history used). When the context is
-    full the oldest exchange is dropped: the previous plan carries the story forward (Eq. 3)."""
+    """respond() after as much of `history` as fits the model -> (reply, the history used)."""
     while True:
         try:
             return respond(m, history, task, user, previous, opts, torch.Generator().manual_seed(seed)), history
@@ -258,9 +248,31 @@ def respond_in_context(m: Models, history: list[Turn], task: str, user: dict, pr
             history = history[2:]
 
 
-def plot_scene(path, audio, scene, title=""):
-    """A PNG at `path`: the spectrogram of each channel of audio [2, S] (48 kHz) with the plan's sounds drawn as
-    labelled boxes at their times (matplotlib, imported only here)."""
+# -----------------------------------------------------------------------------
+# Outputs, the chat and the command line
+
+def report(reply: Reply, out: Path, plot: bool = False) -> None:
+    """Notes to stderr, scenes to stdout; the audio to `out` with its plan (.json), caption (.caption.json) and
+    picture (.png) beside it, or, describing a clip, the caption to `out`."""
+    for note in reply.notes:
+        say(f"note: {note}")
+    paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
+    scenes = {name: scene_to_json(c.scene) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c}
+    print("\n".join(f"{name}:\n{text}" for name, text in scenes.items()))
+    if reply.plan:
+        save_audio(out, reply.audio)
+        if plot:
+            plot_scene(out.with_suffix(".png"), reply.audio, reply.plan.scene)
+    for name, text in scenes.items():
+        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(text + "\n"))
+    s, made = reply.seconds, [out] + [out.with_suffix(".png")] * plot if reply.plan else []    # the audio, its picture
+    say(f"wrote {', '.join(map(str, made[:1] + [paths[n] for n in scenes] + made[1:]))}" + (
+        f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan {s['plan']:.1f} s, diffusion "
+        f"{s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
+
+
+def plot_scene(path, audio: torch.Tensor, scene: Scene) -> None:
+    """--plot: each channel's spectrogram with the plan's sounds as labelled boxes, brighter where they are panned."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -269,54 +281,29 @@ def plot_scene(path, audio, scene, title=""):
         raise SampleError("--plot needs matplotlib, an optional extra: `pip install matplotlib`, or leave out "
                           "--plot") from e
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    window = torch.hann_window(2048)
-    for c, (ax, name) in enumerate(zip(axes, ("left", "right"))):
-        spec = torch.stft(audio[c], 2048, 512, window=window, return_complex=True).abs().pow(2)
-        db = 10 * torch.log10(spec + 1e-10)
-        ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=float(db.max()) - 80,
-                  extent=(0, audio.shape[1] / SAMPLE_RATE, 0, SAMPLE_RATE / 2000))
-        ax.set_ylabel(f"{name} (kHz)")
-        for k, s in enumerate(scene.sounds):
-            side = (1 - s.panning) / 2 if c == 0 else (1 + s.panning) / 2     # how much of it is in this channel
-            y = 20 * (0.08 + 0.84 * k / max(1, len(scene.sounds)))
-            ax.add_patch(plt.Rectangle((s.start_time, y), s.duration, 2, fill=False, lw=1.5, alpha=0.3 + 0.7 * side,
-                                       color="cyan"))
+    for c, ax in enumerate(axes):
+        spec = torch.stft(audio[c], 2048, 512, window=torch.hann_window(2048), return_complex=True).abs().pow(2)
+        ax.imshow((db := 10 * torch.log10(spec + 1e-10)).numpy(), origin="lower", aspect="auto", cmap="magma",
+                  vmin=float(db.max()) - 80, extent=(0, audio.shape[1] / SAMPLE_RATE, 0, SAMPLE_RATE / 2000))
+        ax.set_ylabel(f"{('left', 'right')[c]} (kHz)")
+        for k, s in enumerate(scene.sounds):        # side: the share of the sound in this channel
+            side, y = (1 + (2 * c - 1) * s.panning) / 2, 20 * (0.08 + 0.84 * k / max(1, len(scene.sounds)))
+            ax.add_patch(plt.Rectangle((s.start_time, y), s.duration, 2, fill=False, lw=1.5, color="cyan",
+                                       alpha=0.3 + 0.7 * side))
             ax.text(s.start_time + 0.03, y + 0.4, f"{s.id}: {s.text} ({s.loudness:g} dB, pan {s.panning:g})",
                     fontsize=7, color="white", alpha=0.4 + 0.6 * side)
-    axes[0].set_title(title or scene.description, fontsize=9)
+    axes[0].set_title(scene.description, fontsize=9)
     axes[1].set_xlabel("time (s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
-def report(reply: Reply, out: Path, plot: bool = False) -> None:
-    """Print the reply's notes (stderr) and scenes (stdout, canonical JSON); write the audio to `out` with its plan
-    (.json), the caption (.caption.json) and with `plot` the picture (.png) beside it, or, describing a clip, only
-    the caption, to `out`."""
-    for note in reply.notes:
-        say(f"note: {note}")
-    paths = {"plan": out.with_suffix(".json"), "caption": out.with_suffix(".caption.json") if reply.plan else out}
-    scenes = {name: scene_to_json(c.scene) for name, c in (("caption", reply.caption), ("plan", reply.plan)) if c}
-    print("\n".join(f"{name}:\n{text}" for name, text in scenes.items()))
-    if reply.plan is not None:
-        save_audio(out, reply.audio)
-        if plot:
-            plot_scene(out.with_suffix(".png"), reply.audio, reply.plan.scene)
-    for name, text in scenes.items():
-        write_atomic(paths[name], lambda tmp: Path(tmp).write_text(text + "\n"))
-    s, written = reply.seconds, [out] * (reply.plan is not None) + [paths[name] for name in scenes] + [
-        out.with_suffix(".png")] * (plot and reply.plan is not None)
-    say(f"wrote {', '.join(map(str, written))}" + (f" ({reply.audio.shape[1] / SAMPLE_RATE:.2f} s of audio); plan "
-        f"{s['plan']:.1f} s, diffusion {s['diffusion']:.1f} s, VAE {s['vae']:.1f} s" if reply.plan else ""))
-
-
 def run_chat(m: Models, args: argparse.Namespace, opts: Options, lines=None) -> None:
-    """--chat: one line per user turn from stdin; /load FILE, /undo, /quit. Turn k -> OUT/turn{k}.wav and .json."""
-    out, lines = Path(args.out), lines if lines is not None else sys.stdin
-    history, previous, clip, undo = [], None, None, []      # undo: the state before each turn
+    """--chat: a user turn per line; /load FILE, /undo, /quit. Turn k -> OUT/turn{k}.wav and .json."""
+    out, history, previous, clip, undo = Path(args.out), [], None, None, []    # undo: the state before each turn
     say("chat: type an instruction; /load FILE brings in audio to edit, /undo drops the last turn, /quit ends")
-    for line in map(str.strip, lines):
+    for line in map(str.strip, sys.stdin if lines is None else lines):
         if line in ("/quit", "/exit"):
             break
         if line == "/undo" and undo:
@@ -388,6 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -397,27 +385,22 @@ def main(argv: list[str] | None = None) -> int:
             raise SampleError(f"--plan {args.plan}: no such file; write a scene JSON (e.g. one sample.py wrote)")
         plan = accept_plan(Path(args.plan).read_text(errors="replace"), None) if args.plan else None
         clip = read_audio(args.audio, args.trim) if args.audio else None
-        folder = args.out if args.chat else args.out.parent
         try:                                        # --out must be writable: make its folder and a file there
-            folder.mkdir(parents=True, exist_ok=True)
+            (folder := args.out if args.chat else args.out.parent).mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
-            if args.out.is_dir() and folder != args.out:
+            if args.out.is_dir() and not args.chat:
                 raise IsADirectoryError(f"{args.out} is a folder")
         except OSError as e:
             raise SampleError(f"--out {args.out}: cannot write there ({e.strerror or e}); choose another path") from e
         m = load_models(args.ckpt_dir, args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
         opts = Options(args.steps, args.cfg, args.max_new_tokens)
-        with torch.no_grad():
-            if args.chat:
-                return run_chat(m, args, opts) or 0
-            if clip is None:                        # --prompt or --plan: a story
-                task, user = "story", {"instruction": args.prompt or plan.scene.description}
-            else:                                   # --audio: described, or edited as --prompt asks
-                task, user = ("understand", {"request": DESCRIBE}) if args.prompt is None else \
-                    ("upload_edit", {"instruction": args.prompt})
-                user["clip"] = m.encode(clip)
-            report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), plan), args.out,
-                   args.plot)
+        if args.chat:
+            return run_chat(m, args, opts) or 0
+        task, user = ("story", {"instruction": args.prompt or plan.scene.description}) if clip is None else \
+            ("understand", {"clip": m.encode(clip), "request": DESCRIBE}) if args.prompt is None else \
+            ("upload_edit", {"clip": m.encode(clip), "instruction": args.prompt})   # --audio: described or edited
+        report(respond(m, [], task, user, None, opts, torch.Generator().manual_seed(args.seed), plan), args.out,
+               args.plot)
     except (SampleError, AudioError, CheckpointError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

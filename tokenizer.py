@@ -63,8 +63,7 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int, zeros: int = 24, rollof
     j = torch.arange(-width, width + M, dtype=torch.float64)
     p = torch.arange(L, dtype=torch.float64)[:, None]
     d = (j[None, :] - p * M / L) * cutoff / M        # distance in zero crossings, [L, K]
-    i0_beta = torch.i0(torch.tensor(beta, dtype=torch.float64))
-    window = torch.i0(beta * torch.sqrt((1 - (d / zeros) ** 2).clamp(min=0))) / i0_beta
+    window = torch.i0(beta * torch.sqrt((1 - (d / zeros) ** 2).clamp(min=0))) / torch.i0(d.new_tensor(beta))
     kernel = (torch.special.sinc(d) * window * cutoff / M).to(x.dtype)
     shape, S = x.shape[:-1], x.shape[-1]
     y = F.pad(x.reshape(-1, 1, S), (width, width + M))
@@ -153,7 +152,6 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor) -> None:
 
 @dataclass
 class VAEConfig:
-    """The stereo VAE and its losses (paper B.1; building blocks after DAC, bottleneck after Oobleck)."""
     latent_dim: int = field(default=128, metadata={"help": "dims per channel; audio_dim = 2 * latent_dim (B.1: 128)"})
     encoder_dim: int = field(default=64, metadata={"help": "channels after the first conv; each encoder block doubles"})
     decoder_dim: int = field(default=1536, metadata={"help": "channels into the first decoder block; each halves them"})
@@ -182,17 +180,15 @@ class VAEConfig:
 
     def __post_init__(self):
         if math.prod(self.strides) * self.frame_rate != SAMPLE_RATE:
-            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, but a latent "
-                             f"frame at {self.frame_rate} Hz is {SAMPLE_RATE / self.frame_rate:g} samples; make them "
-                             f"agree")
+            raise ValueError(f"VAEConfig.strides {self.strides} multiply to {math.prod(self.strides)}, but a frame "
+                             f"at {self.frame_rate} Hz is {SAMPLE_RATE / self.frame_rate:g} samples; make them agree")
         if self.gain_shape and self.latent_dim < 2:
             raise ValueError("VAEConfig.gain_shape spends one latent dim on the level; latent_dim must be >= 2")
         if len(self.mel_windows) != len(self.mel_bins):
             raise ValueError(f"mel_windows {self.mel_windows} and mel_bins {self.mel_bins} need the same length")
 
     @property
-    def hop(self) -> int:
-        """Samples per latent frame."""
+    def hop(self) -> int:                            # samples per latent frame
         return SAMPLE_RATE // self.frame_rate
 
 
@@ -277,6 +273,7 @@ class StereoVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = c = config
+        self.latent_dim, self.audio_dim = c.latent_dim, 2 * c.latent_dim   # per channel; both channels stacked
         d = c.encoder_dim
         enc = [WNConv1d(1, d, 7, padding=3)]
         for s in c.strides:
@@ -299,14 +296,6 @@ class StereoVAE(nn.Module):
         self.register_buffer("latent_scale", torch.ones(self.audio_dim))
 
     @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    @property
-    def audio_dim(self) -> int:
-        return 2 * self.config.latent_dim
-
-    @property
     def learned(self) -> torch.Tensor:
         """[audio_dim] bool: the latent dims the encoder learns (all but each channel's level dim with gain_shape)."""
         return torch.arange(self.audio_dim) % self.latent_dim >= int(self.config.gain_shape)
@@ -315,8 +304,7 @@ class StereoVAE(nn.Module):
         """[B, 2, S] -> (mean, std), each [B, F, audio_dim] with F = ceil(S / hop); unnormalised."""
         if audio.dim() != 3 or audio.shape[1] != 2 or audio.shape[2] == 0:
             raise ValueError(f"StereoVAE expects audio [batch, 2, samples>0], got shape {tuple(audio.shape)}")
-        B, _, S = audio.shape
-        hop = self.config.hop
+        (B, _, S), hop = audio.shape, self.config.hop
         n = math.ceil(S / hop)
         x = F.pad(audio, (0, n * hop - S)).reshape(B * 2, 1, n * hop)       # each channel on its own
         if self.config.gain_shape:
@@ -333,8 +321,7 @@ class StereoVAE(nn.Module):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Unnormalised latents [B, F, audio_dim] -> audio [B, 2, F * hop], in one pass."""
-        B, n, _ = z.shape
-        hop = self.config.hop
+        (B, n, _), hop = z.shape, self.config.hop
         x = z.reshape(B, n, 2, self.latent_dim).permute(0, 2, 3, 1).reshape(B * 2, self.latent_dim, n)
         if not self.config.gain_shape:
             return self.decoder(x).reshape(B, 2, n * hop)
@@ -384,10 +371,8 @@ class StereoVAE(nn.Module):
             total, total_sq, count = total + mean.sum(0), total_sq + mean.pow(2).sum(0), count + mean.shape[0]
         if count < 2:
             raise ValueError("fit_latent_stats needs at least two latent frames of audio")
-        shift = total / count
-        scale = (total_sq / count - shift ** 2).clamp(min=1e-16).sqrt()         # floor: std 1e-8
-        self.latent_shift.copy_(shift)
-        self.latent_scale.copy_(scale)
+        self.latent_shift.copy_(shift := total / count)
+        self.latent_scale.copy_((total_sq / count - shift ** 2).clamp(min=1e-16).sqrt())   # floor: std 1e-8
 
 
 # -----------------------------------------------------------------------------
@@ -496,8 +481,7 @@ def stft_distance(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torc
 
 def stereo_stft_loss(x: torch.Tensor, y: torch.Tensor, ffts: Iterable[int]) -> torch.Tensor:
     """STFT distance of [B, 2, S] on left/right and on mid/side, averaged (Oobleck); mid/side teaches the image."""
-    def mid_side(a):
-        return torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]], dim=1) / 2
+    mid_side = lambda a: torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]], dim=1) / 2   # noqa: E731
     return 0.5 * stft_distance(x, y, ffts) + 0.5 * stft_distance(mid_side(x), mid_side(y), ffts)
 
 
@@ -515,16 +499,12 @@ def kl_loss(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * std.log() - 1).sum(-1).mean()
 
 
-def WNConv2d(*args, **kwargs) -> nn.Module:
-    return weight_norm(nn.Conv2d(*args, **kwargs))
-
-
 class ConvStack(nn.Module):
-    """2-D convs with leaky ReLU, then a 1-channel conv; returns every activation and, last, the logits."""
+    """Weight-normalised 2-D convs with leaky ReLU, then a 1-channel conv; returns every activation, logits last."""
 
-    def __init__(self, convs: list[nn.Module], post: nn.Module):
+    def __init__(self, convs: list[nn.Conv2d], post: nn.Conv2d):
         super().__init__()
-        self.convs, self.post = nn.ModuleList(convs), post
+        self.convs, self.post = nn.ModuleList(map(weight_norm, convs)), weight_norm(post)
 
     def forward(self, x):
         feats = []
@@ -539,9 +519,9 @@ class PeriodDiscriminator(ConvStack):
 
     def __init__(self, period: int, dim: int):
         chans = [2, dim, 4 * dim, 16 * dim, 32 * dim, 32 * dim]
-        super().__init__([WNConv2d(a, b, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0))
+        super().__init__([nn.Conv2d(a, b, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0))
                           for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))],
-                         WNConv2d(chans[-1], 1, (3, 1), padding=(1, 0)))
+                         nn.Conv2d(chans[-1], 1, (3, 1), padding=(1, 0)))
         self.period = period
 
     def forward(self, x):
@@ -553,9 +533,9 @@ class STFTDiscriminator(ConvStack):
     """EnCodec-style STFT discriminator on the complex spectrogram of both channels ([B, 4, frames, bins])."""
 
     def __init__(self, n_fft: int, dim: int):
-        super().__init__([WNConv2d(4, dim, (3, 9), padding=(1, 4))] + [
-            WNConv2d(dim, dim, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)) for d in (1, 2, 4)] + [
-            WNConv2d(dim, dim, (3, 3), padding=(1, 1))], WNConv2d(dim, 1, (3, 3), padding=(1, 1)))
+        super().__init__([nn.Conv2d(4, dim, (3, 9), padding=(1, 4))] + [
+            nn.Conv2d(dim, dim, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4)) for d in (1, 2, 4)] + [
+            nn.Conv2d(dim, dim, (3, 3), padding=(1, 1))], nn.Conv2d(dim, 1, (3, 3), padding=(1, 1)))
         self.n_fft = n_fft
 
     def forward(self, x):
@@ -626,12 +606,10 @@ class TextTokenizer:
             raise CheckpointError(f"{path}: no sentencepiece model ({e}); pass Gemma's tokenizer.model or one "
                                   f"made by train_text_tokenizer()") from e
         self.vocab_size = self.sp.get_piece_size()
-        ids = {}
-        for piece in SPECIAL_PIECES:
-            ids[piece] = self.sp.piece_to_id(piece)
-            if self.sp.id_to_piece(ids[piece]) != piece:
-                raise CheckpointError(f"{path}: the model has no piece {piece!r}; use Gemma's tokenizer.model "
-                                 f"or one made by train_text_tokenizer()")
+        ids = {piece: self.sp.piece_to_id(piece) for piece in SPECIAL_PIECES}
+        if missing := [piece for piece, i in ids.items() if self.sp.id_to_piece(i) != piece]:
+            raise CheckpointError(f"{path}: the model has no piece {missing[0]!r}; use Gemma's tokenizer.model or one "
+                                  f"made by train_text_tokenizer()")
         self.pad_id, self.eos_id, self.bos_id = ids["<pad>"], ids["<eos>"], ids["<bos>"]
         self.start_of_turn_id, self.end_of_turn_id = ids["<start_of_turn>"], ids["<end_of_turn>"]
         self.audio_start_id, self.audio_end_id = ids["<unused0>"], ids["<unused1>"]
@@ -666,9 +644,8 @@ def train_text_tokenizer(texts: Iterable[str], model_file: str | os.PathLike, vo
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, split_digits=True,
-        split_by_unicode_script=False,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
+        split_by_unicode_script=False, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, minloglevel=2,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
         unk_piece="<unk>", user_defined_symbols=list(SPECIAL_PIECES[4:]) + ["\n"] + list(pieces))
     write_atomic(model_file, lambda tmp: Path(tmp).write_bytes(model.getvalue()))
@@ -738,11 +715,9 @@ def encode_conversation(turns: list[Turn], tok: TextTokenizer, *, generation_pro
         emit(tok.encode("\n"))
     if generation_prompt:
         emit([tok.start_of_turn_id] + tok.encode("model\n"))
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    next_ids = torch.tensor(ids[1:] + [-100])                 # pre-shifted: position i predicts token i + 1
-    labels = torch.where(torch.tensor(is_target[1:] + [False]), next_ids, -100)
+    labels = torch.where(torch.tensor(is_target[1:] + [False]), torch.tensor(ids[1:] + [-100]), -100)  # pre-shifted
     span_t = torch.tensor(span_ids, dtype=torch.long)
-    return Example(ids=ids_t, labels=labels, audio_mask=span_t > 0, span_ids=span_t,
+    return Example(ids=torch.tensor(ids, dtype=torch.long), labels=labels, audio_mask=span_t > 0, span_ids=span_t,
                    span_is_model=torch.tensor(span_is_model, dtype=torch.bool),
                    latents=torch.cat(latents) if latents else torch.zeros(0, audio_dim or 0))
 
