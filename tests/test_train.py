@@ -118,6 +118,19 @@ def test_readme_schedule_table_matches_the_presets():
                 f"README {stage} {preset}: steps, lr, warm-up {cell!r}; train.PRESETS: {want}"
 
 
+def test_readme_file_map_counts_the_lines_of_each_file():
+    """The README's file map gives each top-level file's length (issue 16's limits are read from it); it must not
+    drift from the files as they are."""
+    counts = {}
+    for line in (ROOT / "README.md").read_text().split("## Files")[1].split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[1].isdigit():
+            counts[cells[0].strip("`")] = int(cells[1])
+    files = ["tokenizer.py", "model.py", "diffusion.py", "copilot.py", "metrics.py", "train.py", "sample.py"]
+    want = {f: len((ROOT / f).read_text().splitlines()) for f in files}
+    want["tests/"] = sum(len(p.read_text().splitlines()) for p in (ROOT / "tests").glob("*.py"))
+    assert counts == want, f"README file map {counts}; the files {want}"
+
 def test_audiochat_preset_runs_as_the_readme_memory_table_says():
     sys.path.insert(0, str(ROOT / "bench"))
     from memory import memory_estimate
