@@ -349,9 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "plan's sounds as labelled boxes (needs matplotlib)")
     g = p.add_argument_group("sampling (defaults: paper appendix D)")
     g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
-    g.add_argument("--steps", type=int, default=150, help="DPM-Solver++(2M) steps on Karras sigmas, 1 to 1000")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight, 0 to 20 (1 = none)")
-    g.add_argument("--max-new-tokens", type=int, default=2048, help="most text tokens the model may write per turn")
+    g.add_argument("--steps", type=int, default=Options.steps, help="DPM-Solver++(2M) steps, 1 to 1000")
+    g.add_argument("--cfg", type=float, default=Options.cfg, help="classifier-free guidance weight, 0 to 20 (1 = none)")
+    g.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens,
+                   help="most text tokens the model may write per turn")
     g = p.add_argument_group("model")
     g.add_argument("--ckpt-dir", default="checkpoints/toy", help="folder with tokenizer.model, vae.pt and sct.pt")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
