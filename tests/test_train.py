@@ -119,8 +119,7 @@ def test_readme_schedule_table_matches_the_presets():
 
 
 def test_readme_file_map_counts_the_lines_of_each_file():
-    """The README's file map gives each top-level file's length (issue 16's limits are read from it); it must not
-    drift from the files as they are."""
+    """The README's file map gives each top-level file's length in lines; it must not drift from the files."""
     counts = {}
     for line in (ROOT / "README.md").read_text().split("## Files")[1].split("\n## ")[0].splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -130,6 +129,7 @@ def test_readme_file_map_counts_the_lines_of_each_file():
     want = {f: len((ROOT / f).read_text().splitlines()) for f in files}
     want["tests/"] = sum(len(p.read_text().splitlines()) for p in (ROOT / "tests").glob("*.py"))
     assert counts == want, f"README file map {counts}; the files {want}"
+
 
 def test_audiochat_preset_runs_as_the_readme_memory_table_says():
     sys.path.insert(0, str(ROOT / "bench"))
