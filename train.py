@@ -814,9 +814,10 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
             lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
             out[f"lm_{w}"] += lm / len(stories)
         noise = torch.randn(z.shape, generator=keyed(seed, "gap", i))
+        docs = {w: encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
+                for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan)))}
         for t in times:
-            for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan))):
-                ex = encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
+            for w, ex in docs.items():
                 out[f"diff_{w}@{t}"] += story_losses(sct, ex, t, noise, device)[1] / len(stories)
     return {"lm_plan": out["lm_true"], "lm_gap": out["lm_swap"] - out["lm_true"]} | {
         f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}

@@ -170,7 +170,7 @@ def probe_audio(m, opts, seed: int) -> dict:
                                    torch.Generator().manual_seed(seed), plan=plan)
             mix = mix_scene(scene, Renderer(seed=f"probe|{cls}|{pan}|{start}")).audio
             with torch.no_grad():
-                ref = m.vae.decode(m.vae.encode(mix[None].to(m.device)), mix.shape[-1])[0].cpu()
+                ref = m.vae.decode(m.encode(mix)[None], mix.shape[-1])[0].cpu()
             for row, audio in (("model", reply.audio), ("copilot via VAE", ref)):
                 rows[row].append(dict(cls=cls, pan=pan, start=start, **measure(audio, scene, pan, start)))
             got.append(rows["model"][-1])
@@ -232,9 +232,7 @@ def probe_edits(m, opts, seed: int, n_bases: int, audio_every: int) -> dict:
         rng = random.Random(f"probe-edit|{b}")
         text, _, old = OfflineCopilot().conversation(rng.choice(TRAIN_SEEDS), rng, 1, kinds=["add"])[0]   # two events
         audio = mix_scene(old, Renderer(seed=f"probe-edit|{b}")).audio
-        with torch.no_grad():
-            z = m.vae.encode(audio[None].to(m.device))[0]
-        history = task_turns("story", instruction=text, plan=scene_to_json(old), audio=z)
+        history = task_turns("story", instruction=text, plan=scene_to_json(old), audio=m.encode(audio))
         fg = [s for s in old.sounds if s.id not in ambience_ids(old)[:1]]
         present = {caption_to_class(s.text) for s in old.sounds}
         for kind, wordings in EDITS.items():
@@ -267,8 +265,8 @@ def median(xs: list) -> float | None:
 
 def kept_change(before: torch.Tensor, after: torch.Tensor, old: Scene, new: Scene) -> list[float]:
     """|dB change| of each channel's power over each kept event's interval, away from every edited sound."""
-    edited = [s for s in old.sounds + new.sounds if s.id not in new.by_id() or s.id not in old.by_id() or
-              not same(old.by_id()[s.id], new.by_id()[s.id])]
+    o, n = old.by_id(), new.by_id()
+    edited = [s for s in old.sounds + new.sounds if s.id not in n or s.id not in o or not same(o[s.id], n[s.id])]
     out = []
     for s in new.sounds:
         if s.id in ambience_ids(new)[:1] or any(e.id == s.id for e in edited):
@@ -290,9 +288,7 @@ def probe_describe(m, opts, n: int) -> dict:
         rng = random.Random(f"probe-describe|{k}")
         _, _, scene = OfflineCopilot().conversation(rng.choice(TRAIN_SEEDS), rng, 1)[0]
         audio = mix_scene(scene, Renderer(seed=f"probe-describe|{k}")).audio
-        with torch.no_grad():
-            z = m.vae.encode(audio[None].to(m.device))[0]
-        caption = write_plan(m, task_turns("understand", clip=z, request=DESCRIBE), opts)
+        caption = write_plan(m, task_turns("understand", clip=m.encode(audio), request=DESCRIBE), opts)
         said = {}
         for s in caption.sounds if caption else []:
             said.setdefault(caption_to_class(s.text), s)
