@@ -152,7 +152,7 @@ SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
 PRESETS = {
-    # Toy: about 80 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
+    # Toy: about 100 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0, context_turns=3),
         vae=VAETrainConfig(steps=2000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
@@ -162,7 +162,7 @@ PRESETS = {
         sct=SCTTrainConfig(seq_len=2048, batch_rows=4, micro_rows=1, betas=(0.9, 0.98), eval_rows=8),
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50), diffusion=DiffusionConfig(),
         sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, plan=1.0)),
-        sct2=StageConfig(steps=400, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
+        sct2=StageConfig(steps=600, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
         sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True)),
     # Paper scale on 8 x 80 GB (Table 5; 64 x 8192 tokens per step, not in the paper): FSDP2, bench/memory.py.
     "audiochat": dict(
