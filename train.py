@@ -152,7 +152,7 @@ SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
 PRESETS = {
-    # Toy: about 100 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
+    # Toy: about 90 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0, context_turns=3),
         vae=VAETrainConfig(steps=2000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
