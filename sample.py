@@ -200,6 +200,9 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     t0, caption, notes = time.perf_counter(), None, []
     if plan is None:
         text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
+        if not text.strip():                        # a toy model does this for short, vague instructions
+            raise PlanError("the model ended its turn without writing anything; it learned from instructions that "
+                            "name their sounds: name the ones you want, e.g. \"rain on a tin roof, a dog on the left\"")
         if stop is None or (stop == m.tok.audio_start_id) == (task == "understand"):   # not ended as trained
             notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}" if stop is None else
                          "the model started an audio span after the caption; a description has no audio, so it was "

@@ -154,6 +154,14 @@ def test_edit_reply_puts_canonical_text_in_context_and_reports_a_missing_audio_s
     assert task_turns("upload_edit", **user, **reply.parts)[1].parts[:2] == [CAPTION, SCENES[1]]
 
 
+def test_an_empty_model_turn_is_an_error_that_says_what_to_ask(m, monkeypatch):
+    monkeypatch.setattr(sample, "decode_text", lambda *a: (" \n", m.tok.audio_start_id))
+    for task, user in (("story", {"instruction": "A storm."}), ("understand", {"clip": torch.randn(4, 8),
+                                                                                "request": "describe"})):
+        with pytest.raises(sample.PlanError, match="without writing anything.*name the ones you want"):
+            sample.respond(m, [], task, user, None, sample.Options(steps=2), torch.Generator())
+
+
 def test_context_longer_than_the_trained_length_is_refused(m):
     m.max_len = 40
     with pytest.raises(sample.ContextFull, match="trained on at most 40"):
