@@ -8,7 +8,8 @@ Sections (issue 12's targets in brackets):
   plans       free-wording story prompts written for this probe (PROMPTS: they name sounds of the toy world,
               some with a side, level or start time) and, with --data, the eval split's turn-0 instructions:
               plans valid as written [>= 90 %], named sounds present [>= 85 %], stated sides [>= 85 %], levels and
-              start times honoured
+              start times honoured; side reading: at the "panning" of each sound with a stated side, the plan
+              writer's probability on that side and on the other (equal: it does not read the side words)
   audio       single-event scenes (a quiet bed and one event of each class at pan -1 / 0 / 1 and several onsets)
               rendered by the model from a plan: onset within 0.25 s [>= 80 %], ILD sign right [>= 90 %], level
               error (metrics.plan_adherence, on the waveform); the swap test: the same seed with the event moved
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import replace
@@ -37,7 +39,7 @@ from copilot import (BEDS, EVENTS, SOUND_CLASSES, TRAIN_SEEDS, OfflineCopilot, R
                      Sound, ambience_ids, caption_to_class, mix_scene, pan_gains, parse_scene, read_conversations,
                      scene_to_json, validate_scene)
 from metrics import ild_db, plan_adherence  # noqa: E402
-from tokenizer import DESCRIBE, SAMPLE_RATE, task_turns  # noqa: E402
+from tokenizer import DESCRIBE, SAMPLE_RATE, encode_conversation, task_turns  # noqa: E402
 
 # Story prompts written for this probe, in free wording (not copilot's templates). Each names toy-world sounds:
 # (class, side, level, start s); side "left" means panning <= -0.3, "right" >= 0.3, "centre" |panning| <= 0.15.
@@ -134,6 +136,45 @@ def probe_plans(m, items: list, opts) -> dict:
     return {"n": c["plans"], "valid": rate(c["valid"], c["plans"]), "present": rate(c["present"], c["named"]),
             "side": rate(c["side_ok"], c["sides"]), "level": rate(c["level_ok"], c["levels"]),
             "start": rate(c["start_ok"], c["starts"]), "counts": c}
+
+
+def next_token_probs(m, turns: list, prefix: str) -> torch.Tensor:
+    """The plan writer's next-token distribution [vocab] after `turns` and the start of its own turn `prefix`."""
+    ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
+    ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(prefix), dtype=ex.ids.dtype)])
+    spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
+    _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 1)
+    return m.sct.lm_logits(m.sct.model.norm(h[:, -1])).float().softmax(-1)[0]
+
+
+def side_split(probs: torch.Tensor, tok) -> dict:
+    """Next-token probability summed over the number pieces of each side (SIDE_OK: left <= -0.3, right >= 0.3)."""
+    out = dict.fromkeys(SIDE_OK, 0.0)
+    for i in range(tok.vocab_size):
+        try:
+            value = float(tok.decode([i]).strip())
+        except ValueError:
+            continue
+        for side, ok in SIDE_OK.items():
+            out[side] += probs[i].item() * ok(value)
+    return out
+
+
+def side_reading(m, items: list, opts) -> dict:
+    """Does the plan writer read "on the left"? At the "panning": of each sound with a stated side in its own plan,
+    the probability it puts on the stated side and on the other side (equal: the words are not read)."""
+    stated, other = [], []
+    for text, names in items:
+        turns = task_turns("story", instruction=text)
+        plan = sample.decode_text(m, turns, opts.max_new_tokens)[0]
+        for cls, side, *_ in (n for n in names if len(n) > 1 and n[1] in ("left", "right")):
+            at = [x.end() for x in re.finditer(r'"text":"([^"]*)"', plan) if caption_to_class(x.group(1)) == cls]
+            if at and '"panning":' in plan[at[0]:]:
+                mass = side_split(next_token_probs(m, turns, plan[:plan.index('"panning":', at[0]) + 10]), m.tok)
+                stated.append(mass[side])
+                other.append(mass["right" if side == "left" else "left"])
+    return {"n": len(stated), "stated": sum(stated) / len(stated) if stated else None,
+            "other": sum(other) / len(other) if other else None}
 
 
 def event_scene(cls: str, bed: str, pan: float, start: float) -> tuple[str, Scene]:
@@ -331,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0, res = time.time(), {"ckpt_dir": str(a.ckpt_dir), "steps": a.steps, "cfg": a.cfg}
     with torch.no_grad():
         res["plans"] = probe_plans(m, PROMPTS, opts)
+        res["side_reading"] = side_reading(m, PROMPTS, opts)
         if a.data is not None:
             items = [(c.turns[0].instruction, [(caption_to_class(s.text),) for s in c.turns[0].scene.sounds])
                      for c in read_conversations(a.data, "eval")]
@@ -339,10 +381,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["edits"] = probe_edits(m, opts, a.seed, a.edit_bases, 2)
         res["describe"] = probe_describe(m, opts, a.describe)
     res["seconds"] = time.time() - t0
-    P, A, E, D = res["plans"], res["audio"], res["edits"], res["describe"]
+    P, S, A, E, D = res["plans"], res["side_reading"], res["audio"], res["edits"], res["describe"]
     lines = [f"probe of {a.ckpt_dir} ({a.steps} steps, CFG {a.cfg:g}; {res['seconds']:.0f} s)",
              f"plans, {P['n']} free prompts: valid {pct(P['valid'])} | named present {pct(P['present'])} | "
-             f"sides {pct(P['side'])} | levels {pct(P['level'])} | starts {pct(P['start'])}"]
+             f"sides {pct(P['side'])} | levels {pct(P['level'])} | starts {pct(P['start'])}",
+             f"plans, side reading at \"panning\" ({S['n']} sounds with a stated side): probability on the stated "
+             f"side {pct(S['stated'])} | on the other {pct(S['other'])}"]
     if "plans_eval" in res:
         Q = res["plans_eval"]
         lines.append(f"plans, {Q['n']} eval turn-0 prompts: valid {pct(Q['valid'])} | named present "

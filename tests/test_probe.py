@@ -1,6 +1,6 @@
 """bench/probe.py's measurements on constructed cases: a known onset and side measured on a copilot render, plan
 following counted for a writer that is right and one that is not, edits judged right only when they make the asked
-change and no other.
+change and no other, the side-reading diagnostic on the shipped toy.
 
 Test: python -m pytest -q tests/test_probe.py
 """
@@ -107,3 +107,26 @@ def test_kept_sounds_that_did_not_move_measure_zero_db():
     audio = mix_scene(old, Renderer(seed="kept")).audio
     assert probe.kept_change(audio, audio, old, new) == [0.0, 0.0]
     assert probe.kept_change(audio, 2 * audio, old, new) == pytest.approx([6.02, 6.02], abs=0.01)
+
+
+def test_side_reading_sums_each_sides_number_pieces_at_the_writers_own_next_token():
+    """The side-reading diagnostic: the teacher-forced next-token distribution after a prefix of the model's own
+    greedy plan picks the token greedy decoding wrote there, and side_split puts a number piece's probability on
+    the side its value is on (the shipped toy's tokenizer holds the plan's numbers as single pieces)."""
+    import sample
+    m = sample.load_models(Path(__file__).resolve().parents[1] / "checkpoints" / "toy")
+    turns = probe.task_turns("story", instruction="Rain, and a dog barking on the left.")
+    with torch.no_grad():
+        plan = sample.decode_text(m, turns, 600)[0]
+        for cut in (plan.index('"panning":') + 10, plan.index('"start_time":') + 13, len('{"description":"')):
+            probs = probe.next_token_probs(m, turns, plan[:cut])
+            assert probs.sum().item() == pytest.approx(1.0, abs=1e-4)
+            assert plan[cut:].startswith(m.tok.decode([int(probs.argmax())]).strip()), (plan[:cut], plan[cut:])
+    piece = {m.tok.decode([i]).strip(): i for i in range(m.tok.vocab_size)}
+    for value, side in (("-0.7", "left"), ("1", "right"), ("0", "centre"), ("-1", "left")):
+        probs = torch.zeros(m.tok.vocab_size)
+        probs[piece[value]] = 1.0
+        assert probe.side_split(probs, m.tok) == {s: float(s == side) for s in probe.SIDE_OK}, value
+    probs = torch.zeros(m.tok.vocab_size)
+    probs[m.tok.encode("description")[0]] = 1.0                        # not a number: on no side
+    assert probe.side_split(probs, m.tok) == dict.fromkeys(probe.SIDE_OK, 0.0)
