@@ -22,6 +22,7 @@ Sections (issue 12's targets in brackets):
               start times right for the sounds named
 """
 import argparse
+import functools
 import json
 import math
 import random
@@ -147,17 +148,22 @@ def next_token_probs(m, turns: list, prefix: str) -> torch.Tensor:
     return m.sct.lm_logits(m.sct.model.norm(h[:, -1])).float().softmax(-1)[0]
 
 
-def side_split(probs: torch.Tensor, tok) -> dict:
-    """Next-token probability summed over the number pieces of each side (SIDE_OK: left <= -0.3, right >= 0.3)."""
-    out = dict.fromkeys(SIDE_OK, 0.0)
+@functools.lru_cache
+def side_pieces(tok) -> dict:
+    """The ids of the tokenizer's number pieces on each side (SIDE_OK: left <= -0.3, right >= 0.3), read once."""
+    values = {}
     for i in range(tok.vocab_size):
         try:
-            value = float(tok.decode([i]).strip())
+            values[i] = float(tok.decode([i]).strip())
         except ValueError:
-            continue
-        for side, ok in SIDE_OK.items():
-            out[side] += probs[i].item() * ok(value)
-    return out
+            pass
+    return {side: torch.tensor([i for i, v in values.items() if ok(v)], dtype=torch.long)
+            for side, ok in SIDE_OK.items()}
+
+
+def side_split(probs: torch.Tensor, tok) -> dict:
+    """Next-token probability summed over the number pieces of each side."""
+    return {side: probs[ids].sum().item() for side, ids in side_pieces(tok).items()}
 
 
 def side_reading(m, items: list, opts) -> dict:

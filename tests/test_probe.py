@@ -113,7 +113,7 @@ def test_side_reading_sums_each_sides_number_pieces_at_the_writers_own_next_toke
     """The side-reading diagnostic: the teacher-forced next-token distribution after a prefix of the model's own
     greedy plan picks the token greedy decoding wrote there, and side_split puts a number piece's probability on
     the side its value is on (the shipped toy's tokenizer holds the plan's numbers as single pieces)."""
-    import sample
+    sample = probe.sample
     m = sample.load_models(Path(__file__).resolve().parents[1] / "checkpoints" / "toy")
     turns = probe.task_turns("story", instruction="Rain, and a dog barking on the left.")
     with torch.no_grad():
