@@ -835,7 +835,7 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
     0) and the noised latents of one document: 1-D tensors of its length T (x, v: [T, audio_dim], 0 at text)."""
     if k := sample_uncond_span(ex.span_is_model, gen, cfg_dropout):     # the unconditional document of span k
         ex = encode_conversation([Turn("model", [ex.latents[ex.span_ids[ex.audio_mask] == k]])], tok)
-    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob)       # [N]
+    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob, dc.time_shift)   # [N]
     t_tok = span_to_tokens(t, ex.span_ids)                                    # [T], 0 at text
     x_t, v = add_noise(ex.latents, t_tok[ex.audio_mask], torch.randn(ex.latents.shape, generator=gen))
     x, v_full = (torch.zeros(len(ex.ids), ex.latents.shape[1]) for _ in range(2))
