@@ -147,7 +147,8 @@ class StageConfig:
 
 STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
 STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
-TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES, plan=2.0, edit_plan=2.0)   # toy stages 2, 3
+TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES, plan=2.0, edit_plan=2.0)   # toy stage 2
+TOY_PLANS = dict(plan=8.0, upload_edit=1.0, understand=1.0, edit=1.0)   # toy stage 3: plans, kept able to edit
 SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
@@ -163,7 +164,7 @@ PRESETS = {
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50), diffusion=DiffusionConfig(),
         sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, plan=1.0)),
         sct2=StageConfig(steps=600, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
-        sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True)),
+        sct3=StageConfig(steps=250, lr=1e-3, warmup_steps=10, mixture=TOY_PLANS, validated_only=True)),
     # Paper scale on 8 x 80 GB (Table 5; 64 x 8192 tokens per step, not in the paper): FSDP2, bench/memory.py.
     "audiochat": dict(
         data=DataConfig(context_turns=5), vae=VAETrainConfig(), flam=FLAMTrainConfig(),
