@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from copilot import (EVAL_SEEDS, TRAIN_SEEDS, DatasetConfig, OfflineCopilot, caption_of, read_conversation,
-                     read_conversations, scene_to_json, write_dataset)
+from copilot import (EVAL_SEEDS, MAX_START, TRAIN_SEEDS, DatasetConfig, OfflineCopilot, Scene, caption_of,
+                     read_conversation, read_conversations, scene_to_json, write_dataset)
 from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_uncond_span, span_loss_mask,
                        span_to_tokens, transfusion_loss)
 from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
@@ -147,7 +147,8 @@ class StageConfig:
 
 STAGE1 = dict(t2a=1.0, caption=1.0, asr=1.0, tts=1.0, text=1.0)
 STORIES = dict(story=1.0, edit=2.0, upload_edit=1.0, understand=1.0)
-TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES, plan=2.0, edit_plan=2.0)   # toy stages 2, 3
+TOY_MIX = dict(STAGE1, text=0.5, t2a=0.5, caption=0.5, **STORIES, plan=2.0, edit_plan=2.0)   # toy stage 2
+TOY_PLANS = dict(plan=8.0, upload_edit=1.0, understand=1.0, edit=1.0)   # toy stage 3: plans, kept able to edit
 SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
@@ -163,7 +164,7 @@ PRESETS = {
         sct_loop=LoopConfig(log_every=10, eval_every=100, save_every=50), diffusion=DiffusionConfig(),
         sct1=StageConfig(steps=60, lr=1e-3, warmup_steps=20, mixture=dict(STAGE1, text=0.5, plan=1.0)),
         sct2=StageConfig(steps=600, lr=1e-3, warmup_steps=20, mixture=TOY_MIX),
-        sct3=StageConfig(steps=40, lr=3e-4, warmup_steps=10, mixture=TOY_MIX, validated_only=True)),
+        sct3=StageConfig(steps=250, lr=1e-3, warmup_steps=10, mixture=TOY_PLANS, validated_only=True)),
     # Paper scale on 8 x 80 GB (Table 5; 64 x 8192 tokens per step, not in the paper): FSDP2, bench/memory.py.
     "audiochat": dict(
         data=DataConfig(context_turns=5), vae=VAETrainConfig(), flam=FLAMTrainConfig(),
@@ -796,31 +797,43 @@ def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: t
             (sct.velocity(h_audio[0][au]).float() - v.to(device)[au]).pow(2).mean().item())
 
 
+def mirrored(scene: Scene) -> Scene:
+    """The scene with each sound on the other side and mirrored in time (start at duration - end, at most MAX_START):
+    the same sounds and words, another placement."""
+    return replace(scene, sounds=[replace(s, panning=-s.panning, start_time=min(MAX_START, scene.duration - s.end))
+                                  for s in scene.sounds])
+
+
 @torch.no_grad()
 def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
                       times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
     """What the model takes from its condition, on n held-out stories (turn 0), each against the next one's:
     lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
     same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
-    own, at diffusion time t with the same noise. A model that ignores its condition has gaps 0."""
+    own, at diffusion time t with the same noise; place_gap@t = the same given its own instruction and its plan
+    mirrored (the same sounds, placed elsewhere). A model that ignores its condition has gaps 0; one that takes
+    what sounds from the plan, but not where and when, has a diffusion gap and a place gap of 0."""
     if len(convs := data.pools["story"][0][:n, 0].tolist()) < 2:
         return {}
-    stories = [(c.turns[0].instruction, scene_to_json(c.turns[0].scene),
-                data.latents(f"stories/{data.split}/{c.id}")[0]) for c in map(data.conversation, convs)]
+    stories = [(c.turns[0].instruction, c.turns[0].scene, data.latents(f"stories/{data.split}/{c.id}")[0])
+               for c in map(data.conversation, convs)]
     out = defaultdict(float)
-    for i, (text, plan, z) in enumerate(stories):
-        other_text, other_plan, _ = stories[(i + 1) % len(stories)]
-        for w, doc in (("true", (text, plan)), ("swap", (other_text, plan))):
-            lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
+    for i, (text, scene, z) in enumerate(stories):
+        other_text, other_scene, _ = stories[(i + 1) % len(stories)]
+        for w, doc in (("true", (text, scene)), ("swap", (other_text, scene))):
+            lm, _ = story_losses(sct, plan_document([(doc[0], scene_to_json(doc[1]))], data.tok), 0.0, torch.zeros(0),
+                                 device)
             out[f"lm_{w}"] += lm / len(stories)
         noise = torch.randn(z.shape, generator=keyed(seed, "gap", i))
-        docs = {w: encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
-                for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, other_plan)))}
+        docs = {w: encode_conversation(task_turns("story", instruction=a, plan=scene_to_json(b), audio=z), data.tok)
+                for w, (a, b) in (("true", (text, scene)), ("swap", (other_text, other_scene)),
+                                  ("place", (text, mirrored(scene))))}
         for t in times:
             for w, ex in docs.items():
                 out[f"diff_{w}@{t}"] += story_losses(sct, ex, t, noise, device)[1] / len(stories)
     return {"lm_plan": out["lm_true"], "lm_gap": out["lm_swap"] - out["lm_true"]} | {
-        f"diff_gap@{t}": out[f"diff_swap@{t}"] - out[f"diff_true@{t}"] for t in times}
+        f"{k}_gap@{t}": out[f"diff_{w}@{t}"] - out[f"diff_true@{t}"] for t in times
+        for k, w in (("diff", "swap"), ("place", "place"))}
 
 
 def keyed(*parts) -> torch.Generator:
@@ -835,7 +848,7 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
     0) and the noised latents of one document: 1-D tensors of its length T (x, v: [T, audio_dim], 0 at text)."""
     if k := sample_uncond_span(ex.span_is_model, gen, cfg_dropout):     # the unconditional document of span k
         ex = encode_conversation([Turn("model", [ex.latents[ex.span_ids[ex.audio_mask] == k]])], tok)
-    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob)       # [N]
+    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob, dc.time_shift)   # [N]
     t_tok = span_to_tokens(t, ex.span_ids)                                    # [T], 0 at text
     x_t, v = add_noise(ex.latents, t_tok[ex.audio_mask], torch.randn(ex.latents.shape, generator=gen))
     x, v_full = (torch.zeros(len(ex.ids), ex.latents.shape[1]) for _ in range(2))

@@ -5,7 +5,8 @@ and sct.pt), printed as a table and drawn as curves over the steps of the three 
 
 lm_gap: the LM loss of held-out plans given another conversation's instruction minus given their own (nats per
 token); diff_gap@t: the v-loss of held-out story audio given another conversation's plan minus given its own, at
-diffusion time t, same noise. 0 means the model ignores that condition (train.conditioning_gaps).
+diffusion time t, same noise; place_gap@t: the same given its own plan mirrored (the same sounds, each on the other
+side and at the other end of the scene). 0 means the model ignores that condition (train.conditioning_gaps).
 """
 import argparse
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizer import load_checkpoint  # noqa: E402
 
-KEYS = ("lm", "diff", "lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.6", "diff_gap@0.9")
+KEYS = ("lm", "diff", "lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.6", "diff_gap@0.9", "place_gap@0.9")
 
 
 def read_evals(ckpt_dir: Path) -> list[dict]:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lm.plot(at, [r.get("lm_plan", float("nan")) for r in rows], "s--", label="LM loss of the plan, own instruction")
         for t in ("0.3", "0.6", "0.9"):
             diff.plot(at, [r.get(f"diff_gap@{t}", float("nan")) for r in rows], "o-", label=f"diffusion gap, t = {t}")
+        diff.plot(at, [r.get("place_gap@0.9", float("nan")) for r in rows], "s--", label="place gap, t = 0.9")
         for ax, title in ((lm, "what the plan takes from the prompt"), (diff, "what the audio takes from the plan")):
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xlabel("SCT step (stages 1-3 in a row)")

@@ -717,8 +717,8 @@ class Local(torch.nn.Module):
 
 
 class Oracle(Local):
-    """Local's text, and the exact velocity of the clean audio of the plan it finds in the document (memory: plan
-    token ids -> clean latents): loss 0 given the true plan, a wrong answer given another's."""
+    """Local's text, and the exact velocity of the clean audio of the text it finds in the document (memory: token
+    ids of a plan or an instruction -> clean latents; none found: silence): loss 0 given the true text."""
 
     def __init__(self, vocab_size: int, audio_dim: int, memory: dict[str, torch.Tensor]):
         super().__init__(vocab_size, audio_dim)
@@ -728,7 +728,8 @@ class Oracle(Local):
         text, m = "," + ",".join(map(str, ids[0].tolist())) + ",", audio_mask[0]
         if not m.any():                                                # a plan document: text only
             return self.embed(ids), audio
-        z, x0 = next(z for plan, z in self.memory.items() if plan in text), torch.zeros(int(m.sum()), audio.shape[-1])
+        z = next((z for key, z in self.memory.items() if key in text), torch.zeros(0, audio.shape[-1]))
+        x0 = torch.zeros(int(m.sum()), audio.shape[-1])
         x0[:len(z)] = z[:len(x0)]                                      # another plan's audio may be longer
         alpha, sigma = alpha_sigma(t[0, m, None])
         h = audio.clone()
@@ -741,18 +742,22 @@ class Oracle(Local):
 
 def test_conditioning_gaps_are_zero_for_a_model_that_ignores_its_condition_and_positive_for_one_that_uses_it(toy):
     """The diagnostics' sign: a model that sees neither instruction nor plan has gaps of exactly 0; one that knows
-    each plan's audio has a positive diffusion gap (and still an LM gap of 0); a tiny SCT fitted to write each
-    story's plan from its instruction has a positive LM gap."""
+    each plan's audio has positive diffusion and place gaps (and still an LM gap of 0); one that knows each
+    instruction's audio (what, not the plan's placement) a positive diffusion gap and a place gap of 0; a tiny SCT
+    fitted to write each story's plan from its instruction has a positive LM gap."""
     td, cpu = task_data(toy), torch.device("cpu")
     torch.manual_seed(0)
     zero = train.conditioning_gaps(Local(td.tok.vocab_size, td.audio_dim), td, 8, 0, cpu)
-    assert set(zero) == {"lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.6", "diff_gap@0.9"}
+    assert set(zero) == {"lm_plan", "lm_gap", *(f"{k}_gap@{t}" for k in ("diff", "place") for t in (0.3, 0.6, 0.9))}
     assert zero["lm_plan"] > 1 and all(abs(v) < 1e-6 for k, v in zero.items() if "gap" in k), zero
     convs = [td.conversation(c) for c in td.pools["story"][0][:8, 0].tolist()]
-    memory = {"," + ",".join(map(str, td.tok.encode(scene_to_json(c.turns[0].scene)))) + ",":
-              td.latents(f"stories/train/{c.id}")[0] for c in convs}
-    oracle = train.conditioning_gaps(Oracle(td.tok.vocab_size, td.audio_dim, memory), td, 8, 0, cpu)
-    assert abs(oracle["lm_gap"]) < 1e-6 and all(oracle[f"diff_gap@{t}"] > 0.1 for t in (0.3, 0.6, 0.9)), oracle
+    key = lambda text: "," + ",".join(map(str, td.tok.encode(text))) + ","          # noqa: E731
+    for memory_of, place in ((lambda t: scene_to_json(t.scene), True), (lambda t: t.instruction, False)):
+        memory = {key(memory_of(c.turns[0])): td.latents(f"stories/train/{c.id}")[0] for c in convs}
+        oracle = train.conditioning_gaps(Oracle(td.tok.vocab_size, td.audio_dim, memory), td, 8, 0, cpu)
+        assert abs(oracle["lm_gap"]) < 1e-6 and all(oracle[f"diff_gap@{t}"] > 0.1 for t in (0.3, 0.6, 0.9)), oracle
+        assert all(oracle[f"place_gap@{t}"] > 0.1 if place else abs(oracle[f"place_gap@{t}"]) < 1e-6
+                   for t in (0.3, 0.6, 0.9)), oracle
     sct = SCT(SCTConfig(vocab_size=td.tok.vocab_size, audio_dim=td.audio_dim, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, num_generation_layers=1, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=32, query_pre_attn_scalar=32, attn_implementation="sdpa", attn_logit_softcapping=None))
