@@ -35,9 +35,6 @@ class DiffusionConfig:
     clean_context_prob: float = field(default=0.25, metadata={
         "help": "probability that a training conversation is laid out as at inference: every audio span clean but "
                 "its last model span; otherwise each model span draws its own t ~ U(0, 1) (Eq. 11, sample_span_times)"})
-    time_shift: float = field(default=1.0, metadata={
-        "help": "training times t = s u / (1 + (s - 1) u), u ~ U(0, 1) (SD3's shift, Esser et al. 2024): s > 1 trains "
-                "more near noise, where only the condition says where a sound is; 1 = uniform, the paper"})
     cfg_dropout: float = field(default=0.1, metadata={
         "help": "probability that a conversation is replaced by the unconditional document of one model span "
                 "(sample_uncond_span); 0.1 as lucidrains' Transfusion, stable-audio-tools, BAGEL"})
@@ -58,8 +55,6 @@ class DiffusionConfig:
         for name in ("clean_context_prob", "cfg_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"DiffusionConfig.{name}={getattr(self, name)} must lie in [0, 1]")
-        if not self.time_shift > 0:
-            raise ValueError(f"DiffusionConfig.time_shift={self.time_shift} must be positive (1 = uniform t)")
         if self.steps < 1:
             raise ValueError(f"DiffusionConfig.steps={self.steps} must be at least 1")
         if not 0.0 < self.sigma_min < self.sigma_max:
@@ -116,7 +111,7 @@ def vdenoiser(v_fn: VFn) -> Denoiser:
 # Diffusion Forcing (Eq. 11) and CFG dropout: one noise level per audio span
 
 def sample_span_times(span_is_model: torch.Tensor, generator: torch.Generator | None = None,
-                      clean_context_prob: float = 0.25, shift: float = 1.0) -> torch.Tensor:
+                      clean_context_prob: float = 0.25) -> torch.Tensor:
     """One diffusion time per audio span of one conversation, span_is_model [N] -> t [N] in [0, 1).
 
     The rule: a span the model generates (a model turn's audio) is noised, a span it only reads (a user's
@@ -125,10 +120,9 @@ def sample_span_times(span_is_model: torch.Tensor, generator: torch.Generator | 
     different timestep t_s for each generation turn"), so the model cannot learn to copy earlier turns'
     audio (section 4.2) and every turn trains in parallel. With probability clean_context_prob the
     conversation is laid out as at inference: all spans clean but the last model span (the target).
-    Clean spans carry no diffusion loss (span_loss_mask). shift s > 1 moves t towards noise: t = s u / (1 + (s - 1) u).
+    Clean spans carry no diffusion loss (span_loss_mask).
     """
     t = torch.rand(span_is_model.numel(), generator=generator) * span_is_model       # a span only read: t = 0
-    t = t if shift == 1 else shift * t / (1 + (shift - 1) * t)
     if torch.rand((), generator=generator).item() < clean_context_prob:
         target = span_is_model.nonzero().flatten()[-1:]            # the last model span, if any
         t = torch.zeros_like(t).index_copy(0, target, t[target])

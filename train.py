@@ -153,7 +153,7 @@ SCT_FINAL = {"sct1": "sct1.pt", "sct2": "sct2.pt", "sct3": "sct.pt"}
 PRESET_STAGES = {"toy": ("data", "tokenizer", "vae", "latents", "flam", "sct1", "sct2", "sct3"),
                  "audiochat": ("tokenizer", "latents", "sct1", "sct2", "sct3")}   # its VAE: --stage vae, one process
 PRESETS = {
-    # Toy: about 90 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
+    # Toy: about 110 min on a 2-core CPU; no speech corpus; from scratch, so larger learning rates than Table 5's.
     "toy": dict(
         data=DataConfig(max_clip_seconds=8.0, context_turns=3),
         vae=VAETrainConfig(steps=2000, batch_size=4, crop_seconds=0.4, lr=3e-3, warmup_steps=100, stats_crops=64),
@@ -848,7 +848,7 @@ def noise_document(ex: Example, gen: torch.Generator, dc: DiffusionConfig, cfg_d
     0) and the noised latents of one document: 1-D tensors of its length T (x, v: [T, audio_dim], 0 at text)."""
     if k := sample_uncond_span(ex.span_is_model, gen, cfg_dropout):     # the unconditional document of span k
         ex = encode_conversation([Turn("model", [ex.latents[ex.span_ids[ex.audio_mask] == k]])], tok)
-    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob, dc.time_shift)   # [N]
+    t = sample_span_times(ex.span_is_model, gen, dc.clean_context_prob)       # [N]
     t_tok = span_to_tokens(t, ex.span_ids)                                    # [T], 0 at text
     x_t, v = add_noise(ex.latents, t_tok[ex.audio_mask], torch.randn(ex.latents.shape, generator=gen))
     x, v_full = (torch.zeros(len(ex.ids), ex.latents.shape[1]) for _ in range(2))

@@ -1,7 +1,8 @@
 """The conditioning diagnostics over training: train.py's held-out evals of every SCT stage (kept in sct1.pt, sct2.pt
 and sct.pt), printed as a table and drawn as curves over the steps of the three stages in a row.
 
-    python bench/curves.py --ckpt-dir checkpoints/toy --png bench/curves.png
+    python bench/curves.py --ckpt-dir checkpoints/mine --png bench/curves.png
+    python bench/curves.py --ckpt-dir checkpoints/toy --measure checkpoints/mine/latents --data data/toy   # sct.pt now
 
 lm_gap: the LM loss of held-out plans given another conversation's instruction minus given their own (nats per
 token); diff_gap@t: the v-loss of held-out story audio given another conversation's plan minus given its own, at
@@ -30,11 +31,29 @@ def read_evals(ckpt_dir: Path) -> list[dict]:
     return rows
 
 
+def measure(ckpt_dir: Path, latents: Path, data: Path) -> dict:
+    """train.conditioning_gaps of ckpt_dir/sct.pt on 16 eval stories, as the toy's evals do, and at t = 0.99 too."""
+    import torch
+    import train
+    from model import SCT
+    from tokenizer import TextTokenizer, load_model
+    tok, sct = TextTokenizer(ckpt_dir / "tokenizer.model"), load_model(SCT, ckpt_dir / "sct.pt").float()
+    stories = train.TaskData(train.DataConfig(), data, latents, "eval", tok, sct.config.audio_dim)
+    gaps = train.conditioning_gaps(sct, stories, 16, 0, torch.device("cpu"), times=(0.3, 0.6, 0.9, 0.99))
+    print(" | ".join(f"{k} {v:.4f}" for k, v in gaps.items()))
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt-dir", type=Path, default=Path("checkpoints/toy"), help="sct1.pt, sct2.pt, sct.pt")
     p.add_argument("--png", type=Path, help="also draw the curves here (needs matplotlib)")
+    p.add_argument("--measure", type=Path, metavar="LATENTS", help="instead, the gaps of sct.pt now on the eval split "
+                   "of --data, whose latents (a run's latents/ folder) are here; t = 0.3, 0.6, 0.9, 0.99")
+    p.add_argument("--data", type=Path, default=Path("data/toy"), help="the copilot dataset of --measure")
     a = p.parse_args(argv)
+    if a.measure:
+        return [measure(a.ckpt_dir, a.measure, a.data)]
     rows = read_evals(a.ckpt_dir)
     if not rows:
         raise SystemExit(f"{a.ckpt_dir}: no SCT checkpoint with evals (sct1.pt, sct2.pt, sct.pt)")

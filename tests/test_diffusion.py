@@ -221,21 +221,6 @@ def test_span_times_are_independent_per_model_span_and_read_spans_are_clean():
         assert (got == 0).all(), f"a document without model audio is never noised, got {got.max()}"
 
 
-def test_time_shift_moves_span_times_towards_noise_with_the_sd3_law():
-    is_model = torch.tensor([True])
-    draw = lambda shift: torch.stack([dd.sample_span_times(is_model, torch.Generator().manual_seed(i), 0.0, shift)
-                                      for i in range(3000)]).flatten()      # noqa: E731
-    assert torch.equal(draw(1.0), torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(i))
-                                               for i in range(3000)]).flatten()), "shift 1 must be the paper's U(0, 1)"
-    t, s = draw(3.0).sort().values, 3.0
-    cdf = t / (s - (s - 1) * t)                   # P(T <= x) = u(x), the inverse of x = s u / (1 + (s - 1) u)
-    ks = (cdf - torch.arange(1, len(t) + 1) / len(t)).abs().max()
-    assert ks < 0.03, f"shifted times do not follow the SD3 law (KS distance {ks:.3f})"
-    assert 0.72 < t.median() < 0.78, f"shift 3 puts the median t at 0.75, got {t.median():.3f}"
-    with pytest.raises(ValueError, match="time_shift"):
-        dd.DiffusionConfig(time_shift=0.0)
-
-
 def test_clean_context_layout_matches_inference():
     g = torch.Generator().manual_seed(6)
     is_model = torch.tensor([False, True, False, True, False])   # last model span is span 4 (index 3)

@@ -780,4 +780,20 @@ def test_every_eval_keeps_the_conditioning_gaps_for_the_curves(single_run, capsy
     from curves import read_evals
     rows = read_evals(single_run)
     assert rows and [r["at"] for r in rows] == sorted(r["at"] for r in rows) and rows[-1]["stage"] == "sct1"
-    assert all(math.isfinite(r[k]) for r in rows for k in ("lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.9"))
+    assert all(math.isfinite(r[k]) for r in rows
+               for k in ("lm_plan", "lm_gap", "diff_gap@0.3", "diff_gap@0.9", "place_gap@0.9"))
+
+
+def test_curves_measures_the_gaps_of_a_finished_model_as_its_evals_did(toy, single_run, tmp_path):
+    """bench/curves.py --measure: the gaps of a folder's sct.pt now (a model trained before a gap was logged), as the
+    stage's last eval computed them on the same weights, and at t = 0.99 too."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import curves
+    for name in ("tokenizer.model", "sct1.pt"):
+        shutil.copy(single_run / name, tmp_path / name.replace("sct1", "sct"))
+    gaps = curves.main(["--ckpt-dir", str(tmp_path), "--measure", str(single_run / "latents"), "--data", str(toy[0])])
+    last = curves.read_evals(single_run)[-1]
+    assert last["step"] == torch.load(single_run / "sct1.pt", weights_only=True)["step"]
+    shared = [k for k in last if "gap" in k or k == "lm_plan"]
+    assert len(shared) == 8 and all(abs(gaps[0][k] - last[k]) < 1e-4 for k in shared), (gaps, last)
+    assert math.isfinite(gaps[0]["place_gap@0.99"]) and math.isfinite(gaps[0]["diff_gap@0.99"])
