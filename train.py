@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from copilot import (EVAL_SEEDS, MAX_START, TRAIN_SEEDS, DatasetConfig, OfflineCopilot, Scene, caption_of,
-                     read_conversation, read_conversations, scene_to_json, write_dataset)
+from copilot import (EVAL_SEEDS, MAX_START, TRAIN_SEEDS, DatasetConfig, OfflineCopilot, caption_of, read_conversation,
+                     read_conversations, scene_to_json, write_dataset)
 from diffusion import (DiffusionConfig, add_noise, sample_span_times, sample_uncond_span, span_loss_mask,
                        span_to_tokens, transfusion_loss)
 from metrics import FLAM_PRESETS, SmallFLAM, detection_quality, flam_batch, flam_clips
@@ -797,13 +797,6 @@ def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: t
             (sct.velocity(h_audio[0][au]).float() - v.to(device)[au]).pow(2).mean().item())
 
 
-def mirrored(scene: Scene) -> Scene:
-    """The scene with each sound on the other side and mirrored in time (start at duration - end, at most MAX_START):
-    the same sounds and words, another placement."""
-    return replace(scene, sounds=[replace(s, panning=-s.panning, start_time=min(MAX_START, scene.duration - s.end))
-                                  for s in scene.sounds])
-
-
 @torch.no_grad()
 def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
                       times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
@@ -811,8 +804,8 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
     lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
     same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
     own, at diffusion time t with the same noise; place_gap@t = the same given its own instruction and its plan
-    mirrored (the same sounds, placed elsewhere). A model that ignores its condition has gaps 0; one that takes
-    what sounds from the plan, but not where and when, has a diffusion gap and a place gap of 0."""
+    mirrored (the same sounds, each on the other side and at the other end of the scene). A model that ignores its
+    condition has gaps 0; one that takes what sounds from the plan, not where and when, a place gap of 0."""
     if len(convs := data.pools["story"][0][:n, 0].tolist()) < 2:
         return {}
     stories = [(c.turns[0].instruction, c.turns[0].scene, data.latents(f"stories/{data.split}/{c.id}")[0])
@@ -820,14 +813,15 @@ def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch
     out = defaultdict(float)
     for i, (text, scene, z) in enumerate(stories):
         other_text, other_scene, _ = stories[(i + 1) % len(stories)]
-        for w, doc in (("true", (text, scene)), ("swap", (other_text, scene))):
-            lm, _ = story_losses(sct, plan_document([(doc[0], scene_to_json(doc[1]))], data.tok), 0.0, torch.zeros(0),
-                                 device)
+        for w, doc in (("true", (text, plan := scene_to_json(scene))), ("swap", (other_text, plan))):
+            lm, _ = story_losses(sct, plan_document([doc], data.tok), 0.0, torch.zeros(0), device)
             out[f"lm_{w}"] += lm / len(stories)
         noise = torch.randn(z.shape, generator=keyed(seed, "gap", i))
-        docs = {w: encode_conversation(task_turns("story", instruction=a, plan=scene_to_json(b), audio=z), data.tok)
-                for w, (a, b) in (("true", (text, scene)), ("swap", (other_text, other_scene)),
-                                  ("place", (text, mirrored(scene))))}
+        mirrored = [replace(s, panning=-s.panning, start_time=min(MAX_START, scene.duration - s.end))
+                    for s in scene.sounds]
+        docs = {w: encode_conversation(task_turns("story", instruction=a, plan=b, audio=z), data.tok)
+                for w, (a, b) in (("true", (text, plan)), ("swap", (other_text, scene_to_json(other_scene))),
+                                  ("place", (text, scene_to_json(replace(scene, sounds=mirrored)))))}
         for t in times:
             for w, ex in docs.items():
                 out[f"diff_{w}@{t}"] += story_losses(sct, ex, t, noise, device)[1] / len(stories)
