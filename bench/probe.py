@@ -29,7 +29,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -116,8 +116,10 @@ def write_plan(m, turns: list, opts) -> Scene | None:
 
 
 def probe_plans(m, items: list, opts) -> dict:
-    c = dict.fromkeys(("plans", "valid", "named", "present", "sides", "side_ok", "levels", "level_ok", "starts",
-                       "start_ok"), 0)
+    """Rates of the plans' validity and of named sounds present and stated sides / levels / starts honoured; in
+    "missed", each stated one not honoured: [prompt, sound class, what was stated, its value, the sound as written]."""
+    c, missed = dict.fromkeys(("plans", "valid", "named", "present", "sides", "side_ok", "levels", "level_ok",
+                               "starts", "start_ok"), 0), []
     for text, names in items:
         scene = write_plan(m, task_turns("story", instruction=text), opts)
         c["plans"] += 1
@@ -133,10 +135,11 @@ def probe_plans(m, items: list, opts) -> dict:
                                   ("starts", start, lambda: abs(s.start_time - start) <= 0.25)):
                 if want is not None:
                     c[key] += 1
-                    c[key[:-1] + "_ok"] += s is not None and ok()
+                    c[key[:-1] + "_ok"] += (hit := s is not None and ok())
+                    missed += [] if hit else [[text, cls, key[:-1], want, s and asdict(s)]]
     return {"n": c["plans"], "valid": rate(c["valid"], c["plans"]), "present": rate(c["present"], c["named"]),
             "side": rate(c["side_ok"], c["sides"]), "level": rate(c["level_ok"], c["levels"]),
-            "start": rate(c["start_ok"], c["starts"]), "counts": c}
+            "start": rate(c["start_ok"], c["starts"]), "counts": c, "missed": missed}
 
 
 def next_token_probs(m, turns: list, prefix: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import probe  # noqa: E402  (bench/probe.py)
-from copilot import SOUND_CLASSES, Renderer, Scene, Sound, mix_scene, validate_scene  # noqa: E402
+from copilot import SOUND_CLASSES, Renderer, Scene, Sound, caption_to_class, mix_scene, validate_scene  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,6 +60,11 @@ def test_plan_following_counts_a_right_writer_full_and_a_fixed_one_low(monkeypat
     monkeypatch.setattr(probe, "write_plan", lambda m, turns, opts: fixed)
     same = probe.probe_plans(None, probe.PROMPTS, None)
     assert same["valid"] == 1.0 and same["present"] < 0.4 and same["side"] < 0.5, same
+    c, missed = same["counts"], same["missed"]
+    assert [len([x for x in missed if x[2] == k]) for k in ("side", "level", "start")] == \
+        [c[k + "s"] - c[k + "_ok"] for k in ("side", "level", "start")] and right["missed"] == []
+    text, cls, key, want, written = next(x for x in missed if x[2] == "side" and x[4] is not None)
+    assert not probe.SIDE_OK[want](written["panning"]) and caption_to_class(written["text"]) == cls
     monkeypatch.setattr(probe, "write_plan", lambda m, turns, opts: None)
     assert probe.probe_plans(None, probe.PROMPTS, None)["valid"] == 0.0
 
