@@ -135,8 +135,10 @@ def probe_plans(m, items: list, opts) -> dict:
                                   ("starts", start, lambda: abs(s.start_time - start) <= 0.25)):
                 if want is not None:
                     c[key] += 1
-                    c[key[:-1] + "_ok"] += (hit := s is not None and ok())
-                    missed += [] if hit else [[text, cls, key[:-1], want, s and asdict(s)]]
+                    if s is not None and ok():
+                        c[key[:-1] + "_ok"] += 1
+                    else:
+                        missed.append([text, cls, key[:-1], want, s and asdict(s)])
     return {"n": c["plans"], "valid": rate(c["valid"], c["plans"]), "present": rate(c["present"], c["named"]),
             "side": rate(c["side_ok"], c["sides"]), "level": rate(c["level_ok"], c["levels"]),
             "start": rate(c["start_ok"], c["starts"]), "counts": c, "missed": missed}
