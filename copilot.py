@@ -665,7 +665,7 @@ class Simulation:
         return self.rng.choice(matched if matched and self.rng.random() < 0.6 else pool)
 
 
-def _spec(cls: str, rng: random.Random, length: float, p_side=0.4, p_level=0.25, p_time=0.3) -> Spec:
+def _spec(cls: str, rng: random.Random, length: float, p_side=0.6, p_level=0.25, p_time=0.3) -> Spec:
     """An event as a user asks for it, each attribute stated with its probability."""
     return Spec(cls, rng.choice(list(SIDES)) if rng.random() < p_side else None,
                 rng.choice(list(LEVELS)) if rng.random() < p_level else None,
