@@ -17,11 +17,14 @@ Sections (issue 12's targets in brackets):
               copilot render of the same plans through the VAE is the reference row
   edits       base scenes rendered by copilot and edit requests in free wording, per kind (add, remove, change,
               volume, pan, open): the new plan makes the asked change and no other [>= 70 % each]; the audio:
-              how many dB the kept sounds moved between the input and the output
+              how many dB the kept sounds moved between the input and the output; copy reading: teacher-forced
+              on copilot's own volume and pan edits, the numbers kept from the previous plan written right, and
+              the best attention head's weight on them there (a copying head: far above uniform)
   describe    copilot renders described by the model: their sounds named in the caption [>= 70 %], sides and
               start times right for the sounds named
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model  # noqa: E402
 import sample  # noqa: E402
 from copilot import (BEDS, EVENTS, SOUND_CLASSES, TRAIN_SEEDS, OfflineCopilot, Renderer, Scene, SceneError,  # noqa
                      Sound, ambience_ids, caption_to_class, mix_scene, pan_gains, parse_scene, read_conversations,
@@ -311,6 +315,77 @@ def probe_edits(m, opts, seed: int, n_bases: int, audio_every: int) -> dict:
     return {"per_kind": per_kind, "n": total, "kept_db": median(kept_db), "kept_db_copilot": median(ref_db)}
 
 
+@contextlib.contextmanager
+def recorded_attention():
+    """While inside: the weights [heads, queries, keys] of every model.attend call (the first row), in call order
+    (layer by layer for a prefill); the outputs are model.attend's own. For the bool masks of the sdpa path."""
+    weights, attend = [], model.attend
+
+    def recording(q, k, v, mask, scale, cap, impl):
+        scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * scale
+        scores = scores if cap is None else model.softcap(scores, cap)
+        weights.append(scores.masked_fill(~mask, float("-inf")).float().softmax(-1)[0])
+        return attend(q, k, v, mask, scale, cap, impl)
+    model.attend = recording
+    try:
+        yield weights
+    finally:
+        model.attend = attend
+
+
+def number_pieces(m, text: str, scene: Scene) -> dict:
+    """(sound id, key) -> index of the token that starts that number in tok.encode(text), for the numbers that start
+    a token (the toy's are whole pieces); the scene is `text` parsed."""
+    ids, at = m.tok.encode(text), {}
+    starts = {len(m.tok.decode(ids[:i])): i for i in range(len(ids))}
+    for s in scene.sounds:
+        obj = text.rfind('{"tool"', 0, text.index(f'"id":{s.id}}}'))
+        for key in ("loudness", "panning", "start_time", "duration"):
+            if (c := text.index(f'"{key}":', obj) + len(key) + 3) in starts:
+                at[s.id, key] = starts[c]
+    return at
+
+
+@torch.no_grad()
+def copy_reading(m, n: int = 12) -> dict:
+    """Does the edit writer copy? Teacher-forced on copilot's own volume and pan edits of a rendered story
+    (sample.py's layout): at each number the edit keeps from the previous plan, whether the model's most likely
+    next token is its first piece, that piece's probability, and the attention of every text layer's heads from
+    that position to the same number in the previous plan (a copying head attends there; uniform attention gives
+    it 1 / the positions seen)."""
+    right, prob, hits, uniform = [], [], [], []
+    for i in range(n):
+        rng = random.Random(f"probe-copy|{i}")
+        turns = OfflineCopilot().conversation(rng.choice(TRAIN_SEEDS), rng, 2, kinds=[("volume", "pan")[i % 2]])
+        (_, _, old), (instruction, _, new) = turns
+        before, after = scene_to_json(old), scene_to_json(new)
+        history = task_turns("story", instruction=turns[0][0], plan=before,
+                             audio=m.encode(mix_scene(old, Renderer(seed=f"probe-copy|{i}")).audio))
+        ex = encode_conversation(history + task_turns("story", instruction=instruction), m.tok, generation_prompt=True,
+                                 audio_dim=m.sct.config.audio_dim)
+        plan_ids, prompt = m.tok.encode(before), ex.ids.tolist()
+        source = next(j for j in range(len(prompt)) if prompt[j:j + len(plan_ids)] == plan_ids)
+        ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(after), dtype=ex.ids.dtype)])
+        with recorded_attention() as weights:
+            _, h = m.sct._prefill([ids], [ex.latents], [torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) -
+                                                                                          len(ex.ids))])],
+                                  m.sct.config.num_hidden_layers, 0)
+        probs = m.sct.lm_logits(m.sct.model.norm(h[0])).float().softmax(-1)
+        was, now, o, w = number_pieces(m, before, old), number_pieces(m, after, new), old.by_id(), new.by_id()
+        for (sid, key), j in now.items():
+            if sid in o and (sid, key) in was and getattr(o[sid], key) == getattr(w[sid], key):
+                q, src = len(ex.ids) + j - 1, source + was[sid, key]     # the position that writes it; the original
+                right.append(int(probs[q].argmax()) == int(ids[q + 1]))
+                prob.append(float(probs[q, ids[q + 1]]))
+                hits.append(torch.stack([a[:, q, src] for a in weights]))
+                uniform.append(1 / (q + 1))
+    attention = torch.stack(hits).mean(0)                                 # [layers, heads]
+    layer, head = divmod(int(attention.argmax()), attention.shape[1])
+    return {"n": len(right), "right": rate(sum(right), len(right)), "p": sum(prob) / len(prob),
+            "attention": float(attention.max()), "head": [layer, head], "uniform": sum(uniform) / len(uniform),
+            "per_head": attention.tolist()}
+
+
 def median(xs: list) -> float | None:
     return sorted(xs)[len(xs) // 2] if xs else None
 
@@ -390,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
             res["plans_eval"] = probe_plans(m, items, opts)
         res["audio"] = probe_audio(m, opts, a.seed)
         res["edits"] = probe_edits(m, opts, a.seed, a.edit_bases, 2)
+        res["copy_reading"] = copy_reading(m)
         res["describe"] = probe_describe(m, opts, a.describe)
     res["seconds"] = time.time() - t0
     P, S, A, E, D = res["plans"], res["side_reading"], res["audio"], res["edits"], res["describe"]
@@ -410,6 +486,10 @@ def main(argv: list[str] | None = None) -> dict:
     lines.append("edits right: " + " | ".join(f"{k} {pct(v)}" for k, v in E["per_kind"].items()) +
                  f"; kept sounds moved {fmt_db(E['kept_db'])} dB "
                  f"(copilot: {fmt_db(E['kept_db_copilot'])})")
+    C = res["copy_reading"]
+    lines.append(f"edits, copy reading at a kept number ({C['n']} numbers): written {pct(C['right'])} | probability "
+                 f"{pct(C['p'])} | best head's attention to it {C['attention']:.4f} (layer {C['head'][0]}, head "
+                 f"{C['head'][1]}; uniform {C['uniform']:.4f})")
     lines.append(f"describe, {D['n']} renders: sounds named {pct(D['recall'])} | sides {pct(D['side'])} | "
                  f"starts {pct(D['start'])}")
     print("\n".join(lines))

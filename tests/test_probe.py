@@ -135,3 +135,40 @@ def test_side_reading_sums_each_sides_number_pieces_at_the_writers_own_next_toke
     probs = torch.zeros(m.tok.vocab_size)
     probs[m.tok.encode("description")[0]] = 1.0                        # not a number: on no side
     assert probe.side_split(probs, m.tok) == dict.fromkeys(probe.SIDE_OK, 0.0)
+
+
+def test_copy_reading_finds_the_kept_numbers_and_records_each_layers_attention():
+    """The copy-reading diagnostic on the shipped toy: number_pieces points at the token that starts each number;
+    the probability read at position len(prompt) + j - 1 of one prefill is the next-token probability after the
+    text up to that number (the positions copy_reading reads are the right ones); recorded_attention keeps one
+    causal softmax per layer and leaves the model's output and model.attend as they were."""
+    sample = probe.sample
+    m = sample.load_models(Path(__file__).resolve().parents[1] / "checkpoints" / "toy")
+    scene = Scene("a", [Sound(0, "sfx", "steady rain falling", -25, 0, 0, 5),
+                        Sound(1, "sfx", "a dog barking", -12.5, -0.7, 1.5, 2)])
+    text = probe.scene_to_json(scene)
+    ids, at = m.tok.encode(text), probe.number_pieces(m, text, scene)
+    assert len(at) == 8
+    for (sid, key), j in at.items():
+        number = f"{getattr(scene.by_id()[sid], key):g}"            # -12.5 is two pieces, -12 and .5
+        assert number.startswith(piece := m.tok.decode([ids[j]]).strip()) and (piece == number) == (number != "-12.5")
+    turns = probe.task_turns("story", instruction="Rain, and a dog barking on the left.")
+    ex = probe.encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
+    full = torch.cat([ex.ids, torch.tensor(ids)])
+    original = probe.model.attend
+    with torch.no_grad():
+        plain = m.sct._prefill([full], [ex.latents], [torch.zeros_like(full)], 4, 0)[1]
+        with probe.recorded_attention() as weights:
+            recorded = m.sct._prefill([full], [ex.latents], [torch.zeros_like(full)], 4, 0)[1]
+        j = at[1, "panning"]
+        probs = m.sct.lm_logits(m.sct.model.norm(plain[0, len(ex.ids) + j - 1])).float().softmax(-1)
+        prefix = text[:text.index('"panning":', text.index("a dog")) + 10]
+        assert torch.allclose(probs, probe.next_token_probs(m, turns, prefix), atol=1e-5)
+    assert probe.model.attend is original and torch.equal(plain, recorded) and len(weights) == 4
+    for w in weights:                                      # [heads, queries, keys]; causal rows that sum to 1
+        assert w.shape == (4, len(full), len(full)) and torch.allclose(w.sum(-1), torch.ones(4, len(full)))
+        assert w[:, 0, 1:].sum() == 0
+    r = probe.copy_reading(m, n=1)
+    heads = torch.tensor(r["per_head"])
+    assert r["n"] > 0 and 0 <= r["right"] <= 1 and 0 < r["p"] < 1 and heads.shape == (4, 4)
+    assert r["attention"] == heads.max().item() and heads[tuple(r["head"])] == heads.max()
