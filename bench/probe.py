@@ -365,11 +365,10 @@ def copy_reading(m, n: int = 12) -> dict:
                                  audio_dim=m.sct.config.audio_dim)
         plan_ids, prompt = m.tok.encode(before), ex.ids.tolist()
         source = next(j for j in range(len(prompt)) if prompt[j:j + len(plan_ids)] == plan_ids)
-        ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(after), dtype=ex.ids.dtype)])
+        ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(after), dtype=ex.ids.dtype)])   # the edit, teacher-forced
+        spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
         with recorded_attention() as weights:
-            _, h = m.sct._prefill([ids], [ex.latents], [torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) -
-                                                                                          len(ex.ids))])],
-                                  m.sct.config.num_hidden_layers, 0)
+            _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 0)
         probs = m.sct.lm_logits(m.sct.model.norm(h[0])).float().softmax(-1)
         was, now, o, w = number_pieces(m, before, old), number_pieces(m, after, new), old.by_id(), new.by_id()
         for (sid, key), j in now.items():
