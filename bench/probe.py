@@ -148,13 +148,19 @@ def probe_plans(m, items: list, opts) -> dict:
             "start": rate(c["start_ok"], c["starts"]), "counts": c, "missed": missed}
 
 
+def forced(m, turns: list, text: str) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """`turns` as a prompt, then `text` teacher-forced as the model's turn -> (ids [T], the prompt's length, the
+    next-token distribution at every position [T, vocab])."""
+    ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
+    ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(text), dtype=ex.ids.dtype)])
+    spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
+    _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 0)
+    return ids, len(ex.ids), m.sct.lm_logits(m.sct.model.norm(h[0])).float().softmax(-1)
+
+
 def next_token_probs(m, turns: list, prefix: str) -> torch.Tensor:
     """The plan writer's next-token distribution [vocab] after `turns` and the start of its own turn `prefix`."""
-    ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
-    ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(prefix), dtype=ex.ids.dtype)])
-    spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
-    _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 1)
-    return m.sct.lm_logits(m.sct.model.norm(h[:, -1])).float().softmax(-1)[0]
+    return forced(m, turns, prefix)[2][-1]
 
 
 @functools.lru_cache
@@ -361,19 +367,14 @@ def copy_reading(m, n: int = 12) -> dict:
         before, after = scene_to_json(old), scene_to_json(new)
         history = task_turns("story", instruction=turns[0][0], plan=before,
                              audio=m.encode(mix_scene(old, Renderer(seed=f"probe-copy|{i}")).audio))
-        ex = encode_conversation(history + task_turns("story", instruction=instruction), m.tok, generation_prompt=True,
-                                 audio_dim=m.sct.config.audio_dim)
-        plan_ids, prompt = m.tok.encode(before), ex.ids.tolist()
-        source = next(j for j in range(len(prompt)) if prompt[j:j + len(plan_ids)] == plan_ids)
-        ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(after), dtype=ex.ids.dtype)])   # the edit, teacher-forced
-        spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
         with recorded_attention() as weights:
-            _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 0)
-        probs = m.sct.lm_logits(m.sct.model.norm(h[0])).float().softmax(-1)
+            ids, start, probs = forced(m, history + task_turns("story", instruction=instruction), after)
+        plan_ids, prompt = m.tok.encode(before), ids[:start].tolist()
+        source = next(j for j in range(len(prompt)) if prompt[j:j + len(plan_ids)] == plan_ids)
         was, now, o, w = number_pieces(m, before, old), number_pieces(m, after, new), old.by_id(), new.by_id()
         for (sid, key), j in now.items():
             if sid in o and (sid, key) in was and getattr(o[sid], key) == getattr(w[sid], key):
-                q, src = len(ex.ids) + j - 1, source + was[sid, key]     # the position that writes it; the original
+                q, src = start + j - 1, source + was[sid, key]           # the position that writes it; the original
                 right.append(int(probs[q].argmax()) == int(ids[q + 1]))
                 prob.append(float(probs[q, ids[q + 1]]))
                 hits.append(torch.stack([a[:, q, src] for a in weights]))
