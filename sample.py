@@ -42,10 +42,6 @@ class SampleError(Exception):
     """A request sample.py cannot serve; the message names the problem and the fix."""
 
 
-class PlanError(SampleError):
-    """The model wrote no usable scene; the message holds its raw text."""
-
-
 class ContextFull(SampleError):
     """The conversation no longer fits in the sequence length the model was trained with."""
 
@@ -110,15 +106,14 @@ class Checked:
 
 
 def accept_plan(text: str, previous: Scene | None, what: str = "plan") -> Checked:
-    """Parse and validate a scene (against `previous` for an edit); when invalid, clamp every number into its range
-    and set added/changed/removed to the real edit (copilot.scene_diff), reporting every violation and repair."""
+    """Parse and validate a scene (against `previous` for an edit); repair an invalid one, noting each fault and fix."""
     try:
         scene = parse_scene(text)
     except SceneError as e:
-        raise PlanError(f"the {what} is not a scene ({e}); the raw text was:\n{text}") from e
+        raise SampleError(f"the {what} is not a scene ({e}); the raw text was:\n{text}") from e
     if len(scene.sounds) > MAX_SOUNDS:
-        raise PlanError(f"the {what} has {len(scene.sounds)} sounds; a scene holds at most {MAX_SOUNDS} sounds "
-                        f"(copilot.MAX_SOUNDS, as in training): split it or leave some out")
+        raise SampleError(f"the {what} has {len(scene.sounds)} sounds; a scene holds at most {MAX_SOUNDS} sounds "
+                          f"(copilot.MAX_SOUNDS, as in training): split it or leave some out")
     if not (violations := validate_scene(scene, previous)):
         return Checked(scene, True, [])
     sounds = []
@@ -187,10 +182,9 @@ def sample_latents(m: Models, turns: list[Turn], opts: Options, generator: torch
     cond, uncond = _span_prefix(m, turns), _span_prefix(m, [Turn("model", [turns[-1].parts[-1]])])
     if len(cond[0]) + F + 1 > m.max_len:
         raise ContextFull(f"context {len(cond[0])} tokens + {F} audio frames exceed the {m.max_len} trained on")
-    cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)
-    v_both = lambda x, t: m.sct.denoise_step(cache, x, t).float()    # noqa: E731 (rows: conditional, unconditional)
-    return sample(guided(v_both, opts.cfg), (1, F, D), DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg),
-                  generator, m.device, progress=True)[0]
+    cache = m.sct.prefix_cache(*map(list, zip(cond, uncond)), num_frames=F)   # rows: conditional, unconditional
+    return sample(guided(lambda x, t: m.sct.denoise_step(cache, x, t).float(), opts.cfg), (1, F, D),
+                  DiffusionConfig(steps=opts.steps, cfg_weight=opts.cfg), generator, m.device, progress=True)[0]
 
 
 def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Scene | None, opts: Options,
@@ -201,8 +195,8 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     if plan is None:
         text, stop = decode_text(m, request(history, task, user), opts.max_new_tokens)
         if not text.strip():                        # a toy model does this for short, vague instructions
-            raise PlanError("the model ended its turn without writing anything; it learned from instructions that "
-                            "name their sounds: name the ones you want, e.g. \"rain on a tin roof, a dog on the left\"")
+            raise SampleError("the model ended its turn without writing anything; it learned from instructions that "
+                              'name their sounds: name the ones you want, e.g. "rain on a tin roof, a dog on the left"')
         if stop is None or (stop == m.tok.audio_start_id) == (task == "understand"):   # not ended as trained
             notes.append(f"the model's turn hit --max-new-tokens {opts.max_new_tokens}" if stop is None else
                          "the model started an audio span after the caption; a description has no audio, so it was "
@@ -211,7 +205,7 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
         if task == "upload_edit":                   # the caption of the user's clip, a newline, then the plan
             first, newline, text = text.partition("\n")
             if not newline:
-                raise PlanError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n{first}")
+                raise SampleError(f"expected the caption JSON, a newline and the plan JSON; the raw text was:\n{first}")
             caption = accept_plan(first, None, "caption")
         if task == "understand":
             caption = accept_plan(text, None, "caption")
@@ -222,7 +216,7 @@ def respond(m: Models, history: list[Turn], task: str, user: dict, previous: Sce
     if plan is None:
         return reply
     if (frames := plan.scene.num_frames(m.vae.config.frame_rate)) == 0:
-        raise PlanError(f"the plan has no sound, so there is no audio to make:\n{scene_to_json(plan.scene)}")
+        raise SampleError(f"the plan has no sound, so there is no audio to make:\n{scene_to_json(plan.scene)}")
     t1 = time.perf_counter()
     reply.latents = sample_latents(m, request(history, task, {**user, **reply.parts, "audio": torch.zeros(
         frames, m.sct.config.audio_dim)}), opts, generator)
@@ -277,12 +271,10 @@ def report(reply: Reply, out: Path, plot: bool = False) -> None:
 def plot_scene(path, audio: torch.Tensor, scene: Scene) -> None:
     """--plot: each channel's spectrogram with the plan's sounds as labelled boxes, brighter where they are panned."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SampleError("--plot needs matplotlib, an optional extra: `pip install matplotlib`, or leave out "
-                          "--plot") from e
+        raise SampleError("--plot needs matplotlib (optional): `pip install matplotlib`, or leave out --plot") from e
+    plt.switch_backend("Agg")                       # files only: no display needed
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     for c, ax in enumerate(axes):
         spec = torch.stft(audio[c], 2048, 512, window=torch.hann_window(2048), return_complex=True).abs().pow(2)
@@ -354,8 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="diffusion noise seed, 0 to 2^32 - 1: one seed, one audio")
     g.add_argument("--steps", type=int, default=Options.steps, help="DPM-Solver++(2M) steps, 1 to 1000")
     g.add_argument("--cfg", type=float, default=Options.cfg, help="classifier-free guidance weight, 0 to 20 (1 = none)")
-    g.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens,
-                   help="most text tokens the model may write per turn")
+    g.add_argument("--max-new-tokens", type=int, default=Options.max_new_tokens, help="most text tokens per turn")
     g = p.add_argument_group("model")
     g.add_argument("--ckpt-dir", default="checkpoints/toy", help="folder with tokenizer.model, vae.pt and sct.pt")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -366,10 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(modes := [name for name, on in given.items() if on]) != 1 and modes != ["--audio", "--prompt"]:
         p.error(f"choose one mode: --prompt TEXT, --audio IN [--prompt EDIT], --plan FILE or --chat (got "
                 f"{' and '.join(modes) or 'none'})")
-    for flag, value, lo, hi in (("--steps", args.steps, 1, 1000), ("--cfg", args.cfg, 0, 20), ("--seed", args.seed, 0,
-                                2 ** 32 - 1), ("--max-new-tokens", args.max_new_tokens, 1, 10 ** 6)):
-        if not lo <= value <= hi:                   # NaN fails every comparison
-            p.error(f"{flag} {value}: give a number from {lo} to {hi}")
+    for name, lo, hi in (("steps", 1, 1000), ("cfg", 0, 20), ("seed", 0, 2 ** 32 - 1), ("max_new_tokens", 1, 10 ** 6)):
+        if not lo <= (value := getattr(args, name)) <= hi:     # NaN fails every comparison
+            p.error(f"--{name.replace('_', '-')} {value}: give a number from {lo} to {hi}")
     describe = args.audio and args.prompt is None
     args.out = Path(args.out or ("out/chat" if args.chat else "out/caption.json" if describe else "out/sample.wav"))
     want = () if args.chat else (".json",) if describe else (".wav", ".flac")

@@ -207,8 +207,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     run("--preset", choices=sorted(PRESETS), default="toy", help="model and schedule scale")
     run("--stage", choices=("all",) + PRESET_STAGES["toy"], default="all",
         help="the stage to run; `all` runs the preset's stages in order, skipping finished ones")
-    run("--data", type=Path, help="copilot dataset folder (default data/<preset>)")
-    run("--out", type=Path, help="checkpoint folder (default checkpoints/<preset>)")
+    run("--data", type=Path, default=Path("data") / name, help="copilot dataset folder (default data/<preset>)")
+    run("--out", type=Path, default=Path("checkpoints") / name, help="checkpoint folder (default checkpoints/<preset>)")
     run("--seed", type=int, default=0, help="seed of weights, data order, CFG dropout and noise")
     run("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK when available)")
     run("--threads", type=int, help="torch CPU threads per process (default: half its share of cores)")
@@ -221,7 +221,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
             group.add_argument(f"--{section}.{f.name}", type=convert, metavar="V", default=getattr(cfg, f.name),
                                help=f.metadata["help"].replace("%", "%%") + " [%(default)s]")
     args = parser.parse_args(argv)
-    args.data, args.out = args.data or Path("data") / args.preset, args.out or Path("checkpoints") / args.preset
     return args, {s: replace(cfg, **{f.name: getattr(args, f"{s}.{f.name}") for f in fields(cfg)})
                   for s, cfg in sections.items()}
 
@@ -242,9 +241,8 @@ def file_sha256(path: Path) -> str:
 
 
 class Checkpoints:
-    """A stage's resumable checkpoints, folder/step-NNNNNN.pt with a readable .json, the newest keep_last kept: the
-    torch RNG, `extra`, the log (history, evals) and the state of every module and (module, optimizer) pair, full
-    state dicts gathered from FSDP2 shards (saving is a collective). Other settings than the run's are refused."""
+    """A stage's resumable checkpoints, folder/step-NNNNNN.pt (+ a readable .json), the newest keep_last kept: full
+    state dicts gathered from FSDP2 shards (a collective), torch RNG, log, `extra`; other settings are refused."""
 
     def __init__(self, folder: Path, keep_last: int, settings: dict, objects: dict | None = None, extra=None):
         self.folder, self.keep_last, self.settings, self.objects = Path(folder), keep_last, settings, objects or {}
@@ -326,9 +324,8 @@ def optimize(opt: torch.optim.Optimizer, lr: float, loss: torch.Tensor | None, p
 
 def train_loop(name: str, ckpts: Checkpoints, start: int, steps: int, loop: LoopConfig, step_fn, evaluate,
                stop_after: int | None, extra=None, main: bool = True) -> None:
-    """Every stage's loop: step_fn(step)'s numbers averaged (+ ms per step, extra(means)) into ckpts.log's history
-    every log_every steps, evaluate()'s into its evals every eval_every steps and at the end, both printed; a
-    checkpoint every save_every steps but the last (the stage writes its final file)."""
+    """Every stage's loop: step_fn(step)'s means (+ ms per step, extra(means)) logged every log_every steps,
+    evaluate() every eval_every and at the end; a checkpoint every save_every but the last (the stage writes that)."""
     sums, n, t0 = {}, 0, time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not main, dynamic_ncols=True):
         sums, n, done, logged = {k: sums.get(k, 0.0) + v for k, v in step_fn(step).items()}, n + 1, step + 1, []
@@ -402,11 +399,9 @@ def wrap_model(core: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
 
 def grad_sync(model: torch.nn.Module, on: bool):
     """No DDP all-reduce or FSDP2 reduce-scatter on non-final micro-steps (bench/memory.py counts the cost)."""
-    if isinstance(model, DDP) and not on:
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
+    if hasattr(model, "set_requires_gradient_sync"):                # FSDP2
         model.set_requires_gradient_sync(on)
-    return contextlib.nullcontext()
+    return model.no_sync() if isinstance(model, DDP) and not on else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -511,8 +506,7 @@ def crop_batch(files: list, batch_size: int, num_samples: int, generator: torch.
 
 def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, seed: int,
               stop_after: int | None = None, device: str | torch.device = "cpu", skip_bad: bool = False) -> Path:
-    """The VAE stage (cfg: tokenizer.VAEConfig) on `device` (crops drawn on the CPU, keyed by seed and step) ->
-    vae.pt. Held out: the STFT and mel distances of <= 16 files after encode -> decode."""
+    """The VAE stage (cfg: tokenizer.VAEConfig) on `device` -> vae.pt; held out: STFT, mel distance of <= 16 files."""
     if finished(final := Path(out) / "vae.pt"):
         return final
     train, heldout = split_heldout(find_audio(data, skip_bad), tc.heldout_fraction)
@@ -540,10 +534,10 @@ def train_vae(cfg, tc: VAETrainConfig, loop: LoopConfig, data: Path, out: Path, 
     @torch.no_grad()
     def evaluate() -> dict:
         pairs = [(vae.eval().decode(vae.encode(x), x.shape[-1]), x) for x in clips]
-        mean = lambda f: sum(f(r, x).item() for r, x in pairs) / len(pairs)                # noqa: E731
         vae.train()
-        return {"stft": mean(lambda r, x: stft_distance(r, x, cfg.stft_ffts)),
-                "mel": mean(lambda r, x: mel_loss(r, x, cfg.mel_windows, cfg.mel_bins))} if pairs else {}
+        losses = [(stft_distance(r, x, cfg.stft_ffts).item(), mel_loss(r, x, cfg.mel_windows, cfg.mel_bins).item())
+                  for r, x in pairs]
+        return {k: sum(v) / len(pairs) for k, v in zip(("stft", "mel"), zip(*losses))}    # none held out: {}
 
     train_loop("vae", ckpts, ckpts.resume("vae"), tc.steps, loop, step, evaluate, stop_after)
     vae.eval().fit_latent_stats(crop_batch(train, 8, crop, keyed(seed, "stats", i), 0.0).to(device)
@@ -593,8 +587,7 @@ def train_flam(mc, tc: FLAMTrainConfig, loop: LoopConfig, data: Path, out: Path,
 
 def read_jsonl(path: Path, keys: tuple[str, ...], split: str, heldout_every: int,
                skip_bad: bool = False) -> list[tuple[int, dict]]:
-    """(index, record) of one split of a JSONL file (every heldout_every-th record is "eval"): objects with
-    non-empty strings at `keys`; another line is an error naming it, or with skip_bad skipped and counted."""
+    """(index, record) of one split of a JSONL file (every heldout_every-th is "eval"): objects with strings at keys."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the --data.* flag that names it")
     rows, bad = [], 0
@@ -626,10 +619,9 @@ def read_manifest(path: Path, split: str, heldout_every: int, skip_bad: bool = F
 
 @torch.no_grad()
 def run_latents(cfg: DataConfig, data: Path, out: Path, d: Dist) -> None:
-    """The conversation index, index-<split>.json (rank 0, once; delete it to redo it): per conversation its file,
-    turns, valid turns (before the first violation) and single (a one-sound t2a one). Then every item's audio
-    encoded once by the frozen VAE (normalised posterior mean, float16), a file per story or manifest clip (cut at
-    max_clip_seconds), sharded over ranks; with skip_bad an item load_audio refuses is counted and left out."""
+    """index-<split>.json (rank 0, once; delete it to redo it): per conversation its file, turns, valid turns (before
+    the first violation), single (a one-sound t2a one). Then every story's or manifest clip's audio (cut at
+    max_clip_seconds) encoded once by the frozen VAE (normalised posterior mean, float16), sharded over ranks."""
     folder, vae_path = out / "latents", out / "vae.pt"
     vae, stamp, digest = load_model(StereoVAE, vae_path, d.device), folder / "vae.sha256", file_sha256(vae_path)
     if stamp.exists() and stamp.read_text() != digest:
@@ -780,8 +772,7 @@ def plan_document(turns: list[tuple[str, str]], tok: TextTokenizer, audio_dim: i
     ids[1:][ends[:-1]] = tok.audio_start_id
     n = int(ends.nonzero()[-1]) + 2                                     # through the last <unused0>
     labels[n - 1] = -100
-    return Example(ids=ids[:n], labels=labels[:n], audio_mask=ex.audio_mask[:n], span_ids=ex.span_ids[:n],
-                   span_is_model=ex.span_is_model, latents=ex.latents)
+    return replace(ex, ids=ids[:n], labels=labels[:n], audio_mask=ex.audio_mask[:n], span_ids=ex.span_ids[:n])
 
 
 def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: torch.device) -> tuple[float, float]:
@@ -800,12 +791,11 @@ def story_losses(sct: SCT, ex: Example, t: float, noise: torch.Tensor, device: t
 @torch.no_grad()
 def conditioning_gaps(sct: SCT, data: TaskData, n: int, seed: int, device: torch.device,
                       times: tuple[float, ...] = (0.3, 0.6, 0.9)) -> dict[str, float]:
-    """What the model takes from its condition, on n held-out stories (turn 0), each against the next one's:
-    lm_gap = LM loss of a plan given another conversation's instruction - given its own (the plan tokens are the
-    same); diff_gap@t = v-loss of the story's audio given another conversation's instruction and plan - given its
-    own, at diffusion time t with the same noise; place_gap@t = the same given its own instruction and its plan
-    mirrored (the same sounds, each on the other side and at the other end of the scene). A model that ignores its
-    condition has gaps 0; one that takes what sounds from the plan, not where and when, a place gap of 0."""
+    """What the model takes from its condition, on n held-out stories (turn 0), each against the next one's: lm_gap
+    = LM loss of a plan given another story's instruction - given its own (the same plan tokens); diff_gap@t = v-loss
+    of the audio given another story's instruction and plan - given its own, at diffusion time t, the same noise;
+    place_gap@t = the same given its plan mirrored (each sound on the other side, at the other end). A model that
+    ignores its condition has gaps 0; one that takes what sounds from the plan, not where and when, a place gap of 0."""
     if len(convs := data.pools["story"][0][:n, 0].tolist()) < 2:
         return {}
     stories = [(c.turns[0].instruction, c.turns[0].scene, data.latents(f"stories/{data.split}/{c.id}")[0])

@@ -85,7 +85,7 @@ def test_violation_without_repair_is_reported_and_kept():
 
 
 def test_unreadable_plan_is_an_error_with_the_raw_text():
-    with pytest.raises(sample.PlanError, match=r'(?s)not a scene.*raw text was:\n\{"description": "rain"'):
+    with pytest.raises(sample.SampleError, match=r'(?s)not a scene.*raw text was:\n\{"description": "rain"'):
         sample.accept_plan('{"description": "rain", "text": [', None)
 
 
@@ -158,7 +158,7 @@ def test_an_empty_model_turn_is_an_error_that_says_what_to_ask(m, monkeypatch):
     monkeypatch.setattr(sample, "decode_text", lambda *a: (" \n", m.tok.audio_start_id))
     for task, user in (("story", {"instruction": "A storm."}), ("understand", {"clip": torch.randn(4, 8),
                                                                                 "request": "describe"})):
-        with pytest.raises(sample.PlanError, match="without writing anything.*name the ones you want"):
+        with pytest.raises(sample.SampleError, match="without writing anything.*name the ones you want"):
             sample.respond(m, [], task, user, None, sample.Options(steps=2), torch.Generator())
 
 
