@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenizer import (SAMPLE_RATE, StereoVAE, load_audio, load_model, resample, save_audio,  # noqa: E402
-                       stft_distance)
+from tokenizer import (SAMPLE_RATE, StereoVAE, load_audio, load_checkpoint, load_model, resample,  # noqa: E402
+                       save_audio, stft_distance)
 
 FFTS = (2048, 1024, 512, 256, 128)
 FLOOR_DB = 40.0          # a channel's level is floored at its signal's louder channel's level minus this
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(args.ckpt)
     vae = load_model(StereoVAE, args.ckpt)
     print(f"{args.ckpt}: step {ckpt.get('step')}, latent {vae.latent_dim} x 2 = {vae.audio_dim} dims at "
           f"{vae.config.frame_rate} Hz, "

@@ -35,7 +35,7 @@ import train  # noqa: E402
 from copilot import DatasetConfig, write_dataset  # noqa: E402
 from memory import memory_estimate  # noqa: E402
 from model import SCT, SCT_PRESETS  # noqa: E402
-from tokenizer import SAMPLE_RATE, VAE_PRESETS, StereoVAE  # noqa: E402
+from tokenizer import SAMPLE_RATE, VAE_PRESETS, StereoVAE, load_checkpoint  # noqa: E402
 
 TINY_VAE = replace(VAE_PRESETS["toy"], latent_dim=4, encoder_dim=2, decoder_dim=16, dilations=(1,), stft_ffts=(256,),
                    mel_windows=(256,), mel_bins=(20,))
@@ -170,7 +170,7 @@ def kill_and_resume(dev: torch.device, root: Path) -> str:
             proc.wait()
             killed_at = sorted(p.name for p in (ck / "sct1").glob("step-*.pt"))
         subprocess.run(cmd, check=True, capture_output=True)
-        runs[name] = torch.load(ck / "sct1.pt", weights_only=True)["model"]
+        runs[name] = load_checkpoint(ck / "sct1.pt")["model"]
     diff = max((runs["straight"][k] - runs["killed"][k]).abs().max().item() for k in runs["straight"])
     return f"kill and resume: SIGKILL with {killed_at} on disk, resumed to step 8; max abs weight difference {diff:.2e}"
 

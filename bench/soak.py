@@ -99,7 +99,7 @@ def compare(ref: Path, got: Path, weights: list[str]) -> str | None:
         return f"files differ: only in the reference {sorted(map(str, files - got_files))[:5]}, only after the " \
                f"kills {sorted(map(str, got_files - files))[:5]}"
     for name in weights:
-        a, b = (torch.load(root / name, weights_only=True)["model"] for root in (ref, got))
+        a, b = (load_checkpoint(root / name)["model"] for root in (ref, got))
         bad = [k for k in a if not torch.equal(a[k], b[k])]
         if bad or a.keys() != b.keys():
             return f"{name}: weights differ ({bad[:3]} ...)"
