@@ -206,13 +206,17 @@ def attend(q, k, v, mask, scale: float, cap: float | None, impl: str) -> torch.T
         return flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, nh, S, hd)
+    return attention_weights(q, k, mask, scale, cap).to(q.dtype) @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+
+
+def attention_weights(q, k, mask, scale: float, cap: float | None) -> torch.Tensor:
+    """The exact path's float32 softmax weights (B, nh, T, S) for a bool mask (also read by bench/probe.py)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)             # (B, nh, S, hd)
     scores = (q @ k.transpose(-2, -1)) * scale                             # (B, nh, T, S)
     if cap is not None:
         scores = softcap(scores, cap)                                      # before the mask, as Gemma 2
     scores.masked_fill_(~mask, float("-inf"))                              # in place: scores is a fresh tensor
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 class KVCache:

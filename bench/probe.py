@@ -150,17 +150,22 @@ def probe_plans(m, items: list, opts) -> dict:
 
 def forced(m, turns: list, text: str) -> tuple[torch.Tensor, int, torch.Tensor]:
     """`turns` as a prompt, then `text` teacher-forced as the model's turn -> (ids [T], the prompt's length, the
-    next-token distribution at every position [T, vocab])."""
+    final hidden states [T, hidden]; next_probs turns those the caller reads into next-token distributions)."""
     ex = encode_conversation(turns, m.tok, generation_prompt=True, audio_dim=m.sct.config.audio_dim)
     ids = torch.cat([ex.ids, torch.tensor(m.tok.encode(text), dtype=ex.ids.dtype)])
     spans = torch.cat([ex.span_ids, ex.span_ids.new_zeros(len(ids) - len(ex.ids))])
     _, h = m.sct._prefill([ids], [ex.latents], [spans], m.sct.config.num_hidden_layers, 0)
-    return ids, len(ex.ids), m.sct.lm_logits(m.sct.model.norm(h[0])).float().softmax(-1)
+    return ids, len(ex.ids), m.sct.model.norm(h[0])
+
+
+def next_probs(m, h: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] final hidden states -> [..., vocab] next-token distributions."""
+    return m.sct.lm_logits(h).float().softmax(-1)
 
 
 def next_token_probs(m, turns: list, prefix: str) -> torch.Tensor:
     """The plan writer's next-token distribution [vocab] after `turns` and the start of its own turn `prefix`."""
-    return forced(m, turns, prefix)[2][-1]
+    return next_probs(m, forced(m, turns, prefix)[2][-1])
 
 
 @functools.lru_cache
@@ -328,9 +333,7 @@ def recorded_attention():
     weights, attend = [], model.attend
 
     def recording(q, k, v, mask, scale, cap, impl):
-        scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)) * scale
-        scores = scores if cap is None else model.softcap(scores, cap)
-        weights.append(scores.masked_fill(~mask, float("-inf")).float().softmax(-1)[0])
+        weights.append(model.attention_weights(q, k, mask, scale, cap)[0])
         return attend(q, k, v, mask, scale, cap, impl)
     model.attend = recording
     try:
@@ -368,15 +371,16 @@ def copy_reading(m, n: int = 12) -> dict:
         history = task_turns("story", instruction=turns[0][0], plan=before,
                              audio=m.encode(mix_scene(old, Renderer(seed=f"probe-copy|{i}")).audio))
         with recorded_attention() as weights:
-            ids, start, probs = forced(m, history + task_turns("story", instruction=instruction), after)
+            ids, start, h = forced(m, history + task_turns("story", instruction=instruction), after)
         plan_ids, prompt = m.tok.encode(before), ids[:start].tolist()
         source = next(j for j in range(len(prompt)) if prompt[j:j + len(plan_ids)] == plan_ids)
         was, now, o, w = number_pieces(m, before, old), number_pieces(m, after, new), old.by_id(), new.by_id()
         for (sid, key), j in now.items():
             if sid in o and (sid, key) in was and getattr(o[sid], key) == getattr(w[sid], key):
                 q, src = start + j - 1, source + was[sid, key]           # the position that writes it; the original
-                right.append(int(probs[q].argmax()) == int(ids[q + 1]))
-                prob.append(float(probs[q, ids[q + 1]]))
+                probs = next_probs(m, h[q])
+                right.append(int(probs.argmax()) == int(ids[q + 1]))
+                prob.append(float(probs[ids[q + 1]]))
                 hits.append(torch.stack([a[:, q, src] for a in weights]))
                 uniform.append(1 / (q + 1))
     attention = torch.stack(hits).mean(0)                                 # [layers, heads]
